@@ -1,0 +1,10 @@
+"""Reversible architectures: the additive coupling block and the RevMLP of Buffelli et al."""
+
+from .activations import ACTIVATIONS, Activation, get_activation
+from .coupling import AdditiveCoupling, BlockActivations, CouplingFunction
+from .revmlp import PRESETS, RevMLP, find_revmlp_owning, revmlp_from_preset
+
+__all__ = [
+    "ACTIVATIONS", "Activation", "get_activation", "AdditiveCoupling", "BlockActivations",
+    "CouplingFunction", "PRESETS", "RevMLP", "find_revmlp_owning", "revmlp_from_preset",
+]
