@@ -1,0 +1,57 @@
+"""The ``gnrev`` command line. Each subcommand lives in ``gnrev_plugin/commands/<name>.py``.
+
+A command module defines ``NAME`` (the subcommand), ``HELP`` (one line),
+``add_arguments(parser)`` and ``run(args) -> int``. The CLI sits on top of everything else: nothing
+in the package imports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+#: Command modules, in the order ``gnrev --help`` lists them.
+COMMAND_MODULES = (
+    "train",
+    "reproduce",
+    "report",
+    "list",
+    "benchopt",
+    "algoperf",
+    "leaderboard",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gnrev",
+        description="Exact Gauss-Newton in reversible networks: training, reproduction of the "
+        "seed papers, plugin discovery and benchmark-runner adapters.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(f"gnrev_plugin.commands.{name}")
+        except ModuleNotFoundError as err:  # a command not written yet in this checkout
+            if err.name != f"gnrev_plugin.commands.{name}":
+                raise
+            continue
+        p = sub.add_parser(mod.NAME, help=mod.HELP, description=mod.HELP)
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"gnrev {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
