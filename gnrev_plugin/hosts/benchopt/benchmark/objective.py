@@ -1,0 +1,66 @@
+"""Classification objective of the gnrev benchmark: exact Gauss-Newton vs Adam and SGD.
+
+Each solver trains the same initial model (``model_init_fn``, seeded per repetition) on the
+training split with the cross-entropy loss. Every epoch benchopt records (``evaluate_result``):
+
+* ``value`` = ``train_loss``: mean cross-entropy on the whole training split (monitored by the
+  stopping criterion), and ``train_accuracy``;
+* ``test_loss``, ``test_accuracy`` on the held-out split;
+* ``batch_loss_change``: the epoch's mean of ``100·(ℓ_B(θ_{t+1}) − ℓ_B(θ_t))/ℓ_B(θ_t)``, the
+  change of a mini-batch's loss caused by the step on that batch (Buffelli et al. 2024, Fig. 3;
+  GN overfits each batch);
+* ``exact_step_fraction``: for GN solvers, the fraction of the epoch's steps that were exact
+  (``J Δθ = −α ε`` held); NaN for first-order solvers.
+"""
+
+from benchopt import BaseObjective, safe_import_context
+
+with safe_import_context() as import_ctx:
+    import math
+
+    from gnrev_plugin.hosts.benchopt.problem import evaluate_classifier, model_factory
+
+
+class Objective(BaseObjective):
+    name = "gnrev classification"
+    url = "https://github.com/gnrev-plugin/gnrev-plugin"
+    min_benchopt_version = "1.10"
+    requirements = ["pip::torch", "pip::gnrev-plugin"]
+
+    # model: "revmlp" (reversible MLP, exact GN) or "mlp" (plain ReLU MLP, DenseGN/Adam/SGD).
+    parameters = {"model": ["revmlp"], "hidden": [256], "num_blocks": [2]}
+    test_config = {"dataset": {"name": "simulated"}}
+
+    def skip(self, X_train, y_train, X_test, y_test, num_classes, unavailable=None):
+        if unavailable:
+            return True, unavailable
+        return False, None
+
+    def set_data(self, X_train, y_train, X_test, y_test, num_classes, unavailable=None):
+        self.X_train, self.y_train = X_train, y_train
+        self.X_test, self.y_test = X_test, y_test
+        self.num_classes = int(num_classes)
+        try:
+            seed = self.get_seed(use_repetition=True)
+        except ValueError:  # outside a benchopt run
+            seed = 0
+        self.model_init_fn = model_factory(
+            self.model, int(X_train.shape[1]), self.num_classes,
+            hidden=self.hidden, num_blocks=self.num_blocks, seed=int(seed) % 2**31,
+        )
+
+    def get_objective(self):
+        return dict(X=self.X_train, y=self.y_train, model_init_fn=self.model_init_fn,
+                    loss="cross_entropy", framework="pytorch", model_kind=self.model,
+                    track_batch_loss_change=True)
+
+    def evaluate_result(self, model, batch_loss_change=math.nan, exact_step_fraction=math.nan):
+        train_loss, train_acc = evaluate_classifier(model, self.X_train, self.y_train)
+        test_loss, test_acc = evaluate_classifier(model, self.X_test, self.y_test)
+        return dict(value=train_loss, train_loss=train_loss, train_accuracy=train_acc,
+                    test_loss=test_loss, test_accuracy=test_acc,
+                    batch_loss_change=batch_loss_change,
+                    exact_step_fraction=exact_step_fraction)
+
+    def get_one_result(self):
+        return dict(model=self.model_init_fn())
