@@ -30,7 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SOLVERS", "SolverConfig", "HalfLayerSystem", "factor_half_layer"]
+__all__ = ["SOLVERS", "SolverConfig", "GramSystem", "HalfLayerSystem", "factor_half_layer",
+           "keep_singular_values"]
 
 SOLVERS = ("cholesky", "eigh", "svd", "damped")
 
@@ -68,50 +69,41 @@ class HalfLayerSolution:
     achieved: torch.Tensor
 
 
-class HalfLayerSystem:
-    """The factored system of one half-layer with features ``S`` (``n×M``).
+class GramSystem:
+    """A factored symmetric PSD Gram ``K = A Aᵀ`` (float64) and its right-inverse solves.
 
     Attributes:
-        n: number of rows (batch size).
-        rank: numerical rank of ``A = [S, 1]`` under the solver's rule.
-        full_rank: ``rank == n``: every target ``E`` is reproduced, ``A Δ = E``.
-        exact: ``full_rank`` and no damping, so the solve is the exact minimum-norm right inverse.
-        jitter: always 0.0 here (no jitter is ever added silently); kept for reporting.
+        n: size of ``K``.
+        rank: numerical rank under the configured rule.
+        full_rank: ``rank == n``: every target ``E`` is reproduced, ``A Aᵀ Λ = E``.
+        exact: ``full_rank`` and no damping, so ``Aᵀ Λ`` is the exact minimum-norm right inverse.
+        jitter: always 0.0 (no jitter is ever added silently); kept for reporting.
     """
 
-    def __init__(self, features: torch.Tensor, config: SolverConfig) -> None:
-        self.S = features
-        self.config = config
-        self.n = n = features.shape[0]
-        self.jitter = 0.0
-        work = features.dtype
-        gram_dtype = config.gram_dtype or work
-        rank_rtol = config.rank_rtol
-        if rank_rtol is None:
-            rank_rtol = max(n, 1) * torch.finfo(gram_dtype).eps
-        self._rank_rtol = rank_rtol
-        self._svd = None
+    def __init__(self, K: torch.Tensor, config: SolverConfig, eps_dtype: torch.dtype) -> None:
         if config.method == "svd":
-            self._factor_svd()
-            return
-        Sg = features.to(gram_dtype)
-        ones = torch.ones(n, n, dtype=gram_dtype, device=features.device)
-        self.K = torch.addmm(ones, Sg, Sg.mT).to(torch.float64)
+            raise ValueError("GramSystem does not take solver='svd' (it factors A itself)")
+        self.K = K = K.to(torch.float64)
+        self.config = config
+        self.n = n = K.shape[0]
+        self.jitter = 0.0
+        rank_rtol = config.rank_rtol
+        self.rank_rtol = max(n, 1) * torch.finfo(eps_dtype).eps if rank_rtol is None else rank_rtol
         self._eig = None
         self._chol = None
         if config.method == "cholesky":
-            L, info = torch.linalg.cholesky_ex(self.K)
+            L, info = torch.linalg.cholesky_ex(K)
             if int(info) == 0:
                 piv = L.diagonal().square()
-                if piv.min() > rank_rtol * self.K.diagonal().max():
+                if piv.min() > self.rank_rtol * K.diagonal().max():
                     self._chol = L
             if self._chol is None:
                 self._factor_eigh()
             else:
                 self.rank = n
         elif config.method == "damped":
-            K = self.K + config.damping * torch.eye(n, dtype=torch.float64, device=self.K.device)
-            L, info = torch.linalg.cholesky_ex(K)
+            L, info = torch.linalg.cholesky_ex(
+                K + config.damping * torch.eye(n, dtype=torch.float64, device=K.device))
             if int(info) != 0:  # pragma: no cover - K + λI with λ > 0 is positive definite
                 raise torch.linalg.LinAlgError("Cholesky of the damped Gram failed")
             self._chol = L
@@ -121,36 +113,68 @@ class HalfLayerSystem:
         self.full_rank = self.rank == n
         self.exact = self.full_rank and config.method != "damped"
 
-    # -- factorizations ---------------------------------------------------------------------
-    def _keep_mask(self, sq: torch.Tensor) -> torch.Tensor:
-        """Which squared singular values ``μ = s²`` to keep."""
-        c = self.config
-        mu_max = sq.max().clamp_min(0)
-        keep = sq > self._rank_rtol * mu_max
-        if c.rtol:
-            keep &= sq >= (c.rtol**2) * mu_max
-        if c.atol:
-            keep &= sq >= c.atol**2
-        return keep
-
     def _factor_eigh(self) -> None:
         mu, V = torch.linalg.eigh(self.K)
-        keep = self._keep_mask(mu)
+        keep = keep_singular_values(mu, self.config, self.rank_rtol)
         self._eig = (mu[keep], V[:, keep])
         self.rank = int(keep.sum())
         self._chol = None
 
-    def _factor_svd(self) -> None:
+    def solve(self, E: torch.Tensor) -> torch.Tensor:
+        """``Λ`` (float64) with ``A⁺E = Aᵀ Λ`` (truncated/damped as configured)."""
+        E64 = E.to(torch.float64)
+        if self._chol is not None:
+            return torch.cholesky_solve(E64, self._chol)
+        mu, V = self._eig
+        return V @ ((V.mT @ E64) / mu[:, None])
+
+
+def keep_singular_values(sq: torch.Tensor, config: SolverConfig, rank_rtol: float) -> torch.Tensor:
+    """Mask of squared singular values ``μ = s²`` kept: ``μ > rank_rtol·μ_max``, ``s ≥ rtol·s_max``,
+    ``s ≥ atol``."""
+    mu_max = sq.max().clamp_min(0)
+    keep = sq > rank_rtol * mu_max
+    if config.rtol:
+        keep &= sq >= (config.rtol**2) * mu_max
+    if config.atol:
+        keep &= sq >= config.atol**2
+    return keep
+
+
+class HalfLayerSystem:
+    """The factored system of one half-layer with features ``S`` (``n×M``), ``A = [S, 1]``.
+
+    Attributes ``n``, ``rank``, ``full_rank``, ``exact`` and ``jitter`` as in :class:`GramSystem`.
+    """
+
+    def __init__(self, features: torch.Tensor, config: SolverConfig) -> None:
+        self.S = features
+        self.config = config
+        self.n = n = features.shape[0]
+        self.jitter = 0.0
+        self._svd = None
+        self._gram = None
+        gram_dtype = config.gram_dtype or features.dtype
+        if config.method == "svd":
+            rank_rtol = config.rank_rtol
+            self._factor_svd(max(n, 1) * torch.finfo(gram_dtype).eps if rank_rtol is None
+                             else rank_rtol)
+        else:
+            Sg = features.to(gram_dtype)
+            ones = torch.ones(n, n, dtype=gram_dtype, device=features.device)
+            self._gram = GramSystem(torch.addmm(ones, Sg, Sg.mT), config, gram_dtype)
+            self.rank = self._gram.rank
+        self.full_rank = self.rank == n
+        self.exact = self.full_rank and config.method != "damped"
+
+    def _factor_svd(self, rank_rtol: float) -> None:
         S = self.S
         A = torch.cat([S, torch.ones(S.shape[0], 1, dtype=S.dtype, device=S.device)], dim=1)
         U, s, Vh = torch.linalg.svd(A, full_matrices=False)
-        keep = self._keep_mask(s.to(torch.float64).square())
+        keep = keep_singular_values(s.to(torch.float64).square(), self.config, rank_rtol)
         self._svd = (U[:, keep], s[keep], Vh[keep])
         self.rank = int(keep.sum())
-        self.full_rank = self.rank == self.n
-        self.exact = self.full_rank
 
-    # -- solves -----------------------------------------------------------------------------
     def solve(self, E: torch.Tensor) -> HalfLayerSolution:
         """Minimum-norm (or truncated / damped) solution of ``A Δ = E`` for ``E`` (``n×k``)."""
         if self._svd is not None:
@@ -158,13 +182,8 @@ class HalfLayerSystem:
             coef = (U.mT @ E) / s[:, None]
             delta = Vh.mT @ coef                      # (M+1) × k
             return HalfLayerSolution(delta[:-1].mT, delta[-1], U @ (U.mT @ E))
-        E64 = E.to(torch.float64)
-        if self._chol is not None:
-            lam64 = torch.cholesky_solve(E64, self._chol)
-        else:
-            mu, V = self._eig
-            lam64 = V @ ((V.mT @ E64) / mu[:, None])
-        achieved = (self.K @ lam64).to(E.dtype)
+        lam64 = self._gram.solve(E)
+        achieved = (self._gram.K @ lam64).to(E.dtype)
         lam = lam64.to(self.S.dtype)
         return HalfLayerSolution(lam.mT @ self.S, lam.sum(0), achieved)
 

@@ -1,0 +1,320 @@
+"""DenseGN: model-agnostic exact Gauss-Newton for any ``nn.Module`` (small and medium models).
+
+With the stacked Jacobian ``J = ∂vec F/∂θ ∈ R^{nC×P}`` (rows sample-major) and Newton target
+``ε = H⁻¹g`` (:mod:`gnrev_plugin.optim.targets`), one step is
+
+    Δθ = −α Jᵀ (J Jᵀ + λI)⁻¹ vec ε,
+
+the minimum-norm (Moore-Penrose) Gauss-Newton step for ``λ = 0`` and full-row-rank ``J``: the
+linearised output change is ``J Δθ = −α ε``. It works in output space: an ``nC×nC`` Gram, so it
+fits over-parameterised models (``P ≥ nC``). It is also the oracle :class:`ExactGN` is tested
+against.
+
+How ``J Jᵀ`` is formed (``jacobian=``):
+
+* ``"rows"``: ``torch.func.jacrev`` (``vmap`` over the ``nC`` output rows); any module.
+* ``"per_sample"``: ``vmap`` over samples of the single-sample Jacobian; needs a model whose
+  samples do not interact (no BatchNorm in training mode).
+* ``"linear"``: structured, never materialising ``J``. For an ``nn.Linear`` layer with inputs
+  ``a_i`` and output-VJPs ``g_{i,c} = ∂F_{ic}/∂z_i``, its block of the Gram is
+  ``(a_iᵀa_j + 1)(g_{i,c}ᵀ g_{j,c'})``, i.e. ``Θ = (A Aᵀ + 1) ⊗ 1_{C×C} ⊙ (G Gᵀ)``. The ``G`` come
+  from one batched backward over the ``C`` output coordinates; ``Δθ = Jᵀ Λ`` is one more backward.
+  Needs every trained parameter to sit in an ``nn.Linear`` with 2-D inputs.
+* ``"auto"`` (default): ``"linear"`` when possible, else ``"per_sample"``, else ``"rows"``.
+
+Rank handling follows :class:`ExactGN`: ``rank_policy="raise"`` raises
+:class:`~gnrev_plugin.optim.errors.RankDeficiencyError` when ``J Jᵀ`` is rank-deficient (``nC > P``,
+duplicated samples...), ``"warn"`` takes the least-squares step ``J⁺`` and warns.
+"""
+
+from __future__ import annotations
+
+import gc
+import warnings
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+from torch.func import functional_call, jacrev, vmap
+
+from .capture import OutputCapture
+from .errors import NonFiniteError, RankDeficiencyError
+from .solvers import GramSystem, SolverConfig
+from .targets import CE_TARGETS, LOSSES, mean_loss, newton_target
+
+__all__ = ["DenseGN", "find_module_owning", "JACOBIAN_METHODS"]
+
+JACOBIAN_METHODS = ("auto", "linear", "per_sample", "rows")
+_BATCH_COUPLING = (nn.modules.batchnorm._BatchNorm,)
+
+
+def find_module_owning(params: Iterable[torch.Tensor]) -> nn.Module:
+    """The outermost smallest live ``nn.Module`` whose parameters include all of ``params``."""
+    ids = {id(p) for p in params}
+    with warnings.catch_warnings():  # isinstance() on some deprecated torch objects warns
+        warnings.simplefilter("ignore")
+        live = [m for m in gc.get_objects() if isinstance(m, nn.Module)]
+    cands = [m for m in live if ids <= {id(p) for p in m.parameters()}]
+    if not ids or not cands:
+        raise ValueError("could not find the module owning these parameters; pass model=...")
+    size = min(sum(1 for _ in m.parameters()) for m in cands)
+    smallest = [m for m in cands if sum(1 for _ in m.parameters()) == size]
+    outer = [m for m in smallest
+             if not any(o is not m and any(c is m for c in o.modules()) for o in smallest)]
+    if len(outer) != 1:
+        raise ValueError("several modules own these parameters; pass model=... to DenseGN")
+    return outer[0]
+
+
+class DenseGN(torch.optim.Optimizer):
+    """Exact Gauss-Newton ``Δθ = −α Jᵀ(JJᵀ + λI)⁻¹ε`` for any module (module docstring).
+
+    Args:
+        params: parameters to update (others stay fixed); a single group.
+        lr: ``α``; ``α = 1`` interpolates the batch to first order.
+        model: the module (found from ``params`` if omitted).
+        loss: ``"mse"`` or ``"cross_entropy"``.
+        damping: ``λ`` (``> 0`` selects the damped solve; the step is then not exact).
+        solver: ``"cholesky"`` or ``"eigh"`` for the ``nC×nC`` system (``rtol``/``atol``
+            truncation as in :mod:`gnrev_plugin.optim.solvers`).
+        ce_target, ce_damping: cross-entropy Newton target (see :class:`ExactGN`).
+        jacobian: how ``J Jᵀ`` is formed (module docstring).
+        weight_decay: decoupled, ``θ ← (1 − lr·wd)θ + Δθ``.
+        rank_policy: ``"raise"`` or ``"warn"``.
+        max_jacobian_entries: refuse to materialise a ``J`` larger than this.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict],
+        lr: float = 1.0,
+        *,
+        model: nn.Module | None = None,
+        loss: str = "mse",
+        damping: float = 0.0,
+        solver: str = "cholesky",
+        rtol: float = 0.0,
+        atol: float = 0.0,
+        rank_rtol: float | None = None,
+        ce_target: str = "identity",
+        ce_damping: float = 1e-3,
+        jacobian: str = "auto",
+        weight_decay: float = 0.0,
+        rank_policy: str = "raise",
+        max_jacobian_entries: int = 200_000_000,
+    ) -> None:
+        if not (isinstance(lr, (int, float)) and lr > 0 and lr != float("inf")):
+            raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+        if loss not in LOSSES:
+            raise ValueError(f"unsupported loss {loss!r}; DenseGN supports {LOSSES}")
+        if ce_target not in CE_TARGETS:
+            raise ValueError(f"unknown ce_target {ce_target!r}; choose from {CE_TARGETS}")
+        if jacobian not in JACOBIAN_METHODS:
+            raise ValueError(f"unknown jacobian {jacobian!r}; choose from {JACOBIAN_METHODS}")
+        if rank_policy not in ("raise", "warn"):
+            raise ValueError(f"rank_policy must be 'raise' or 'warn', got {rank_policy!r}")
+        if solver not in ("cholesky", "eigh"):
+            raise ValueError(f"DenseGN solver must be 'cholesky' or 'eigh', got {solver!r}")
+        method = "damped" if damping else solver
+        SolverConfig(method, rtol, atol, damping, rank_rtol)  # validates
+        defaults = dict(lr=lr, weight_decay=weight_decay, loss=loss, damping=damping,
+                        solver=solver, rtol=rtol, atol=atol, rank_rtol=rank_rtol,
+                        ce_target=ce_target, ce_damping=ce_damping, jacobian=jacobian,
+                        rank_policy=rank_policy)
+        super().__init__(params, defaults)
+        if len(self.param_groups) != 1:
+            raise ValueError("DenseGN takes a single parameter group")
+        self.params = list(self.param_groups[0]["params"])
+        self.model = model if model is not None else find_module_owning(self.params)
+        if not isinstance(self.model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(self.model).__name__}")
+        owned = {id(p): n for n, p in self.model.named_parameters()}
+        missing = [i for i, p in enumerate(self.params) if id(p) not in owned]
+        if missing:
+            raise ValueError(f"parameters {missing} passed to DenseGN are not in the model")
+        self.names = [owned[id(p)] for p in self.params]
+        self.max_jacobian_entries = int(max_jacobian_entries)
+        self._capture = OutputCapture(self.model)
+        self.last_step_exact: bool | None = None
+        self.last_step_info: dict = {}
+
+    # -- public API -------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+        """Drop-in step after ``loss.backward()`` (or with a torch.optim-style ``closure``)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        batch, call = self._capture.consume(self.defaults["loss"])
+        ls = float(call.options.get("label_smoothing", 0.0) or 0.0)
+        self._step(batch.inputs, call.target, ls)
+        return loss
+
+    @torch.no_grad()
+    def step_on_batch(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Explicit path on ``(x, y)``; returns the mean-reduced loss before the step."""
+        return self._step(x, y, 0.0)
+
+    def close(self) -> None:
+        """Remove the hooks this optimizer put on the model."""
+        self._capture.close()
+
+    # -- internals --------------------------------------------------------------------------
+    def _check_model(self) -> None:
+        for m in self.model.modules():
+            if isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0:
+                raise ValueError("the Gauss-Newton step needs a deterministic forward pass: "
+                                 "put the model in eval() mode or remove dropout")
+
+    def _method(self, x: torch.Tensor) -> str:
+        m = self.param_groups[0]["jacobian"]
+        coupled = any(isinstance(mod, _BATCH_COUPLING) and mod.training
+                      for mod in self.model.modules())
+        linear_ok = x.dim() == 2 and all(self._linear_of(n) is not None for n in self.names)
+        if m == "auto":
+            return "linear" if (linear_ok and not coupled) else ("rows" if coupled
+                                                                 else "per_sample")
+        if m in ("linear", "per_sample") and coupled:
+            raise ValueError(f"jacobian={m!r} assumes independent samples, but the model has "
+                             "BatchNorm in training mode; use jacobian='rows'")
+        if m == "linear" and not linear_ok:
+            raise ValueError("jacobian='linear' needs every trained parameter in an nn.Linear "
+                             "with 2-D inputs")
+        return m
+
+    def _linear_of(self, name: str) -> nn.Linear | None:
+        mod_name, _, attr = name.rpartition(".")
+        mod = self.model.get_submodule(mod_name) if mod_name else self.model
+        return mod if isinstance(mod, nn.Linear) and attr in ("weight", "bias") else None
+
+    def _forward_functional(self, x: torch.Tensor):
+        base = {n: p.detach() for n, p in self.model.named_parameters()}
+        base.update({n: b for n, b in self.model.named_buffers()})
+
+        def f(trained: dict[str, torch.Tensor], inp: torch.Tensor) -> torch.Tensor:
+            return functional_call(self.model, {**base, **trained}, (inp,))
+        return f
+
+    def _gram_dense(self, x: torch.Tensor, method: str):
+        p = {n: q.detach() for n, q in zip(self.names, self.params, strict=True)}
+        f = self._forward_functional(x)
+        with self._capture_paused():
+            out = f(p, x)
+            P = sum(q.numel() for q in self.params)
+            if out.numel() * P > self.max_jacobian_entries:
+                raise ValueError(f"J would have {out.numel()}×{P} entries (> max_jacobian_entries="
+                                 f"{self.max_jacobian_entries}); use a smaller batch or "
+                                 "jacobian='linear'")
+            if method == "rows":
+                jac = jacrev(lambda q: f(q, x))(p)
+            else:
+                jac = vmap(jacrev(lambda q, xi: f(q, xi[None])[0]), in_dims=(None, 0))(p, x)
+        J = torch.cat([jac[n].reshape(out.numel(), -1) for n in self.names], dim=1)
+        return out, J @ J.mT, lambda lam: _split_flat(J.mT @ lam, self.params)
+
+    def _gram_linear(self, x: torch.Tensor):
+        layers: dict[str, nn.Linear] = {}
+        for n in self.names:
+            layers.setdefault(n.rpartition(".")[0], self._linear_of(n))
+        records: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        handles = [mod.register_forward_hook(
+            lambda m, a, z, key=key: records.__setitem__(key, (a[0].detach(), z)))
+            for key, mod in layers.items()]
+        try:
+            with torch.enable_grad(), self._capture_paused():
+                out = self.model(x)
+        finally:
+            for h in handles:
+                h.remove()
+        if out.dim() != 2:
+            raise ValueError(f"DenseGN expects outputs of shape (n, C), got {tuple(out.shape)}")
+        n, C = out.shape
+        keys = list(layers)
+        eye = torch.eye(C, dtype=out.dtype, device=out.device)[:, None, :].expand(C, n, C)
+        with torch.enable_grad():
+            grads = torch.autograd.grad(out, [records[k][1] for k in keys], grad_outputs=eye,
+                                        is_grads_batched=True, retain_graph=True)
+        given = set(self.names)
+        K = torch.zeros(n * C, n * C, dtype=out.dtype, device=out.device)
+        for key, G in zip(keys, grads, strict=True):
+            a = records[key][0]
+            prefix = f"{key}." if key else ""
+            AA = torch.zeros(n, n, dtype=out.dtype, device=out.device)
+            if prefix + "weight" in given:
+                AA = AA + a @ a.mT
+            if prefix + "bias" in given:
+                AA = AA + 1.0
+            Gt = G.permute(1, 0, 2).reshape(n * C, -1)
+            K += AA.repeat_interleave(C, 0).repeat_interleave(C, 1) * (Gt @ Gt.mT)
+
+        def apply_jt(lam: torch.Tensor) -> list[torch.Tensor]:
+            with torch.enable_grad():
+                return list(torch.autograd.grad(out, self.params,
+                                                grad_outputs=lam.reshape(n, C).to(out.dtype)))
+        return out.detach(), K, apply_jt
+
+    def _capture_paused(self):
+        cap = self._capture
+
+        class _Pause:
+            def __enter__(self_inner):
+                cap._handle.remove()
+
+            def __exit__(self_inner, *exc):
+                cap._handle = cap.model.register_forward_hook(cap._forward_hook)
+        return _Pause()
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+        group = self.param_groups[0]
+        self._check_model()
+        method = self._method(x)
+        if method == "linear":
+            out, K, apply_jt = self._gram_linear(x)
+        else:
+            out, K, apply_jt = self._gram_dense(x, method)
+        if out.dim() != 2:
+            raise ValueError(f"DenseGN expects outputs of shape (n, C), got {tuple(out.shape)}")
+        out = out.detach()
+        loss = mean_loss(group["loss"], out, y)
+        if not bool(torch.isfinite(loss)) or not bool(torch.isfinite(out).all()):
+            raise NonFiniteError("non-finite loss or model output; the parameters were not changed")
+        if y.is_floating_point() and not bool(torch.isfinite(y).all()):
+            raise NonFiniteError("non-finite targets; the parameters were not changed")
+        eps = newton_target(group["loss"], out, y, ce_target=group["ce_target"],
+                            ce_damping=group["ce_damping"], label_smoothing=label_smoothing)
+        config = SolverConfig("damped" if group["damping"] else group["solver"], group["rtol"],
+                              group["atol"], group["damping"], group["rank_rtol"])
+        system = GramSystem(K, config, out.dtype)
+        if not system.full_rank and group["rank_policy"] == "raise":
+            raise RankDeficiencyError(
+                f"J Jᵀ has rank {system.rank} < nC = {system.n} (more outputs than parameters, or "
+                "duplicated samples), so J Δθ = −α ε has no exact solution; use a smaller batch "
+                "or rank_policy='warn' for the least-squares step")
+        target = (-group["lr"] * eps).reshape(-1)
+        lam = system.solve(target[:, None])[:, 0]
+        deltas = apply_jt(lam.to(out.dtype))
+        if not all(bool(torch.isfinite(d).all()) for d in deltas):
+            raise NonFiniteError("non-finite Gauss-Newton update; the parameters were not changed")
+        if not system.exact and group["rank_policy"] == "warn":
+            warnings.warn(f"DenseGN step is not exact Gauss-Newton (rank {system.rank} of "
+                          f"{system.n}, damping {group['damping']})", RuntimeWarning, stacklevel=3)
+        wd = group["weight_decay"]
+        for p, d in zip(self.params, deltas, strict=True):
+            if wd:
+                p.mul_(1.0 - group["lr"] * wd)
+            p.add_(d.reshape(p.shape))
+            st = self.state[p]
+            st["step"] = st.get("step", 0) + 1
+        self.last_step_exact = system.exact
+        self.last_step_info = {"exact": system.exact, "rank": system.rank, "n_outputs": system.n,
+                               "jacobian": method}
+        return loss
+
+
+def _split_flat(v: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    out, i = [], 0
+    for p in params:
+        out.append(v[i:i + p.numel()].reshape(p.shape))
+        i += p.numel()
+    return out
