@@ -19,7 +19,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .activations import Activation
+from .activations import Activation, get_activation
 from .coupling import AdditiveCoupling, BlockActivations
 
 __all__ = ["RevMLP", "PRESETS", "revmlp_from_preset", "find_revmlp_owning"]
@@ -64,13 +64,14 @@ class RevMLP(nn.Module):
         if num_classes is not None and not 1 <= num_classes <= in_features:
             raise ValueError(f"num_classes must be in [1, in_features={in_features}], "
                              f"got {num_classes}")
+        activation = get_activation(activation)  # validate even if only block 1 (linear) exists
         gen = None if seed is None else torch.Generator().manual_seed(seed)
         dtype = dtype or torch.get_default_dtype()
         self.in_features, self.hidden, self.num_blocks = in_features, hidden, num_blocks
         self.num_classes = num_classes
         self.linear_first_block = linear_first_block
         self.config = dict(in_features=in_features, hidden=hidden, num_blocks=num_blocks,
-                           num_classes=num_classes, activation=getattr(activation, "name", activation),
+                           num_classes=num_classes, activation=activation.name,
                            linear_first_block=linear_first_block, init_std=init_std,
                            proj_gain=proj_gain, seed=seed)
         self.blocks = nn.ModuleList(

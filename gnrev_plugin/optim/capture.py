@@ -27,7 +27,21 @@ from torch import nn
 from .errors import LossCaptureError
 from .targets import loss_gradient_direction
 
-__all__ = ["OutputCapture", "CapturedBatch"]
+__all__ = ["OutputCapture", "CapturedBatch", "suspended"]
+
+_SUSPENDED = 0
+
+
+class suspended:  # noqa: N801 - used as a context manager like torch.no_grad
+    """Within this context no :class:`OutputCapture` records anything (internal forward passes)."""
+
+    def __enter__(self) -> None:
+        global _SUSPENDED
+        _SUSPENDED += 1
+
+    def __exit__(self, *exc) -> None:
+        global _SUSPENDED
+        _SUSPENDED -= 1
 
 _LOSS_FUNCTIONS = {F.mse_loss: "mse", F.cross_entropy: "cross_entropy"}
 
@@ -90,7 +104,7 @@ class OutputCapture:
 
     # -- hooks ------------------------------------------------------------------------------
     def _forward_hook(self, module, args, output):
-        if (not isinstance(output, torch.Tensor) or not torch.is_grad_enabled()
+        if (_SUSPENDED or not isinstance(output, torch.Tensor) or not torch.is_grad_enabled()
                 or not output.requires_grad or torch._C._are_functorch_transforms_active()
                 or torch._C._functorch.is_functorch_wrapped_tensor(output) or not args
                 or not isinstance(args[0], torch.Tensor)):
@@ -100,6 +114,8 @@ class OutputCapture:
         self.batch = batch
 
         def grad_hook(g: torch.Tensor) -> None:
+            if _SUSPENDED or torch._C._functorch.is_functorch_wrapped_tensor(g):
+                return  # a batched / internal backward, not the training loop's
             batch.grad = g.detach() if batch.grad is None else batch.grad + g.detach()
 
         output.register_hook(grad_hook)

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
-from .capture import OutputCapture
+from .capture import OutputCapture, suspended
 from .errors import NonFiniteError, RankDeficiencyError
 from .solvers import GramSystem, SolverConfig
 from .targets import CE_TARGETS, LOSSES, mean_loss, newton_target
@@ -190,7 +190,8 @@ class DenseGN(torch.optim.Optimizer):
 
     def _forward_functional(self, x: torch.Tensor):
         base = {n: p.detach() for n, p in self.model.named_parameters()}
-        base.update({n: b for n, b in self.model.named_buffers()})
+        base.update({n: b for n, b in self.model.named_buffers()
+                     if not n.endswith(("running_mean", "running_var", "num_batches_tracked"))})
 
         def f(trained: dict[str, torch.Tensor], inp: torch.Tensor) -> torch.Tensor:
             return functional_call(self.model, {**base, **trained}, (inp,))
@@ -199,7 +200,7 @@ class DenseGN(torch.optim.Optimizer):
     def _gram_dense(self, x: torch.Tensor, method: str):
         p = {n: q.detach() for n, q in zip(self.names, self.params, strict=True)}
         f = self._forward_functional(x)
-        with self._capture_paused():
+        with suspended(), _batch_statistics_only(self.model):
             out = f(p, x)
             P = sum(q.numel() for q in self.params)
             if out.numel() * P > self.max_jacobian_entries:
@@ -222,7 +223,7 @@ class DenseGN(torch.optim.Optimizer):
             lambda m, a, z, key=key: records.__setitem__(key, (a[0].detach(), z)))
             for key, mod in layers.items()]
         try:
-            with torch.enable_grad(), self._capture_paused():
+            with torch.enable_grad(), suspended():
                 out = self.model(x)
         finally:
             for h in handles:
@@ -253,17 +254,6 @@ class DenseGN(torch.optim.Optimizer):
                 return list(torch.autograd.grad(out, self.params,
                                                 grad_outputs=lam.reshape(n, C).to(out.dtype)))
         return out.detach(), K, apply_jt
-
-    def _capture_paused(self):
-        cap = self._capture
-
-        class _Pause:
-            def __enter__(self_inner):
-                cap._handle.remove()
-
-            def __exit__(self_inner, *exc):
-                cap._handle = cap.model.register_forward_hook(cap._forward_hook)
-        return _Pause()
 
     def _step(self, x: torch.Tensor, y: torch.Tensor, label_smoothing: float) -> torch.Tensor:
         group = self.param_groups[0]
@@ -310,6 +300,24 @@ class DenseGN(torch.optim.Optimizer):
         self.last_step_info = {"exact": system.exact, "rank": system.rank, "n_outputs": system.n,
                                "jacobian": method}
         return loss
+
+
+class _batch_statistics_only:  # noqa: N801
+    """BatchNorm layers in training mode use batch statistics without updating running ones
+    (so the Jacobian pass neither mutates buffers inside ``torch.func`` nor double-counts)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.mods = [m for m in model.modules() if isinstance(m, _BATCH_COUPLING) and m.training]
+
+    def __enter__(self) -> None:
+        self.saved = [(m.running_mean, m.running_var, m.track_running_stats) for m in self.mods]
+        for m in self.mods:
+            m.running_mean = m.running_var = None
+            m.track_running_stats = False
+
+    def __exit__(self, *exc) -> None:
+        for m, (mean, var, track) in zip(self.mods, self.saved, strict=True):
+            m.running_mean, m.running_var, m.track_running_stats = mean, var, track
 
 
 def _split_flat(v: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
