@@ -166,7 +166,6 @@ def test_float32_model_is_accurate_to_single_precision():
 
 # --------------------------------------------------------------------------- solvers
 def test_eigh_solver_equals_reference_svd_truncation():
-    make(d=8, M=24, L=2, C=3, seed=10)
     x, y = data(12, 8, 3, loss="cross_entropy", seed=10)
     x[6:] = x[:6] + 1e-3 * x[6:]              # nearly repeated samples: small singular values
     kw = dict(lr=0.5, loss="cross_entropy", rtol=1e-2, atol=1e-5, rank_policy="warn")
