@@ -32,10 +32,10 @@ import math
 import warnings
 
 import torch
-from torch import nn
-
 from benchopt import BaseSolver
 from benchopt.stopping_criterion import SufficientProgressCriterion
+from torch import nn
+
 from gnrev_plugin.hosts.benchopt.problem import as_tensor, build_model, percent_loss_change
 
 __all__ = ["TorchSolver", "ExactGN", "DenseGN", "Adam", "SGD"]
@@ -158,14 +158,15 @@ def _default_revmlp(in_features: int, num_classes: int):
 class ExactGN(TorchSolver):
     """Exact Gauss-Newton on a reversible RevMLP (Buffelli et al., NeurIPS 2024).
 
-    ``lr = α``: the linearised logits on the batch move by ``J Δθ = −α ε``. ``fast_path=True``
+    ``lr = α``: the linearised logits on the batch move by ``J Δθ = −α ε`` (default 0.2: the
+    paper's MNIST mini-batch GN, reference lr 0.1 with L = 2 blocks). ``fast_path=True``
     uses ``step_on_batch`` (no parameter backward); ``False`` the drop-in ``backward(); step()``.
     ``rank_policy`` is ExactGN's (``"warn"`` records inexact steps in ``exact_step_fraction``
     rather than stopping the run).
     """
 
     name = "ExactGN"
-    parameters = {"lr": [0.1], "batch_size": [128], "fast_path": [True],
+    parameters = {"lr": [0.2], "batch_size": [128], "fast_path": [True],
                   "rank_policy": ["warn"]}
 
     def skip(self, X=None, y=None, framework="pytorch", model_init_fn=None, model_kind=None,
@@ -198,17 +199,25 @@ class DenseGN(TorchSolver):
     """Exact Gauss-Newton for any ``nn.Module`` via the dense output-space system.
 
     Skipped when ``batch_size · C · P`` (the entries of the batch Jacobian) exceeds
-    ``max_dense_entries``. ``damping = λ`` regularises the system as ``(J Jᵀ + λ I)``.
+    ``max_dense_entries``. ``damping = λ`` regularises the system as ``(J Jᵀ + λ I)``;
+    ``rank_policy="warn"`` takes the least-squares step ``J⁺`` when ``J Jᵀ`` is singular (recorded
+    in ``exact_step_fraction``) instead of stopping the run.
     """
 
     name = "DenseGN"
-    parameters = {"lr": [0.1], "batch_size": [128], "damping": [0.0],
+    parameters = {"lr": [0.2], "batch_size": [128], "damping": [0.0], "rank_policy": ["warn"],
                   "max_dense_entries": [50_000_000]}
 
     def skip(self, X=None, y=None, framework="pytorch", model_init_fn=None, **objective_dict):
         skip, reason = super().skip(X=X, y=y, framework=framework)
-        if skip or model_init_fn is None:
+        if skip:
             return skip, reason
+        import gnrev_plugin.optim as gn_optim
+
+        if not hasattr(gn_optim, "DenseGN"):
+            return True, "gnrev_plugin.optim.DenseGN is not available in this gnrev-plugin"
+        if model_init_fn is None:
+            return False, None
         probe = model_init_fn()
         num_params = sum(p.numel() for p in probe.parameters() if p.requires_grad)
         x = as_tensor(X, dtype=torch.get_default_dtype())
@@ -225,7 +234,8 @@ class DenseGN(TorchSolver):
         from gnrev_plugin.optim import DenseGN as DenseGNOptimizer
 
         return DenseGNOptimizer(model.parameters(), model=model, lr=self.lr, loss=self.loss_kind,
-                                damping=self.damping)
+                                damping=self.damping, rank_policy=self.rank_policy,
+                                max_jacobian_entries=self.max_dense_entries)
 
     def step(self, xb, yb):
         step_on_batch = getattr(self.optimizer, "step_on_batch", None)
