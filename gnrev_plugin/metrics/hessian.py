@@ -50,7 +50,7 @@ from torch.func import functional_call, grad, hessian, jacrev, jvp, vmap
 from ._params import as_batches, flat_indices, group_by_module, param_names, select_params
 
 __all__ = ["decompose", "HessianDecomposition", "SurrogateNMELinearOperator", "nme_surrogate_dense",
-           "dense_matrix", "TRACE_ESTIMATORS", "assert_not_backpack_extended"]
+           "dense_matrix", "TRACE_ESTIMATORS", "estimate_trace", "assert_not_backpack_extended"]
 
 #: curvlinops trace estimators by name, with the divisor their matvec budget must respect.
 TRACE_ESTIMATORS: dict[str, tuple[Callable, int]] = {
@@ -58,6 +58,25 @@ TRACE_ESTIMATORS: dict[str, tuple[Callable, int]] = {
     "hutchpp": (hutchpp_trace, 3),
     "xtrace": (xtrace, 2),
 }
+
+
+def estimate_trace(op: PyTorchLinearOperator, estimator: str = "hutchpp", num_matvecs: int = 90,
+                   seed: int | None = None) -> tuple[float, int]:
+    """``tr(op)`` by a curvlinops estimator; returns ``(estimate, matvecs used)``.
+
+    ``num_matvecs`` is rounded down to the estimator's divisor (Hutch++: 3, XTrace: 2) and kept
+    below the dimension, as curvlinops requires. ``seed`` seeds torch's global RNG first.
+    """
+    if estimator not in TRACE_ESTIMATORS:
+        raise ValueError(f"trace estimator must be one of {sorted(TRACE_ESTIMATORS)}")
+    fn, div = TRACE_ESTIMATORS[estimator]
+    dim = op.shape[0]
+    if dim < div + 1:
+        raise ValueError(f"operator of size {dim} is too small for {estimator}; use exact traces")
+    nmv = max(div, (min(num_matvecs, dim - 1) // div) * div)
+    if seed is not None:
+        torch.manual_seed(seed)
+    return fn(op, nmv).item(), nmv
 
 
 def assert_not_backpack_extended(*modules: nn.Module) -> None:
@@ -286,12 +305,11 @@ class HessianDecomposition:
             out["frobenius"] = {k: m.norm().item() for k, m in mats.items()}
             out["frobenius_estimator"] = "exact"
         else:
-            fn, div = TRACE_ESTIMATORS[trace_estimator]
-            nmv = max(div, (min(num_matvecs, P - 1) // div) * div)
             out["trace"] = {}
             for k, op in ops.items():
-                torch.manual_seed(int(torch.randint(2**31 - 1, (1,), generator=gen)))
-                out["trace"][k] = dict(value=fn(op, nmv).item(), estimator=trace_estimator,
+                val, nmv = estimate_trace(op, trace_estimator, num_matvecs,
+                                          seed=int(torch.randint(2**31 - 1, (1,), generator=gen)))
+                out["trace"][k] = dict(value=val, estimator=trace_estimator,
                                        num_matvecs=nmv * (2 if k == "nme" else 1))
             out["top_eigenvalues"], out["eigs_info"] = {}, {}
             for k, op in ops.items():
