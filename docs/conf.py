@@ -1,0 +1,13 @@
+"""Sphinx configuration: Markdown pages through MyST, API pages through autodoc."""
+
+project = "gnrev-plugin"
+author = "gnrev-plugin developers"
+extensions = ["myst_parser", "sphinx.ext.autodoc", "sphinx.ext.napoleon", "sphinx.ext.mathjax"]
+source_suffix = {".md": "markdown", ".rst": "restructuredtext"}
+myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence"]
+exclude_patterns = ["_build"]
+autodoc_member_order = "bysource"
+autodoc_typehints = "description"
+html_theme = "alabaster"
+suppress_warnings = ["myst.header", "myst.xref_missing", "toc.not_included"]
+nitpicky = False
