@@ -28,8 +28,9 @@ from .rundir import RunDir
 __all__ = ["build_model", "evaluate", "train_run", "RunInterrupted"]
 
 
-class RunInterrupted(RuntimeError):
-    """Raised by test hooks to simulate a killed run."""
+class RunInterrupted(BaseException):
+    """Raised by test hooks to simulate a killed run (a ``BaseException``, like
+    ``KeyboardInterrupt``, so sweeps do not record it as a crashed config)."""
 
 
 def build_model(cfg: dict, in_features: int, num_classes: int) -> RevMLP:

@@ -1,0 +1,63 @@
+"""``gnrev reproduce``: reproduce the seed papers' findings (exact GN, GN conditioning, NME)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+NAME = "reproduce"
+HELP = ("reproduce the papers' findings: exact-gn (Buffelli et al.), conditioning (Zhao et al.), "
+        "nme (Dauphin et al.); writes JSONL logs, figures and report.md")
+
+EXPERIMENTS = ("exact-gn", "conditioning", "nme")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from gnrev_plugin.experiments.presets import PRESET_NAMES
+
+    p.add_argument("experiment", choices=EXPERIMENTS)
+    p.add_argument("--preset", default="quick", choices=PRESET_NAMES,
+                   help="quick (≤ 3 min on 2 CPU cores), paper (the papers' sizes), smoke (CI)")
+    p.add_argument("--out", default=None,
+                   help="output directory (default: runs/<experiment>-<preset>-<time>)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run in --out exactly where it stopped")
+    p.add_argument("--data", default="mnist", choices=["mnist", "mnist1d"],
+                   help="dataset (exact-gn and conditioning; nme uses it for its inputs too)")
+    p.add_argument("--data-dir", default=None,
+                   help="directory of MNIST-format IDX files (train-*/t10k-* pairs, or only the "
+                        "t10k-* pair, which is then split); default $GNREV_DATA_DIR or "
+                        "../shared/data/mnist")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true", help="hide tqdm bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out) if args.out else Path("runs") / (
+        f"{args.experiment}-{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if args.resume and not (out / "config.json").exists():
+        raise FileNotFoundError(f"--resume: {out} holds no run to resume (no config.json)")
+    t0 = time.perf_counter()
+    progress = not args.no_progress
+    if args.experiment == "exact-gn":
+        from gnrev_plugin.experiments.exact_gn_repro import run_exact_gn as runner
+    elif args.experiment == "conditioning":
+        from gnrev_plugin.experiments.conditioning_repro import run_conditioning as runner
+    else:
+        from gnrev_plugin.experiments.nme_repro import run_nme as runner
+    print(f"gnrev reproduce {args.experiment}: preset {args.preset}, data {args.data} -> {out}",
+          flush=True)
+    statuses = runner(out, preset_name=args.preset, data=args.data, data_dir=args.data_dir,
+                      resume=args.resume, progress=progress)
+    failed = [s for s in statuses if s["status"] != "ok"]
+    print(f"wrote {out / 'report.md'} and {out / 'figures'}/ in "
+          f"{time.perf_counter() - t0:.0f}s ({len(statuses) - len(failed)} runs ok, "
+          f"{len(failed)} failed)")
+    for s in failed:
+        print(f"  failed: {s['run']}: {s['error']}")
+    return 1 if failed else 0

@@ -1,0 +1,78 @@
+"""Per-epoch laziness diagnostics of a RevMLP relative to its initialisation (Buffelli et al.,
+Fig. 4 and appendix), all computed with :mod:`gnrev_plugin.metrics` on a fixed probe batch
+``X_p`` (the first ``probe_size`` training images):
+
+* ``ntk_sim = A(Θ₀, Θ_t) = ⟨Θ₀, Θ_t⟩_F / (‖Θ₀‖_F ‖Θ_t‖_F)`` with the structured empirical NTK
+  ``Θ = J Jᵀ`` of the logits (:func:`~gnrev_plugin.metrics.revmlp_ntk`);
+* ``ntk_velocity = 1 − A(Θ_{t−1}, Θ_t)`` per epoch (Fort et al. 2020's kernel velocity, cosine
+  distance, ``dt`` = one epoch);
+* ``cka/<layer>``: linear CKA between the representations ``[X1, X2]`` after each coupling
+  half-layer at init and now (:func:`~gnrev_plugin.metrics.linear_cka`);
+* ``wcos/<tensor>`` = ``cos(vec W₀, vec W_t)`` and ``wnorm/<tensor>`` = ``‖W_t‖_F / ‖W₀‖_F``
+  per weight matrix, plus ``__all__`` over all parameters.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from gnrev_plugin import metrics
+
+__all__ = ["RevMLPDiagnostics"]
+
+
+class RevMLPDiagnostics:
+    """Diagnostics against the initial model ``model_init`` on a fixed probe batch."""
+
+    def __init__(self, model_init: torch.nn.Module, probe_x: torch.Tensor,
+                 ntk: bool = True, cka: bool = True, weights: bool = True) -> None:
+        self.probe_x = probe_x
+        self.do_ntk, self.do_cka, self.do_weights = ntk, cka, weights
+        self.init_params = metrics.snapshot_parameters(model_init)
+        with torch.no_grad():
+            self.K0 = self._ntk(model_init) if ntk else None
+            self.reps0 = (metrics.revmlp_representations(model_init, probe_x, per="half_layer")
+                          if cka else None)
+        self.K_prev = self.K0
+
+    @classmethod
+    def factory(cls, probe_size: int = 128, **flags):
+        """``factory(model_init, dataset, cfg)`` for :func:`~.training.train_run`."""
+        def make(model_init, dataset, cfg):
+            return cls(model_init, dataset.x_train[:probe_size], **flags)
+        return make
+
+    def _ntk(self, model) -> torch.Tensor:
+        return metrics.revmlp_ntk(model, self.probe_x).double()
+
+    @torch.no_grad()
+    def measure(self, model: torch.nn.Module, epoch: int) -> dict:
+        row: dict[str, float] = {}
+        if self.do_ntk:
+            K = self._ntk(model)
+            row["ntk_sim"] = metrics.ntk_similarity(self.K0, K)
+            row["ntk_velocity"] = (None if epoch == 0 else
+                                   metrics.ntk_velocity(self.K_prev, K, dt=1.0))
+            self.K_prev = K
+        if self.do_cka:
+            reps = metrics.revmlp_representations(model, self.probe_x, per="half_layer")
+            for name, v in metrics.cka_by_layer(self.reps0, reps).items():
+                if name != "input":
+                    row[f"cka/{name}"] = v
+        if self.do_weights:
+            cos = metrics.weight_cosine_similarity(self.init_params, model)
+            ratio = metrics.weight_norm_ratio(self.init_params, model)
+            for k in cos:
+                if k == "__all__" or k.endswith("weight"):
+                    row[f"wcos/{k}"] = cos[k]
+                    row[f"wnorm/{k}"] = ratio[k]
+        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                for k, v in row.items()}
+
+    def state_dict(self) -> dict:
+        return {"K_prev": self.K_prev}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.K_prev = state["K_prev"]

@@ -1,0 +1,95 @@
+"""Presets of ``gnrev reproduce``: ``paper`` (the papers' sizes), ``quick`` (≤ 3 min on 2 CPU
+cores) and ``smoke`` (seconds; CI).
+
+Exact GN (Buffelli et al.): RevMLP with ``L = 2`` blocks and a linear first block, as in the
+reference code. ExactGN keeps the step exact as long as one block's systems have full row rank
+(the ReLU block needs ``batch ≤ M + 1``, and in practice ``M`` well above the batch because MNIST's
+constant border pixels make many hidden units always on or always off); the fraction of exact steps
+is logged (``exact_frac``). Learning rates are the reference ones
+(:data:`~gnrev_plugin.experiments.optimizers.REFERENCE_LR`), GN in the ``α = L·lr_ref``
+convention.
+"""
+
+from __future__ import annotations
+
+import copy
+
+__all__ = ["EXACT_GN_PRESETS", "CONDITIONING_PRESETS", "NME_PRESETS", "get_preset", "PRESET_NAMES"]
+
+PRESET_NAMES = ("quick", "paper", "smoke")
+
+EXACT_GN_PRESETS: dict[str, dict] = {
+    "paper": dict(
+        hidden=8000, blocks=2, linear_first_block=True, seeds=[42, 43, 44],
+        optimizers=["exact_gn", "adam", "sgd"], probe_size=256,
+        full_batch=dict(subset=1024, epochs=100),
+        mini_batch=dict(batch_size=1024, epochs=100, train_size=None),
+    ),
+    "quick": dict(
+        hidden=1536, blocks=2, linear_first_block=True, seeds=[42, 43, 44],
+        optimizers=["exact_gn", "adam", "sgd"], probe_size=64,
+        full_batch=dict(subset=1024, epochs=8),
+        mini_batch=dict(batch_size=512, epochs=2, train_size=4096),
+    ),
+    "smoke": dict(
+        hidden=96, blocks=2, linear_first_block=True, seeds=[0],
+        optimizers=["exact_gn", "adam", "sgd"], probe_size=16,
+        full_batch=dict(subset=48, epochs=2),
+        mini_batch=dict(batch_size=32, epochs=2, train_size=96, test_size=64),
+    ),
+}
+
+CONDITIONING_PRESETS: dict[str, dict] = {
+    "paper": dict(
+        input_dim=64, num_classes=10, num_samples=2000, seeds=[0, 1, 2],
+        depths=[2, 3, 4, 6, 8, 12, 16], widths=[64, 128, 512], width_factors=[16, 64],
+        residual=dict(depth=5, width=64, betas=[0.0, 0.25, 0.5, 1.0, 2.0, 4.0]),
+        training=dict(widths=[15, 20, 50, 100, 150, 200], num_samples=1000, epochs=200,
+                      lr=0.1, batch_size=None, every=10, input_dim=64),
+    ),
+    "quick": dict(
+        input_dim=32, num_classes=10, num_samples=1000, seeds=[0, 1, 2],
+        depths=[2, 3, 4, 6, 8], widths=[64, 128, 512], width_factors=[16],
+        residual=dict(depth=5, width=32, betas=[0.0, 0.5, 1.0, 2.0]),
+        training=dict(widths=[20, 50, 200], num_samples=128, epochs=40, lr=0.1,
+                      batch_size=None, every=8, input_dim=32),
+    ),
+    "smoke": dict(
+        input_dim=8, num_classes=4, num_samples=64, seeds=[0],
+        depths=[2, 3], widths=[16], width_factors=[4],
+        residual=dict(depth=3, width=8, betas=[0.0, 1.0]),
+        training=dict(widths=[8], num_samples=16, epochs=4, lr=0.1, batch_size=None, every=2,
+                      input_dim=8),
+    ),
+}
+
+NME_PRESETS: dict[str, dict] = {
+    "paper": dict(
+        activations=["linear", "relu", "gelu", "tanh", "beta_gelu:4", "beta_gelu:16"],
+        input_dim=64, hidden=[128, 128], num_samples=2048, probe_samples=256, epochs=50,
+        lr=0.05, batch_size=128, every=5, seeds=[0, 1], loss="cross_entropy",
+        exact_max_dim=1500,
+    ),
+    "quick": dict(
+        activations=["linear", "relu", "gelu", "tanh", "beta_gelu:4", "beta_gelu:16"],
+        input_dim=16, hidden=[16, 16], num_samples=1024, probe_samples=128, epochs=12,
+        lr=0.1, batch_size=64, every=3, seeds=[0], loss="cross_entropy", exact_max_dim=1500,
+    ),
+    "smoke": dict(
+        activations=["relu", "gelu"], input_dim=6, hidden=[5, 5], num_samples=64,
+        probe_samples=16, epochs=2, lr=0.1, batch_size=32, every=1, seeds=[0],
+        loss="cross_entropy", exact_max_dim=1500,
+    ),
+}
+
+_ALL = {"exact-gn": EXACT_GN_PRESETS, "conditioning": CONDITIONING_PRESETS, "nme": NME_PRESETS}
+
+
+def get_preset(experiment: str, name: str) -> dict:
+    """A deep copy of a preset (``experiment`` ∈ exact-gn, conditioning, nme)."""
+    if experiment not in _ALL:
+        raise ValueError(f"unknown experiment {experiment!r}; known: {sorted(_ALL)}")
+    if name not in _ALL[experiment]:
+        raise ValueError(f"unknown preset {name!r} for {experiment}; known: "
+                         f"{sorted(_ALL[experiment])}")
+    return copy.deepcopy(_ALL[experiment][name])
