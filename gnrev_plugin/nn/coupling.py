@@ -123,6 +123,10 @@ class AdditiveCoupling(nn.Module):
                   generator=generator, dtype=dtype)
         self.f = CouplingFunction(self.half, hidden, self.half, **kw)
         self.g = CouplingFunction(self.half, hidden, self.half, **kw)
+        # For BackPACK the block is one leaf (its module extensions live in
+        # gnrev_plugin.hosts.backpack), so its parts opt out of `backpack.extend`'s hooks.
+        for part in (self.f, self.g, self.f.linear, self.g.linear):
+            part._backpack_extend = True
 
     def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return x[..., : self.half], x[..., self.half :]

@@ -80,6 +80,8 @@ class RevMLP(nn.Module):
                              init_std=init_std, proj_gain=proj_gain, generator=gen, dtype=dtype)
             for i in range(num_blocks)
         )
+        for block in self.blocks:  # the readout is no module: BackPACK sees the RevMLP as one leaf
+            block._backpack_extend = True
         if num_classes is None:
             self.register_buffer("readout", None)
         else:
