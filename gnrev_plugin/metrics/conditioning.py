@@ -238,7 +238,7 @@ def deep_linear_partial_products(Ws: Sequence[torch.Tensor]
 def deep_linear_jacobian_factor(Ws: Sequence[torch.Tensor]) -> torch.Tensor:
     """``U = [W_{<l}ᵀ ⊗ W_{>l}]_l ∈ R^{dk × P}`` (column-major ``vec``), ``J(x) = (xᵀ ⊗ I_k) U``."""
     before, after = deep_linear_partial_products(Ws)
-    return torch.cat([torch.kron(b.T, a) for b, a in zip(before, after, strict=True)], dim=1)
+    return torch.cat([torch.kron(b.T.contiguous(), a) for b, a in zip(before, after, strict=True)], dim=1)
 
 
 def spectrum_lemma_matrix(Ws: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -1,0 +1,326 @@
+"""GN conditioning (hessian_nme_conditioning.md §4, facts 13-21) against dense float64 oracles."""
+
+import copy
+import math
+
+import pytest
+import torch
+from curvlinops import FisherType, GGNLinearOperator, KFACLinearOperator
+from torch import nn
+
+from gnrev_plugin.metrics import (
+    condition_number_from_eigenvalues,
+    deep_linear_condition_bounds,
+    deep_linear_gn_rank,
+    deep_linear_gn_spectrum,
+    dense_matrix,
+    empirical_ntk,
+    gn_condition_number,
+    gn_gram_matrix,
+    residual_layer_condition_bound,
+    residual_layer_condition_number,
+    residual_weights,
+    spectrum_lemma_matrix,
+    two_layer_relu_gram,
+    whitened_two_layer_condition_number,
+)
+from gnrev_plugin.metrics.conditioning import deep_linear_jacobian_factor, matrix_condition_number
+
+DT = torch.float64
+
+
+def deep_linear(widths, seed, residual_beta=None):
+    """Bias-free linear net d=widths[0] → ... → k=widths[-1] (optional W + βI hidden layers)."""
+    torch.manual_seed(seed)
+    layers = [nn.Linear(a, b, bias=False) for a, b in zip(widths[:-1], widths[1:], strict=True)]
+    if residual_beta is None:
+        return nn.Sequential(*layers).to(DT)
+    return ResidualLinearNet(layers, residual_beta).to(DT)
+
+
+class ResidualLinearNet(nn.Module):
+    """F(x) = W_L (W_{L-1} + βI) ⋯ (W_2 + βI) W_1 x."""
+
+    def __init__(self, layers, beta):
+        super().__init__()
+        self.layers, self.beta = nn.ModuleList(layers), beta
+
+    def forward(self, x):
+        x = self.layers[0](x)
+        for lin in self.layers[1:-1]:
+            x = lin(x) + self.beta * x
+        return self.layers[-1](x)
+
+
+def weights(model):
+    return [m.weight.detach() for m in model.modules() if isinstance(m, nn.Linear)]
+
+
+def data_for(d, k, n, seed, whiten=False, anisotropic=False):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g, dtype=DT)
+    if anisotropic:
+        X = X * torch.logspace(0, 1.2, d, dtype=DT)
+    if whiten:                       # exactly XᵀX/n = I (n ≥ d)
+        q, _ = torch.linalg.qr(X)
+        X = q * math.sqrt(n)
+    Y = torch.randn(n, k, generator=g, dtype=DT)
+    return X, Y
+
+
+def ggn_sum_mse(model, X, Y):
+    """Dense G for nn.MSELoss('sum') = 2 Σ J_nᵀ J_n = 2n · G_O (G_O of the 1/(2n) Σ‖·‖² loss)."""
+    op = GGNLinearOperator(model, nn.MSELoss(reduction="sum"), list(model.parameters()),
+                           [(X, Y)], check_deterministic=False)
+    return dense_matrix(op)
+
+
+def nonzero_desc(ev, rtol=1e-10):
+    ev = ev.flip(0) if ev[0] < ev[-1] else ev
+    return ev[ev > rtol * ev[0]]
+
+
+# ------------------------------------------------------------------- fact 13
+@pytest.mark.parametrize("loss", ["mse", "ce"])
+def test_fact13_column_space_equivalence(loss):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).to(DT)
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(10, 4, generator=g, dtype=DT)
+    y = torch.randint(0, 3, (10,), generator=g) if loss == "ce" else torch.randn(10, 3, dtype=DT)
+    loss_fn = nn.CrossEntropyLoss() if loss == "ce" else nn.MSELoss()
+    data = [(X[:5], y[:5]), (X[5:], y[5:])]
+    G = dense_matrix(GGNLinearOperator(model, loss_fn, list(model.parameters()), data,
+                                       check_deterministic=False))
+    K = gn_gram_matrix(model, loss_fn, data)
+    ev_g, ev_k = nonzero_desc(torch.linalg.eigvalsh(G)), nonzero_desc(torch.linalg.eigvalsh(K))
+    assert ev_g.numel() == ev_k.numel()
+    assert torch.allclose(ev_g, ev_k, rtol=1e-9, atol=1e-13)
+    if loss == "ce":                 # softmax Hessian has a null vector: rank N(C−1)
+        assert ev_k.numel() == 10 * 2
+    # BackPACK's symmetric factor V (G = VᵀV) gives the same nonzero spectrum
+    backpack = pytest.importorskip("backpack")
+    from backpack.extensions import SqrtGGNExact
+
+    ext, ext_loss = backpack.extend(copy.deepcopy(model)), backpack.extend(copy.deepcopy(loss_fn))
+    V = []
+    for Xb, yb in data:
+        ext.zero_grad()
+        with backpack.backpack(SqrtGGNExact()):
+            ext_loss(ext(Xb), yb).backward()
+        # mean reduction: each batch carries 1/N_B; reweight to the full-data G (N_B/N)
+        V.append(torch.cat([p.sqrt_ggn_exact.flatten(0, 1).flatten(1) for p in ext.parameters()],
+                           1) * math.sqrt(Xb.shape[0] / X.shape[0]))
+    V = torch.cat(V)
+    assert torch.allclose(V.T @ V, G, atol=1e-13)
+    ev_v = nonzero_desc(torch.linalg.eigvalsh(V @ V.T))
+    assert torch.allclose(ev_v, ev_g, rtol=1e-9, atol=1e-13)
+    # gn_condition_number: both sides give the same κ and rank
+    rp = gn_condition_number(model, loss_fn, data, side="parameter", rtol=1e-10)
+    rg = gn_condition_number(model, loss_fn, data, side="gram", rtol=1e-10)
+    assert rp.rank == rg.rank == ev_g.numel()
+    assert rp.kappa == pytest.approx(rg.kappa, rel=1e-8)
+    assert rp.kappa == pytest.approx((ev_g[0] / ev_g[-1]).item(), rel=1e-8)
+
+
+def test_gram_side_on_revmlp_uses_structured_ntk():
+    from gnrev_plugin.nn import RevMLP
+
+    model = RevMLP(6, 8, 2, num_classes=3, seed=0, init_std=0.3, linear_first_block=False).to(DT)
+    g = torch.Generator().manual_seed(2)
+    X, y = torch.randn(5, 6, generator=g, dtype=DT), torch.randint(0, 3, (5,), generator=g)
+    data = [(X, y)]
+    rep = gn_condition_number(model, nn.CrossEntropyLoss(), data)       # P=112 > nC=15
+    assert rep.side == "gram"
+    rp = gn_condition_number(model, nn.CrossEntropyLoss(), data, side="parameter",
+                             rtol=rep.rtol)
+    assert rep.rank == rp.rank == 5 * 2
+    assert rep.kappa == pytest.approx(rp.kappa, rel=1e-8)
+
+
+def test_condition_report_sensitivity():
+    ev = torch.tensor([10.0, 5.0, 1.0, 1e-3, 1e-14, 0.0], dtype=DT)
+    rep = condition_number_from_eigenvalues(ev, rtol=1e-6, rank_window=2)
+    assert rep.rank == 4 and rep.kappa == pytest.approx(1e4)
+    assert rep.gap == pytest.approx(1e-3 / 1e-14)
+    assert [r["rank"] for r in rep.rank_sensitivity] == [2, 3, 4, 5, 6]
+    assert rep.rank_sensitivity[1]["kappa"] == pytest.approx(10.0)
+    assert rep.rank_sensitivity[-1]["kappa"] == math.inf
+    by_tol = {r["rtol"]: (r["rank"], r["kappa"]) for r in rep.rtol_sensitivity}
+    assert by_tol[1e-2] == (3, pytest.approx(10.0))
+    assert by_tol[1e-14] == (4, pytest.approx(1e4))      # 1e-14 < 1e-14 · λ_1
+    with pytest.raises(ValueError):
+        condition_number_from_eigenvalues(torch.zeros(3))
+
+
+# ------------------------------------------------------------------- facts 14 and 15
+CASES = [  # (d, hidden widths, k, n)
+    (4, [6], 3, 12), (5, [3], 4, 12), (6, [8, 7], 3, 15), (4, [5, 2, 6], 4, 10), (6, [8], 4, 4),
+    (5, [6, 6, 6], 6, 20),
+]
+
+
+@pytest.mark.parametrize("d,hidden,k,n", CASES)
+@pytest.mark.parametrize("whiten", [False, True])
+def test_fact14_15_spectrum_lemma_and_rank(d, hidden, k, n, whiten):
+    model = deep_linear([d, *hidden, k], seed=d + k + n)
+    X, Y = data_for(d, k, n, seed=n, whiten=whiten and n >= d, anisotropic=not whiten)
+    G_O = ggn_sum_mse(model, X, Y) / (2 * n)
+    Ws = weights(model)
+    Sigma = X.T @ X / n
+    # G_O = Uᵀ(Σ ⊗ I_k)U up to the parameter ordering (column- vs row-major vec): same spectrum
+    U = deep_linear_jacobian_factor(Ws)
+    ev_u = torch.linalg.eigvalsh(U.T @ torch.kron(Sigma, torch.eye(k, dtype=DT)) @ U)
+    ev_g = torch.linalg.eigvalsh(G_O)
+    assert torch.allclose(ev_u, ev_g, atol=1e-11 * ev_g[-1])
+    r = int(torch.linalg.matrix_rank(Sigma))
+    rank = deep_linear_gn_rank(hidden, k, r)
+    assert int(torch.linalg.matrix_rank(G_O, rtol=1e-10)) == rank
+    lemma = deep_linear_gn_spectrum(Ws, Sigma)
+    assert torch.allclose(lemma[:rank], ev_g.flip(0)[:rank], rtol=1e-7, atol=1e-12 * ev_g[-1])
+    assert lemma[rank:].abs().max() <= 1e-10 * ev_g[-1] if lemma.numel() > rank else True
+
+
+def test_fact15_rank_formula_examples():
+    assert deep_linear_gn_rank([2], k=4, r=5) == 2 * (5 + 4 - 2)          # bottleneck
+    assert deep_linear_gn_rank([8], k=3, r=2) == 2 * (2 + 3 - 2)          # n < d: r = n
+    assert deep_linear_gn_rank([9, 9], k=3, r=6) == 3 * 6                 # q = k: dk
+
+
+# ------------------------------------------------------------------- fact 16
+def test_fact16_linear_model():
+    d, k, n = 5, 3, 20
+    model = deep_linear([d, k], seed=1)
+    X, Y = data_for(d, k, n, seed=2, anisotropic=True)
+    G = ggn_sum_mse(model, X, Y)
+    Sigma = X.T @ X / n
+    # nn.Linear.weight.flatten() is row-major: G = 2n (I_k ⊗ Σ)
+    assert torch.allclose(G, 2 * n * torch.kron(torch.eye(k, dtype=DT), Sigma), atol=1e-12)
+    ev = torch.linalg.eigvalsh(Sigma)
+    rep = gn_condition_number(model, nn.MSELoss(reduction="sum"), [(X, Y)])
+    assert rep.rank == d * k
+    assert rep.kappa == pytest.approx((ev[-1] / ev[0]).item(), rel=1e-10)
+
+
+# ------------------------------------------------------------------- facts 17 and 18
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fact17_whitened_two_layer_closed_form(seed):
+    d, m, k, n = 4, 7, 3, 16
+    model = deep_linear([d, m, k], seed=seed)
+    X, Y = data_for(d, k, n, seed=seed, whiten=True)
+    assert torch.allclose(X.T @ X / n, torch.eye(d, dtype=DT), atol=1e-12)
+    W1, W2 = weights(model)
+    G_O = ggn_sum_mse(model, X, Y) / (2 * n)
+    ev = nonzero_desc(torch.linalg.eigvalsh(G_O))
+    s1, s2 = torch.linalg.svdvals(W1), torch.linalg.svdvals(W2)
+    sums = (s1[:, None] ** 2 + s2[None, :] ** 2).flatten().sort(descending=True).values
+    assert ev.numel() == d * k
+    assert torch.allclose(ev, sums, rtol=1e-9)
+    kappa = (ev[0] / ev[-1]).item()
+    assert whitened_two_layer_condition_number(W1, W2) == pytest.approx(kappa, rel=1e-9)
+    b = deep_linear_condition_bounds([W1, W2], torch.eye(d, dtype=DT))
+    assert b["convex"] == pytest.approx(kappa, rel=1e-9)          # the bound is tight here
+    assert sum(b["gammas"]) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("widths", [[8], [8, 7], [6, 6, 6], [9, 9]])
+@pytest.mark.parametrize("whiten", [False, True])
+def test_fact18_upper_bounds(widths, whiten):
+    d, k, n = 5, 3, 24
+    model = deep_linear([d, *widths, k], seed=len(widths) + 10 * whiten)
+    X, Y = data_for(d, k, n, seed=3, whiten=whiten, anisotropic=not whiten)
+    G_O = ggn_sum_mse(model, X, Y) / (2 * n)
+    rep = gn_condition_number(model, nn.MSELoss(reduction="sum"), [(X, Y)], rtol=1e-10)
+    assert rep.rank == d * k
+    b = deep_linear_condition_bounds(weights(model), X.T @ X / n)
+    assert rep.kappa <= b["convex"] * (1 + 1e-9)
+    assert b["convex"] <= b["loose"] * (1 + 1e-12)
+    ev = nonzero_desc(torch.linalg.eigvalsh(G_O))
+    assert rep.kappa == pytest.approx((ev[0] / ev[-1]).item(), rel=1e-8)
+
+
+# ------------------------------------------------------------------- fact 19
+@pytest.mark.parametrize("beta", [0.0, 0.5, 2.0])
+def test_fact19_residual_layers(beta):
+    d, m, k, n = 4, 5, 3, 12
+    model = deep_linear([d, m, m, m, k], seed=4, residual_beta=beta)
+    X, Y = data_for(d, k, n, seed=5, anisotropic=True)
+    G_O = ggn_sum_mse(model, X, Y) / (2 * n)
+    eff = residual_weights(weights(model), beta)
+    with torch.no_grad():          # the effective product reproduces the network
+        prod = X.T
+        for W in eff:
+            prod = W @ prod
+        assert torch.allclose(prod.T, model(X), atol=1e-12)
+    rank = deep_linear_gn_rank([m, m, m], k, d)
+    ev = torch.linalg.eigvalsh(G_O).flip(0)
+    lemma = deep_linear_gn_spectrum(eff, X.T @ X / n)
+    assert torch.allclose(lemma[:rank], ev[:rank], rtol=1e-7)
+
+
+def test_fact19_residual_layer_identities():
+    g = torch.Generator().manual_seed(6)
+    A = torch.randn(5, 5, generator=g, dtype=DT)
+    W = A @ A.T / 5                                         # symmetric PSD: aligned SVD
+    for beta in (0.1, 1.0, 3.0):
+        kap = matrix_condition_number(W + beta * torch.eye(5, dtype=DT))
+        assert residual_layer_condition_number(W, beta) == pytest.approx(kap, rel=1e-10)
+        assert kap <= matrix_condition_number(W)
+    B = torch.randn(5, 5, generator=g, dtype=DT)            # generic W, β > σ_max
+    smax = torch.linalg.svdvals(B)[0].item()
+    for beta in (1.1 * smax, 3 * smax):
+        assert matrix_condition_number(B + beta * torch.eye(5, dtype=DT)) <= \
+            residual_layer_condition_bound(B, beta) * (1 + 1e-12)
+    with pytest.raises(ValueError):
+        residual_layer_condition_bound(B, 0.5 * smax)
+
+
+# ------------------------------------------------------------------- fact 20
+@pytest.mark.parametrize("widths", [[4, 6, 3], [3, 5, 4, 2]])
+def test_fact20_kfac_type2_exact_for_deep_linear_mse(widths):
+    model = deep_linear(widths, seed=7)
+    N = 9
+    X, Y = data_for(widths[0], widths[-1], N, seed=8, anisotropic=True)
+    loss_fn, params = nn.MSELoss(reduction="sum"), list(model.parameters())
+    G = ggn_sum_mse(model, X, Y)
+    K = dense_matrix(KFACLinearOperator(model, loss_fn, params, [(X, Y)],
+                                        fisher_type=FisherType.TYPE2, check_deterministic=False))
+    mask = torch.zeros_like(G, dtype=torch.bool)
+    off = 0
+    for p in params:
+        mask[off:off + p.numel(), off:off + p.numel()] = True
+        off += p.numel()
+    assert (K - G * mask).abs().max() <= 1e-12 * G.abs().max()
+    # tr(G) = 2N Σ_l tr(W_{<l} Σ W_{<l}ᵀ) ‖W_{>l}‖_F²
+    from gnrev_plugin.metrics.conditioning import deep_linear_partial_products
+
+    before, after = deep_linear_partial_products(weights(model))
+    Sigma = X.T @ X / N
+    rhs = 2 * N * sum((b @ Sigma @ b.T).trace() * a.pow(2).sum()
+                      for b, a in zip(before, after, strict=True))
+    assert G.trace().item() == pytest.approx(rhs.item(), rel=1e-12)
+
+
+# ------------------------------------------------------------------- fact 21
+@pytest.mark.parametrize("seed", [0, 1])
+def test_fact21_two_layer_relu_gram(seed):
+    d, m, k, n = 4, 6, 3, 7
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(d, m, bias=False), nn.ReLU(),
+                          nn.Linear(m, k, bias=False)).to(DT)
+    X = torch.randn(n, d, dtype=DT)
+    K = empirical_ntk(model, X, method="func")
+    V, W = weights(model)
+    assert torch.allclose(two_layer_relu_gram(W, V, X), K, atol=1e-12)
+    # with all units active the second term is the linear-network one
+    Xp, Vp = X.abs(), V.abs()
+    lin = two_layer_relu_gram(W, Vp, Xp)
+    expect = torch.kron(Xp @ Vp.T @ Vp @ Xp.T, torch.eye(k, dtype=DT)) + \
+        torch.kron(Xp @ Xp.T, W @ W.T)
+    assert torch.allclose(lin, expect, atol=1e-12)
+
+
+def test_spectrum_lemma_matrix_is_uut():
+    Ws = [torch.randn(5, 4, dtype=DT), torch.randn(3, 5, dtype=DT)]
+    U = deep_linear_jacobian_factor(Ws)
+    assert torch.allclose(spectrum_lemma_matrix(Ws), U @ U.T, atol=1e-12)
