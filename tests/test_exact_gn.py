@@ -376,3 +376,26 @@ def test_state_dict_round_trip_and_weight_decay():
     d_plain = step_delta(ExactGN(e.parameters(), lr=0.2), e, x, y)
     ExactGN(c.parameters(), lr=0.2, weight_decay=0.5).step_on_batch(x, y)
     assert rel(flat_params(c), (1 - 0.1) * before + d_plain) <= 1e-12
+
+
+@settings(max_examples=8, deadline=None)
+@given(n=st.integers(6, 12), L=st.integers(2, 3), seed=st.integers(0, 10_000))
+def test_random_rank_deficient_linear_first_block_still_exact(n, L, seed):
+    """d/2 + 1 = 4 < n ≤ M + 1: block 0 is rank-deficient, the others absorb its residual."""
+    model = make(d=6, M=16, L=L, C=3, lin=True, seed=seed)
+    x, y = data(n, 6, 3, loss="cross_entropy", seed=seed)
+    J, F0 = dense_jacobian(model, x), model(x).detach()
+    opt = ExactGN(model.parameters(), lr=0.3, loss="cross_entropy")
+    delta = step_delta(opt, model, x, y)
+    assert rel(J @ delta, -0.3 * newton_target("cross_entropy", F0, y).reshape(-1)) <= TOL
+    assert opt.last_step_info["blocks"][0]["role"] == "least squares"
+
+
+def test_model_with_attached_optimizer_can_be_saved(tmp_path):
+    model = make(seed=23)
+    opt = ExactGN(model.parameters())
+    x, y = data(5, 8, 3, seed=23)
+    nn.MSELoss()(model(x), y).backward()
+    torch.save(model, tmp_path / "m.pt")
+    opt.step()
+    assert opt.last_step_exact

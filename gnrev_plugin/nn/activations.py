@@ -54,9 +54,18 @@ def _sigmoid_derivative(h: torch.Tensor) -> torch.Tensor:
     return s * (1.0 - s)
 
 
+def _identity(h: torch.Tensor) -> torch.Tensor:
+    return h
+
+
+def _relu_derivative(h: torch.Tensor) -> torch.Tensor:
+    return (h > 0).to(h.dtype)
+
+
+# Named functions (no lambdas), so models stay picklable with torch.save.
 ACTIVATIONS: dict[str, Activation] = {
-    "identity": Activation("identity", lambda h: h, torch.ones_like, is_linear=True),
-    "relu": Activation("relu", torch.relu, lambda h: (h > 0).to(h.dtype)),
+    "identity": Activation("identity", _identity, torch.ones_like, is_linear=True),
+    "relu": Activation("relu", torch.relu, _relu_derivative),
     "tanh": Activation("tanh", torch.tanh, _tanh_derivative),
     "gelu": Activation("gelu", torch.nn.functional.gelu, _gelu_derivative),
     "sigmoid": Activation("sigmoid", torch.sigmoid, _sigmoid_derivative),

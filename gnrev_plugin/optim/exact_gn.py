@@ -44,6 +44,11 @@ __all__ = ["ExactGN", "exact_gn_direction", "STEP_CONVENTIONS"]
 STEP_CONVENTIONS = ("function_space", "reference")
 
 
+def _recorded_activations(model: RevMLP):
+    """The block activations the RevMLP recorded in the forward pass the capture just saw."""
+    return model.last_activations
+
+
 def _check_finite(name: str, t: torch.Tensor) -> None:
     if not bool(torch.isfinite(t).all()):
         raise NonFiniteError(f"non-finite {name}; the parameters were not changed")
@@ -146,7 +151,7 @@ class ExactGN(torch.optim.Optimizer):
         self._gram_dtype = gram_dtype
         self.verify = verify
         self.blocks = self._participating_blocks(model, group_params)
-        self._capture = OutputCapture(model, extra=lambda m: m.last_activations)
+        self._capture = OutputCapture(model, extra=_recorded_activations)
         model.record_activations = True
         self.last_step_exact: bool | None = None
         self.last_step_info: dict = {}
