@@ -2,9 +2,11 @@
 
 from .activations import ACTIVATIONS, Activation, get_activation
 from .coupling import AdditiveCoupling, BlockActivations, CouplingFunction
+from .dauphin_activations import AblatedBetaGELU, AblatedGELU, AblatedTanh, BetaGELU, SyntheticNMEReLU
 from .revmlp import PRESETS, RevMLP, find_revmlp_owning, revmlp_from_preset
 
 __all__ = [
     "ACTIVATIONS", "Activation", "get_activation", "AdditiveCoupling", "BlockActivations",
     "CouplingFunction", "PRESETS", "RevMLP", "find_revmlp_owning", "revmlp_from_preset",
+    "BetaGELU", "AblatedGELU", "AblatedBetaGELU", "AblatedTanh", "SyntheticNMEReLU",
 ]
