@@ -27,6 +27,7 @@ class Dataset(BaseDataset):
             empty = torch.zeros(0, 784)
             return dict(X_train=empty, y_train=torch.zeros(0, dtype=torch.long), X_test=empty,
                         y_test=torch.zeros(0, dtype=torch.long), num_classes=10,
-                        unavailable=f"mnist: {err}")
+                        unavailable=f"mnist: {err} With benchopt, select the folder with "
+                                    '-d "mnist[path=DIR]".')
         return dict(X_train=ds.x_train, y_train=ds.y_train, X_test=ds.x_test, y_test=ds.y_test,
                     num_classes=ds.num_classes)
