@@ -8,6 +8,11 @@ constant border pixels make many hidden units always on or always off); the frac
 is logged (``exact_frac``). Learning rates are the reference ones
 (:data:`~gnrev_plugin.experiments.optimizers.REFERENCE_LR`), GN in the ``α = L·lr_ref``
 convention.
+
+``quick`` shrinks the sizes to fit 3 minutes on 2 CPU cores: width 1024, a full batch of the first
+512 images (the paper: 1024), mini-batches of 256 from the first 2048 training images, the first
+1000 test images. ``paper`` uses the paper's sizes (M = 8000, full batch 1024, batch 1024, 100
+epochs, the whole training split of ``--data-dir``).
 """
 
 from __future__ import annotations
@@ -26,10 +31,10 @@ EXACT_GN_PRESETS: dict[str, dict] = {
         mini_batch=dict(batch_size=1024, epochs=100, train_size=None),
     ),
     "quick": dict(
-        hidden=1536, blocks=2, linear_first_block=True, seeds=[42, 43, 44],
+        hidden=1024, blocks=2, linear_first_block=True, seeds=[42, 43, 44],
         optimizers=["exact_gn", "adam", "sgd"], probe_size=64,
-        full_batch=dict(subset=1024, epochs=8),
-        mini_batch=dict(batch_size=512, epochs=2, train_size=4096),
+        full_batch=dict(subset=512, epochs=8),
+        mini_batch=dict(batch_size=256, epochs=3, train_size=2048, test_size=1000),
     ),
     "smoke": dict(
         hidden=96, blocks=2, linear_first_block=True, seeds=[0],

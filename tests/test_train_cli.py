@@ -1,0 +1,77 @@
+"""``gnrev train`` on tiny real and synthetic data: logs, printed epochs, resume, errors."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from gnrev_plugin.cli import main
+from gnrev_plugin.experiments.rundir import read_jsonl
+
+REAL_MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
+needs_real_mnist = pytest.mark.skipif(
+    not (REAL_MNIST / "t10k-images-idx3-ubyte.gz").exists(),
+    reason=f"the real MNIST test split is not at {REAL_MNIST}")
+
+SMALL = ["--epochs", "2", "--batch-size", "32", "--hidden", "64", "--no-progress"]
+
+
+@needs_real_mnist
+@pytest.mark.parametrize("optimizer", ["exact_gn", "adam", "sgd"])
+def test_train_on_real_mnist_logs_every_epoch(tmp_path, capsys, optimizer):
+    out = tmp_path / "run"
+    rc = main(["train", "--optimizer", optimizer, "--data", "mnist", "--data-dir",
+               str(REAL_MNIST), "--train-size", "96", "--out", str(out), *SMALL])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert f"with {optimizer}" in printed and "epoch   2" in printed
+    rows = read_jsonl(out / "log.jsonl")
+    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    for r in rows:
+        assert 0 <= r["train_acc"] <= 1 and 0 <= r["test_acc"] <= 1
+        assert r["train_loss"] > 0 and r["test_loss"] > 0
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]  # it trains
+    assert rows[1]["batch_loss_change_pct"] < 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["optimizer"] == optimizer and cfg["hidden"] == 64
+    if optimizer == "exact_gn":  # batch 32 ≤ M+1 = 65 with a ReLU first block: exact steps
+        assert rows[-1]["exact_frac"] == 1.0
+
+
+def test_train_resume_continues_exactly(tmp_path, monkeypatch):
+    from gnrev_plugin.experiments import training
+
+    args = ["train", "--optimizer", "adam", "--data", "teacher-student", *SMALL,
+            "--epochs", "3", "--lr", "1e-2"]
+    main([*args, "--out", str(tmp_path / "full")])
+
+    def crash(run, epoch, row):
+        if epoch == 1:
+            raise training.RunInterrupted("simulated kill")
+    monkeypatch.setattr(training, "_after_epoch_hook", crash)
+    with pytest.raises(training.RunInterrupted):
+        main([*args, "--out", str(tmp_path / "cut")])
+    monkeypatch.setattr(training, "_after_epoch_hook", None)
+    assert [r["epoch"] for r in read_jsonl(tmp_path / "cut" / "log.jsonl")] == [0, 1]
+    assert main([*args, "--out", str(tmp_path / "cut"), "--resume"]) == 0
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if k != "time_s"} for r in rows]
+    assert strip(read_jsonl(tmp_path / "cut" / "log.jsonl")) == strip(
+        read_jsonl(tmp_path / "full" / "log.jsonl"))
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    args = ["train", "--optimizer", "sgd", "--data", "teacher-student", *SMALL,
+            "--epochs", "1", "--out", str(tmp_path)]
+    assert main(args) == 0
+    assert main([*args, "--resume", "--lr", "0.5"]) == 2  # clear error, not a silent restart
+
+
+def test_missing_data_dir_is_a_clear_error(tmp_path, capsys):
+    rc = main(["train", "--data", "mnist", "--data-dir", str(tmp_path / "nowhere"),
+               "--out", str(tmp_path / "o"), *SMALL])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "t10k-images-idx3-ubyte.gz" in err and "t10k-labels-idx1-ubyte.gz" in err
+    assert str(tmp_path / "nowhere") in err
