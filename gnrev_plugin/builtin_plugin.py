@@ -11,7 +11,8 @@ Registered names (see ``gnrev list``):
   (:class:`~gnrev_plugin.optim.DenseGN`), and the baselines ``gnrev.sgd``/``gnrev.adam``
   (``torch.optim``) so runners can name every competitor through one registry;
 * metrics: ``gnrev.decompose``, ``gnrev.empirical_ntk``, ``gnrev.linear_cka``,
-  ``gnrev.gn_condition_number`` (:mod:`gnrev_plugin.metrics`);
+  ``gnrev.gn_condition_number`` and the other diagnostics of :mod:`gnrev_plugin.metrics`
+  (CKA variants, NTK similarity/velocity, kernel-target alignment, loss change, weight drift);
 * datasets: ``gnrev.mnist``, ``gnrev.fashion_mnist``, ``gnrev.mnist1d``, ``gnrev.teacher_student``
   (:func:`gnrev_plugin.data.load_dataset`).
 """
@@ -42,6 +43,21 @@ METRICS = {
     "gnrev.linear_cka": ("gnrev_plugin.metrics:linear_cka", "linear CKA similarity"),
     "gnrev.gn_condition_number": ("gnrev_plugin.metrics:gn_condition_number",
                                   "κ(G) on the column space, with the rank used"),
+    "gnrev.rbf_cka": ("gnrev_plugin.metrics:rbf_cka", "RBF-kernel CKA similarity"),
+    "gnrev.cka_by_layer": ("gnrev_plugin.metrics:cka_by_layer",
+                           "CKA between two models' per-layer representations"),
+    "gnrev.ntk_similarity": ("gnrev_plugin.metrics:ntk_similarity",
+                             "alignment between two empirical NTKs"),
+    "gnrev.ntk_velocity": ("gnrev_plugin.metrics:ntk_velocity",
+                           "NTK change between checkpoints"),
+    "gnrev.kernel_target_alignment": ("gnrev_plugin.metrics:kernel_target_alignment",
+                                      "kernel-target alignment"),
+    "gnrev.percentage_loss_change": ("gnrev_plugin.metrics:percentage_loss_change",
+                                     "per-batch loss change of one step, in percent"),
+    "gnrev.weight_cosine_similarity": ("gnrev_plugin.metrics:weight_cosine_similarity",
+                                       "cosine similarity of the weights to initialisation"),
+    "gnrev.weight_norm_ratio": ("gnrev_plugin.metrics:weight_norm_ratio",
+                                "weight norm ratio to initialisation"),
 }
 DATASETS = {
     "gnrev.mnist": ("mnist", "MNIST IDX files (no download; $GNREV_DATA_DIR or ../shared)"),

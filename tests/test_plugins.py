@@ -157,6 +157,30 @@ def test_get_exact_gn_when_the_optimizer_exists():
     assert isinstance(opt, cls)
 
 
+def test_every_builtin_target_resolves():
+    """Lazy targets are strings; this catches a renamed or removed object in this checkout."""
+    reg = discover()
+    missing = []
+    for e in reg.list():
+        if e.distribution == "gnrev-plugin":
+            try:
+                assert callable(e.resolve())
+            except PluginError as err:
+                missing.append(str(err))
+    assert not missing, "\n".join(missing)
+
+
+def test_dense_gn_through_the_registry():
+    reg = discover()
+    try:
+        reg.entry("optimizer", "gnrev.dense_gn").resolve()
+    except PluginError as err:
+        pytest.skip(f"gnrev_plugin.optim.DenseGN is not in this checkout yet: {err}")
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    opt = reg.get_optimizer("gnrev.dense_gn", net.parameters(), model=net, lr=1.0, loss="mse")
+    assert type(opt).__name__ == "DenseGN"
+
+
 def test_dataset_entries_are_lazy_partials_of_load_dataset():
     reg = discover()
     e = reg.entry("dataset", "gnrev.teacher_student")

@@ -24,15 +24,14 @@ Jacobian ``J = ∂F/∂θ`` (``N·C × P``, rows sample-major).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from functools import cached_property
 from typing import Any
 
 import torch
 from curvlinops import JacobianLinearOperator, TransposedJacobianLinearOperator
-from curvlinops._torch_base import CurvatureLinearOperator, PyTorchLinearOperator
-from curvlinops.utils import make_functional_model_and_loss
+from curvlinops._torch_base import PyTorchLinearOperator
 from torch import Tensor, nn
-from torch.func import grad, jacrev, jvp, vmap
+
+from ..metrics.hessian import SurrogateNMELinearOperator
 
 __all__ = ["NMELinearOperator", "NTKLinearOperator", "GaussNewtonStepOperator", "to_dense"]
 
@@ -42,45 +41,21 @@ def to_dense(op: PyTorchLinearOperator) -> Tensor:
     return op @ torch.eye(op.shape[1], dtype=op.dtype, device=op.device)
 
 
-class NMELinearOperator(CurvatureLinearOperator):
+class NMELinearOperator(SurrogateNMELinearOperator):
     r"""The non-linear modelling error ``NME = H − G`` of an empirical risk.
 
     ``NME = c Σ_n Σ_k (∂ℓ(F_n, y_n)/∂F_{nk}) ∇²_θ F_{nk}(θ)``, the part of the Hessian that the
     Gauss-Newton matrix ``G = Jᵀ (∇²_F L) J`` drops. It is the Hessian of the surrogate
     ``s(θ) = c Σ_n ⟨sg(∇_F ℓ(F_n, y_n)), F_n(θ)⟩`` whose loss-gradient factor is held fixed
-    (``sg`` = stop-gradient), so each product is one ``jvp(jacrev(s))``, vmapped over columns.
+    (``sg`` = stop-gradient), so each product is one ``jvp(jacrev(s))``, vmapped over columns
+    (the implementation is :class:`gnrev_plugin.metrics.SurrogateNMELinearOperator`; this is its
+    host-facing name).
 
     Same constructor as :class:`curvlinops.HessianLinearOperator` (without ``block_sizes``):
     ``(model_func, loss_func, params, data, progressbar=False, check_deterministic=True,
     num_data=None, batch_size_fn=None)``. Mean-reduced losses are renormalised over batches
     exactly like curvlinops' own operators, so ``NME == Hessian − GGN`` over multi-batch data.
     """
-
-    SELF_ADJOINT: bool = True
-
-    @cached_property
-    def _mp(self) -> Callable[..., tuple[Tensor, ...]]:
-        f, c = make_functional_model_and_loss(self._model_func, self._loss_func,
-                                              tuple(self._params))
-        params = tuple(self._params)
-        argnums = tuple(range(len(params)))
-
-        @torch.no_grad()
-        def nme_vector_product(X: Tensor, y: Tensor, *v: Tensor) -> tuple[Tensor, ...]:
-            g = grad(lambda out: c(out, y))(f(*params, X))  # ∇_F ℓ at the current θ (fixed)
-
-            def surrogate(*ps: Tensor) -> Tensor:
-                return (g * f(*ps, X)).sum()
-
-            _, hv = jvp(jacrev(surrogate, argnums=argnums), params, tuple(v))
-            return hv
-
-        dims = tuple(p.ndim for p in params)
-        return vmap(nme_vector_product, in_dims=(None, None, *dims), out_dims=dims,
-                    randomness="same")
-
-    def _matmat_batch(self, X: Tensor, y: Tensor, M: list[Tensor]) -> list[Tensor]:
-        return list(self._mp(X, y, *M))
 
     def _adjoint(self) -> NMELinearOperator:
         return self
