@@ -70,26 +70,26 @@ def test_float2str_matches_deepobs_folder_names():
 def test_runner_writes_deepobs_layout_with_every_key(tiny_mnist, tmp_path):
     out = tmp_path / "results"
     runner = dob.StandardRunner(dob.ExactGN, HP)
-    result = runner.run(tiny_mnist, hyperparams={"lr": 0.5}, batch_size=30, num_epochs=3,
+    result = runner.run(tiny_mnist, hyperparams={"lr": 0.5}, batch_size=30, num_epochs=2,
                         random_seed=7, output_dir=out, train_log_interval=2)
     files = _json_files(out)
     assert len(files) == 1
     rel = files[0].relative_to(out).as_posix()
-    assert re.fullmatch(r"mnist_revmlp/ExactGN/num_epochs__3__batch_size__30__lr__5\.e-01/"
+    assert re.fullmatch(r"mnist_revmlp/ExactGN/num_epochs__2__batch_size__30__lr__5\.e-01/"
                         r"random_seed__7__\d{4}-\d\d-\d\d-\d\d-\d\d-\d\d\.json", rel), rel
     data = json.loads(files[0].read_text())
     assert list(data) == list(dob.RESULT_KEYS)
     assert data == json.loads(json.dumps(result))
     assert (data["testproblem"], data["optimizer_name"], data["batch_size"],
             data["num_epochs"], data["random_seed"], data["weight_decay"]) == \
-        ("mnist_revmlp", "ExactGN", 30, 3, 7, None)
+        ("mnist_revmlp", "ExactGN", 30, 2, 7, None)
     assert data["optimizer_hyperparams"] == {"lr": 0.5} and data["training_params"] == {}
     for key in ("train_losses", "valid_losses", "test_losses", "train_accuracies",
                 "valid_accuracies", "test_accuracies"):
-        assert len(data[key]) == 3 + 1, key
+        assert len(data[key]) == 2 + 1, key
         assert all(math.isfinite(v) for v in data[key]), key
     # 300 train images, 60 held out for validation: 240 → 8 batches of 30 per epoch, every 2nd
-    assert len(data["minibatch_train_losses"]) == 3 * 4
+    assert len(data["minibatch_train_losses"]) == 2 * 4
     assert data["train_losses"][-1] < data["train_losses"][0]
     assert data["test_accuracies"][-1] > data["test_accuracies"][0]
 
