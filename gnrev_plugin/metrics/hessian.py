@@ -80,10 +80,17 @@ def estimate_trace(op: PyTorchLinearOperator, estimator: str = "hutchpp", num_ma
 
 
 def assert_not_backpack_extended(*modules: nn.Module) -> None:
-    """Raise if a module was ``backpack.extend``-ed (its hooks break ``torch.func`` transforms)."""
+    """Raise if a module carries ``backpack.extend``'s hooks (they break ``torch.func`` transforms).
+
+    Detection looks at the installed hooks, not BackPACK's ``_backpack_extend`` flag (which
+    modules may also set to opt out of extension).
+    """
+    def hooked(m: nn.Module) -> bool:
+        hooks = [*m._forward_hooks.values(), *m._backward_hooks.values()]
+        return any(getattr(h, "__module__", "").startswith("backpack") for h in hooks)
+
     for mod in modules:
-        if isinstance(mod, nn.Module) and any(getattr(m, "_backpack_extend", False)
-                                              for m in mod.modules()):
+        if isinstance(mod, nn.Module) and any(hooked(m) for m in mod.modules()):
             raise ValueError(
                 f"{type(mod).__name__} was extended by BackPACK; its hooks break curvlinops' "
                 "torch.func transforms. Pass a non-extended copy (new module + load_state_dict).")

@@ -109,8 +109,11 @@ def _half_layer_kernel(fn, s: torch.Tensor, gamma: torch.Tensor, trace_outputs: 
         return part if out is None else out.add_(part)
     g = gamma.transpose(0, 1).reshape(n * C, -1)               # sample-major rows (i, c)
     GG = g @ g.T
-    GG.view(n, C, n, C).mul_(AA[:, None, :, None])
-    return GG if out is None else out.add_(GG)
+    if out is None:
+        GG.view(n, C, n, C).mul_(AA[:, None, :, None])
+        return GG
+    out.view(n, C, n, C).addcmul_(GG.view(n, C, n, C), AA[:, None, :, None])
+    return out
 
 
 @torch.no_grad()
