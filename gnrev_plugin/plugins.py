@@ -376,6 +376,7 @@ def discover(
             report(source, "import", err)
             continue
         try:
+            hash(plugin)  # pluggy keeps plugins in sets: a module, class or hashable object
             pm.register(plugin, name=source.plugin)
             pm.check_pending()  # unknown hook names (typos) of the plugin just registered
         except Exception as err:
