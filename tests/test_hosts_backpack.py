@@ -245,6 +245,21 @@ def test_revmlp_backpropagates_to_a_preceding_backpack_module():
     assert torch.allclose(flat(mb, "diag_ggn_exact"), G.diag(), rtol=0, atol=TOL)
 
 
+def test_revmlp_without_readout_and_in_float32():
+    torch.manual_seed(12)
+    model = RevMLP(6, 5, 2, None, activation="gelu", linear_first_block=True, init_std=0.5,
+                   seed=12).double()
+    X, y = torch.randn(4, 6, dtype=F64), torch.randn(4, 6, dtype=F64)
+    lossf = nn.MSELoss()
+    mb = run_backpack(model, lossf, X, y, DiagGGNExact(), BatchGrad())
+    G = to_dense(GGNLinearOperator(model, lossf, list(model.parameters()), [(X, y)]))
+    assert torch.allclose(flat(mb, "diag_ggn_exact"), G.diag(), rtol=0, atol=TOL)
+    m32 = copy.deepcopy(model).float()
+    mb32 = run_backpack(m32, lossf, X.float(), y.float(), DiagGGNExact())
+    assert mb32.blocks[0].f.linear.weight.diag_ggn_exact.dtype == torch.float32
+    assert torch.allclose(flat(mb32, "diag_ggn_exact").double(), G.diag(), rtol=1e-4, atol=1e-6)
+
+
 def test_subsampling():
     model, X, y, lossf = problem(6, "tanh", "ce", n=6)
     sub = [1, 4]

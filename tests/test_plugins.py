@@ -321,6 +321,24 @@ def test_extra_plugins_embed_without_installing():
     assert reg.get_dataset("embedded.ones", n=2).tolist() == [1.0, 1.0]
 
 
+def test_unusable_embedded_plugin_objects_are_reported():
+    import types
+
+    from gnrev_plugin.plugins import hookimpl
+
+    @hookimpl
+    def gnrev_register_models(registry):
+        registry.add_model("ns.model", lambda: None)
+
+    unhashable = types.SimpleNamespace(gnrev_register_models=gnrev_register_models)
+    reg = discover(extra_plugins=[("unhashable", unhashable)])
+    assert "ns.model" not in reg
+    [problem] = reg.problems
+    assert problem.stage == "validate" and "unhashable" in problem.message
+    with pytest.raises(PluginError, match="unhashable"):
+        discover(extra_plugins=[("unhashable", unhashable)], strict=True)
+
+
 # ---------------------------------------------------------------------------------- pip install
 @pytest.mark.slow
 def test_pip_installed_plugin_in_a_fresh_interpreter(tmp_path):
