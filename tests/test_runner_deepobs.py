@@ -240,6 +240,19 @@ _STUBBED_DEEPOBS = textwrap.dedent("""
                random_seed=3, output_dir=out, data_dir=out + "/unused", weight_decay=None,
                no_logs=False, train_log_interval=2, print_train_iter=False, tb_log=False,
                tb_log_dir="none")
+    # DeepOBS's analyzer on the folder written by gnrev's runner
+    from deepobs.analyzer import shared_utils
+    from deepobs import config
+    assert config.get_testproblem_default_setting("mnist_revmlp")["batch_size"] == 128
+    ours = os.path.join(os.environ["GNREV_TEST_OURS"], "mnist_revmlp", "ExactGN")
+    for name in shared_utils._read_all_settings_folders(ours):
+        setting = os.path.join(ours, name)
+        for f in os.listdir(setting):
+            shared_utils._check_output_structure(setting, f)  # prints on a corrupted file
+    best = shared_utils.create_setting_analyzer_ranking(ours, "final", "valid_accuracies")[0]
+    print("ANALYZER", json.dumps({"n_runs": best.n_runs,
+                                  "final_valid_acc": best.get_final_value("valid_accuracies"),
+                                  "best_test_loss": best.get_best_value("test_losses")}))
 """)
 
 
@@ -252,27 +265,30 @@ def _deepobs_available() -> str | None:
 @pytest.mark.skipif(_deepobs_available() is not None, reason=str(_deepobs_available()))
 def test_deepobs_standard_runner_gives_the_same_json_as_ours(tmp_path):
     """DeepOBS 1.1.2's own StandardRunner (TF/torchvision/plotting imports stubbed, in a
-    subprocess) runs ExactGN on our problem; its JSON equals ours key by key and value by value."""
+    subprocess) runs ExactGN on our problem; its JSON equals ours key by key and value by value,
+    and DeepOBS's analyzer reads the folder our runner wrote."""
     data_dir = _fake_idx_dir(tmp_path / "mnist")
-    theirs = tmp_path / "theirs"
-    env = dict(os.environ, OMP_NUM_THREADS="1", GNREV_TEST_DATA=str(data_dir),
-               GNREV_TEST_OUT=str(theirs))
-    proc = subprocess.run([sys.executable, "-c", _STUBBED_DEEPOBS],
-                          capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
-    if proc.returncode != 0 and "ModuleNotFoundError" in proc.stderr:
-        pytest.skip("deepobs does not import even with its optional deps stubbed: "
-                    + proc.stderr.strip().splitlines()[-1])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    theirs, ours = tmp_path / "theirs", tmp_path / "ours"
     dob.set_data_dir("mnist", data_dir)
     try:
         tiny = dob.make_test_problem("mnist_revmlp", hidden=64, num_blocks=2, train_eval_size=60)
-        ours = tmp_path / "ours"
         torch.set_num_threads(1)
         dob.StandardRunner(dob.ExactGN, HP).run(tiny, hyperparams={"lr": 0.5}, batch_size=30,
                                                 num_epochs=2, random_seed=3, output_dir=ours,
                                                 train_log_interval=2)
     finally:
         dob.set_data_dir("mnist", None)
+    env = dict(os.environ, OMP_NUM_THREADS="1", GNREV_TEST_DATA=str(data_dir),
+               GNREV_TEST_OUT=str(theirs), GNREV_TEST_OURS=str(ours))
+    proc = subprocess.run([sys.executable, "-c", _STUBBED_DEEPOBS],
+                          capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    if proc.returncode != 0 and "ModuleNotFoundError" in proc.stderr:
+        pytest.skip("deepobs does not import even with its optional deps stubbed: "
+                    + proc.stderr.strip().splitlines()[-1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "corrupted" not in proc.stdout
+    (line,) = [ln for ln in proc.stdout.splitlines() if ln.startswith("ANALYZER ")]
+    analyzed = json.loads(line.split(" ", 1)[1])
     (f_theirs,), (f_ours,) = _json_files(theirs), _json_files(ours)
     assert f_theirs.relative_to(theirs).parent == f_ours.relative_to(ours).parent
     assert f_theirs.name.rsplit("__", 1)[0] == f_ours.name.rsplit("__", 1)[0]
@@ -283,3 +299,6 @@ def test_deepobs_standard_runner_gives_the_same_json_as_ours(tmp_path):
             np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6, err_msg=key)
         else:
             assert a[key] == b[key], key
+    assert analyzed["n_runs"] == 1
+    assert analyzed["final_valid_acc"] == pytest.approx(b["valid_accuracies"][-1])
+    assert analyzed["best_test_loss"] == pytest.approx(min(b["test_losses"]))

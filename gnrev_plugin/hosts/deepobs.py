@@ -362,12 +362,18 @@ def make_test_problem(name: str, **attributes) -> type[RevMLPTestProblem]:
 
 
 def register_with_deepobs(problems: dict[str, type] | None = None) -> None:
-    """Make the problems visible to an installed DeepOBS (``deepobs.pytorch.testproblems``), so
-    its own runners accept ``testproblem="mnist_revmlp"``. Needs ``deepobs`` importable."""
-    from deepobs.pytorch import testproblems  # noqa: PLC0415 - optional host
+    """Make the problems known to an installed DeepOBS: add them to
+    ``deepobs.pytorch.testproblems`` (so its runners accept ``testproblem="mnist_revmlp"``), their
+    default batch size / epochs to ``deepobs.config``, and the display name ``"RevMLP"`` to its
+    naming table (which ``deepobs.analyzer`` needs). Needs ``deepobs`` importable."""
+    from deepobs import config  # noqa: PLC0415 - optional host
+    from deepobs.pytorch import testproblems  # noqa: PLC0415
 
     for name, cls in (problems or TEST_PROBLEMS).items():
         setattr(testproblems, name, cls)
+        config.DEFAULT_TEST_PROBLEMS_SETTINGS[name] = {
+            "batch_size": cls.default_batch_size, "num_epochs": cls.default_num_epochs}
+    config.TP_NAMING["revmlp"] = "RevMLP"
 
 
 # ---------------------------------------------------------------------------------- runner
