@@ -99,6 +99,46 @@ def test_cli_init_and_solver_path(tmp_path, capsys):
     assert Path(capsys.readouterr().out.strip()) == solver_path("ExactGN")
 
 
+# ------------------------------------------------------------------ datasets and objective
+def _bench_classes(tmp_path):
+    from benchopt.benchmark import Benchmark
+
+    bench = Benchmark(init_benchmark(tmp_path / "bench"))
+    return bench, {d.name: d for d in bench.get_datasets()}
+
+
+def test_datasets_return_tensors_or_a_skip_reason(tmp_path):
+    from benchopt.utils.run_context import RunContext
+
+    bench, datasets = _bench_classes(tmp_path)
+    assert set(datasets) == {"simulated", "mnist", "mnist1d"}
+    objective_cls = bench.get_benchmark_objective()
+    for name, params in (("simulated", dict(n_train=40, n_test=20)),
+                         ("mnist", dict(n_train=50, n_test=30)),
+                         ("mnist", dict(path=str(tmp_path / "nowhere"), n_train=50, n_test=30)),
+                         ("mnist1d", dict(num_samples=200))):
+        ds = datasets[name].get_instance(**params)
+        objective = objective_cls.get_instance(hidden=16)
+        RunContext().set_run_context(objective, ds, "dummy", repetition=0, base_seed=0)
+        data = ds.get_data()
+        skip, reason = objective.skip(**data)
+        if data.get("unavailable"):
+            assert skip and reason.startswith(f"{name}:")
+            if "path" in params:
+                assert "nowhere" in reason and 'mnist[path=DIR]' in reason
+            continue
+        assert not skip
+        assert data["X_train"].dtype == torch.float32 and data["y_train"].dtype == torch.long
+        assert data["X_train"].shape[1] == data["X_test"].shape[1]
+        if name == "mnist":
+            assert data["X_train"].shape == (50, 784) and data["X_test"].shape == (30, 784)
+        objective.set_data(**data)
+        model = objective.get_one_result()["model"]
+        out = objective.evaluate_result(model)
+        assert out["value"] == out["train_loss"] and 0 <= out["test_accuracy"] <= 1
+        assert math.isnan(out["batch_loss_change"])
+
+
 # ------------------------------------------------------------------ solver classes, in process
 class _EpochCallback:
     """Stands in for benchopt's callback: allows ``epochs`` epochs, recording each result."""
@@ -238,6 +278,14 @@ def test_benchopt_run_end_to_end_has_every_solver_with_finite_values(tiny_run):
     # every solver starts from the same model: same initial objective
     init_vals = df[df["stop_val"] == 0]["objective_value"].to_numpy()
     assert init_vals.max() - init_vals.min() < 1e-6
+    # the leaderboard reads the real result file: one row per solver, finite metrics
+    from gnrev_plugin.experiments.leaderboard import load_results, summarize
+
+    rows = summarize(load_results([files[0]]))
+    assert {r["optimizer"].split("[")[0] for r in rows} == expected
+    for r in rows:
+        assert math.isfinite(r["best_test_acc"]) and math.isfinite(r["final_train_loss"])
+        assert r["reached"] == "1/1" and r["epochs_to_target"] >= 1
 
 
 def test_benchopt_file_selector_adds_gn_to_another_benchmark(tmp_path):
