@@ -37,10 +37,10 @@ EXACT_GN_PRESETS: dict[str, dict] = {
         mini_batch=dict(batch_size=256, epochs=3, train_size=2048, test_size=1000),
     ),
     "smoke": dict(
-        hidden=96, blocks=2, linear_first_block=True, seeds=[0],
-        optimizers=["exact_gn", "adam", "sgd"], probe_size=16,
-        full_batch=dict(subset=48, epochs=2),
-        mini_batch=dict(batch_size=32, epochs=2, train_size=96, test_size=64),
+        hidden=48, blocks=2, linear_first_block=True, seeds=[0],
+        optimizers=["exact_gn", "adam", "sgd"], probe_size=8,
+        full_batch=dict(subset=32, epochs=2),
+        mini_batch=dict(batch_size=32, epochs=2, train_size=64, test_size=64),
     ),
 }
 

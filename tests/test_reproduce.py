@@ -1,0 +1,136 @@
+"""``gnrev reproduce`` / ``gnrev report``: smoke runs of every subcommand, exact resume, report
+rebuilt from logs, crash-tolerant sweeps, clear data errors."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from gnrev_plugin.cli import main
+from gnrev_plugin.experiments import training
+from gnrev_plugin.experiments.exact_gn_repro import run_exact_gn
+from gnrev_plugin.experiments.rundir import read_jsonl
+
+REAL_MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
+pytestmark = pytest.mark.skipif(
+    not (REAL_MNIST / "t10k-images-idx3-ubyte.gz").exists(),
+    reason=f"the real MNIST test split is not at {REAL_MNIST}")
+
+PNG = b"\x89PNG\r\n\x1a\n"
+TINY = dict(hidden=16, blocks=2, linear_first_block=True, seeds=[0], optimizers=["adam", "sgd"],
+            probe_size=8, full_batch=dict(subset=16, epochs=1),
+            mini_batch=dict(batch_size=16, epochs=1, train_size=32, test_size=32))
+
+
+def _logs(out: Path) -> dict[str, list[dict]]:
+    return {str(p.relative_to(out)): [{k: v for k, v in r.items() if k != "time_s"}
+                                      for r in read_jsonl(p)]
+            for p in sorted((out / "runs").rglob("log.jsonl"))}
+
+
+@pytest.fixture(scope="module")
+def exact_gn_smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("egn") / "out"
+    rc = main(["reproduce", "exact-gn", "--preset", "smoke", "--out", str(out),
+               "--data-dir", str(REAL_MNIST), "--no-progress"])
+    return rc, out
+
+
+def test_exact_gn_smoke_writes_logs_figures_report(exact_gn_smoke):
+    rc, out = exact_gn_smoke
+    assert rc == 0
+    logs = _logs(out)
+    assert len(logs) == 6  # 2 settings × 3 optimizers × 1 seed
+    for name, rows in logs.items():
+        assert [r["epoch"] for r in rows] == [0, 1, 2], name
+        last = rows[-1]
+        for key in ("train_loss", "test_acc", "batch_loss_change_pct", "ntk_sim",
+                    "cka/blocks.0.f", "cka/blocks.1.g", "wcos/__all__", "wnorm/__all__"):
+            assert last.get(key) is not None, (name, key)
+        assert rows[0]["ntk_sim"] == pytest.approx(1.0) and rows[0]["cka/blocks.1.g"] == \
+            pytest.approx(1.0)
+        assert (out / Path(name).parent / "result.json").exists()
+        assert json.loads((out / Path(name).parent / "config.json").read_text())
+    gn_fb = logs["runs/full_batch/exact_gn/seed0/log.jsonl"]
+    assert gn_fb[-1]["train_loss"] < gn_fb[0]["train_loss"]
+    figs = sorted((out / "figures").glob("*.png"))
+    assert len(figs) == 6 and all(f.read_bytes()[:8] == PNG for f in figs)
+    report = (out / "report.md").read_text()
+    assert "Final numbers" in report and "| exact GN" in report and "fig4_ntk.png" in report
+    assert all(r["status"] == "ok" for r in read_jsonl(out / "sweep.jsonl"))
+
+
+def test_resume_after_interruption_gives_the_same_logs(exact_gn_smoke, tmp_path, monkeypatch):
+    _, full = exact_gn_smoke
+    out = tmp_path / "cut"
+    calls = []
+
+    def crash(run, epoch, row):
+        calls.append(epoch)
+        if len(calls) == 5:  # the second run, after its epoch 1
+            raise training.RunInterrupted("simulated kill")
+    monkeypatch.setattr(training, "_after_epoch_hook", crash)
+    args = ["reproduce", "exact-gn", "--preset", "smoke", "--out", str(out), "--data-dir",
+            str(REAL_MNIST), "--no-progress"]
+    with pytest.raises(training.RunInterrupted):
+        main(args)
+    monkeypatch.setattr(training, "_after_epoch_hook", None)
+    assert not (out / "report.md").exists()
+    assert main([*args, "--resume"]) == 0
+    assert _logs(out) == _logs(full)
+
+
+def test_report_is_rebuilt_from_logs_alone(exact_gn_smoke, tmp_path):
+    _, src = exact_gn_smoke
+    out = tmp_path / "copy"
+    shutil.copytree(src, out)
+    original = (out / "report.md").read_text()
+    for ck in (out / "runs").rglob("checkpoint.pt"):
+        ck.unlink()  # no model state needed
+    (out / "report.md").unlink()
+    shutil.rmtree(out / "figures")
+    assert main(["report", str(out)]) == 0
+    assert (out / "report.md").read_text() == original
+    assert len(list((out / "figures").glob("*.png"))) == 6
+
+
+def test_report_on_a_non_run_dir_is_a_clear_error(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert "no config.json" in capsys.readouterr().err
+
+
+def test_missing_data_dir_names_the_files(tmp_path, capsys):
+    rc = main(["reproduce", "exact-gn", "--preset", "smoke", "--out", str(tmp_path / "o"),
+               "--data-dir", str(tmp_path / "missing"), "--no-progress"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "t10k-images-idx3-ubyte.gz" in err and "t10k-labels-idx1-ubyte.gz" in err
+
+
+def test_a_crashing_config_keeps_the_other_results(tmp_path, monkeypatch):
+    real = training.make_optimizer
+
+    def flaky(name, model, lr, rank_policy="warn"):
+        if name == "sgd":
+            raise RuntimeError("injected failure")
+        return real(name, model, lr, rank_policy)
+    monkeypatch.setattr(training, "make_optimizer", flaky)
+    statuses = run_exact_gn(tmp_path, "tiny", data_dir=str(REAL_MNIST), progress=False,
+                            preset=TINY)
+    by = {s["run"]: s["status"] for s in statuses}
+    assert by == {"full_batch/adam/seed0": "ok", "full_batch/sgd/seed0": "failed",
+                  "mini_batch/adam/seed0": "ok", "mini_batch/sgd/seed0": "failed"}
+    assert (tmp_path / "runs/full_batch/adam/seed0/result.json").exists()
+    assert "injected failure" in (tmp_path / "runs/mini_batch/sgd/seed0/error.txt").read_text()
+    report = (tmp_path / "report.md").read_text()
+    assert "Failed runs" in report and "injected failure" in report and "| Adam" in report
+
+
+def test_exact_gn_accepts_mnist1d(tmp_path):
+    pytest.importorskip("mnist1d", reason="the optional 'mnist1d' package is not installed")
+    statuses = run_exact_gn(tmp_path, "tiny", data="mnist1d", progress=False,
+                            preset=dict(TINY, optimizers=["adam"]))
+    assert all(s["status"] == "ok" for s in statuses)
+    assert json.loads((tmp_path / "config.json").read_text())["data"] == "mnist1d"
+    assert (tmp_path / "report.md").exists()
