@@ -1,0 +1,95 @@
+"""Run-directory plumbing: atomic writes, torn JSONL lines, config checks on resume, plotting
+helpers, reference learning rates and the per-batch loss change."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from gnrev_plugin.experiments import rundir
+from gnrev_plugin.experiments.optimizers import StepResult, reference_lr
+from gnrev_plugin.experiments.plotting import mean_std_curve
+from gnrev_plugin.experiments.report import fmt, mean_std
+
+
+def test_atomic_write_leaves_no_temp_files_and_replaces(tmp_path):
+    p = tmp_path / "a" / "r.json"
+    rundir.atomic_write_json(p, {"x": 1, "t": torch.tensor([1.5, 2.0]), "bad": float("nan")})
+    rundir.atomic_write_json(p, {"x": 2})
+    assert json.loads(p.read_text()) == {"x": 2}
+    assert [f.name for f in p.parent.iterdir()] == ["r.json"]
+
+
+def test_atomic_write_failure_keeps_the_old_file(tmp_path, monkeypatch):
+    p = tmp_path / "r.txt"
+    rundir.atomic_write_text(p, "old")
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+    monkeypatch.setattr(rundir.os, "replace", boom)
+    with pytest.raises(OSError):
+        rundir.atomic_write_text(p, "new")
+    assert p.read_text() == "old" and [f.name for f in tmp_path.iterdir()] == ["r.txt"]
+
+
+def test_jsonl_skips_a_torn_last_line(tmp_path):
+    p = tmp_path / "log.jsonl"
+    rundir.append_jsonl(p, {"epoch": 0, "v": np.float64(1.5)})
+    rundir.append_jsonl(p, {"epoch": 1, "v": math.inf})
+    with open(p, "a") as fh:
+        fh.write('{"epoch": 2, "v"')  # a crash in the middle of a write
+    assert rundir.read_jsonl(p) == [{"epoch": 0, "v": 1.5}, {"epoch": 1, "v": None}]
+    assert rundir.read_jsonl(tmp_path / "none.jsonl") == []
+
+
+def test_rundir_config_resume_check_and_checkpoint(tmp_path):
+    run = rundir.RunDir(tmp_path / "r")
+    run.write_config({"lr": 0.1, "seed": 1}, resume=False)
+    run.write_config({"lr": 0.1, "seed": 1}, resume=True)
+    with pytest.raises(ValueError, match=r"differs in \['lr'\]"):
+        run.write_config({"lr": 0.2, "seed": 1}, resume=True)
+    run.write_config({"lr": 0.2, "seed": 1}, resume=False)  # a fresh run may overwrite
+    state = {"epoch": 3, "w": torch.arange(4.0)}
+    run.save_checkpoint(state)
+    back = run.load_checkpoint()
+    assert back["epoch"] == 3 and torch.equal(back["w"], state["w"])
+    run.log({"epoch": 0})
+    run.log({"epoch": 1})
+    run.truncate_log([r for r in run.rows() if r["epoch"] < 1])
+    assert run.rows() == [{"epoch": 0}]
+    assert not run.done
+    run.write_error("trace")
+    run.write_result({"ok": True})
+    assert run.done and not run.file(run.ERROR).exists()
+    run.reset()
+    assert not run.done and run.load_checkpoint() is None and run.rows() == []
+
+
+def test_mean_std_curve_aligns_runs():
+    a = [{"epoch": 0, "v": 1.0}, {"epoch": 1, "v": 3.0}]
+    b = [{"epoch": 0, "v": 3.0}, {"epoch": 1, "v": None}]
+    xs, m, s, n = mean_std_curve([a, b], "v")
+    assert n == 2 and xs.tolist() == [0, 1]
+    assert m.tolist() == [2.0, 3.0] and s.tolist() == [1.0, 0.0]
+
+
+def test_mean_std_and_fmt():
+    assert mean_std([1.0, 3.0, None, float("nan")]) == (2.0, 1.0, 2)
+    assert fmt(0.5, 0.01, 3, pct=True) == "50 ± 1%"
+    assert fmt(float("nan")) == "–"
+
+
+def test_reference_lrs_in_the_function_space_convention():
+    assert reference_lr("exact_gn", "full_batch", 2) == 1.0  # α = L · 0.5
+    assert reference_lr("exact_gn", "mini_batch", 2) == pytest.approx(0.2)
+    assert reference_lr("adam", "mini_batch", 2) == 1e-4
+    assert reference_lr("sgd", "full_batch", 6) == 0.1
+    with pytest.raises(ValueError):
+        reference_lr("lbfgs", "full_batch", 2)
+
+
+def test_percentage_loss_change_sign():
+    assert StepResult(2.0, 1.5, None).pct_change == pytest.approx(-25.0)
+    assert StepResult(2.0, 2.2, True).pct_change == pytest.approx(10.0)
