@@ -18,13 +18,15 @@ except that the package's own plugin is processed first and therefore owns the `
 Robustness contract: a plugin that fails to import, implements an unknown hook, raises inside a
 hook, or registers a name that another distribution already registered is **reported and
 skipped** (all of its entries are rolled back); the host keeps working. The report is
-:attr:`Registry.problems` (``gnrev list`` prints it); ``discover(strict=True)`` raises instead.
+:attr:`Registry.problems` (``gnrev list`` prints it) and a :class:`PluginWarning` per problem;
+``discover(strict=True)`` raises instead.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.metadata as md
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,7 +37,7 @@ from .hookspecs import ENTRY_POINT_GROUP, PROJECT, GnrevHookSpecs, hookimpl, hoo
 
 __all__ = [
     "PROJECT", "ENTRY_POINT_GROUP", "KINDS", "hookimpl", "hookspec", "Entry", "PluginSource",
-    "PluginProblem", "PluginError", "DuplicateNameError", "UnknownNameError", "Registry",
+    "PluginProblem", "PluginError", "PluginWarning", "DuplicateNameError", "UnknownNameError", "Registry",
     "LazyFactory", "discover", "get_registry",
 ]
 
@@ -51,6 +53,10 @@ _BUILTIN_MODULE = "gnrev_plugin.builtin_plugin"
 
 class PluginError(RuntimeError):
     """A plugin could not be loaded or an entry could not be built."""
+
+
+class PluginWarning(UserWarning):
+    """A plugin was reported and skipped (see :attr:`Registry.problems`)."""
 
 
 class DuplicateNameError(PluginError):
@@ -362,6 +368,7 @@ def discover(
             cls = DuplicateNameError if isinstance(err, DuplicateNameError) else PluginError
             raise cls(str(problem)) from err
         reg.problems.append(problem)
+        warnings.warn(f"gnrev plugin skipped: {problem}", PluginWarning, stacklevel=3)
 
     candidates: list[tuple[PluginSource, Callable[[], Any]]] = [
         (_source_of(ep), ep.load) for ep in _order(eps)]

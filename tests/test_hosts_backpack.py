@@ -24,6 +24,7 @@ from backpack.extensions import (
     KFLR,
     KFRA,
     BatchDiagGGNExact,
+    BatchDiagGGNMC,
     BatchDiagHessian,
     BatchGrad,
     BatchL2Grad,
@@ -177,11 +178,14 @@ def test_monte_carlo_extensions_match_the_replayed_sample(loss):
     JS = torch.stack([torch.stack([J[n * C:(n + 1) * C].T @ S[m, n] for n in range(N)])
                       for m in range(M)])
     for ext, field in [(DiagGGNMC(mc_samples=M), "diag_ggn_mc"),
+                       (BatchDiagGGNMC(mc_samples=M), "diag_ggn_mc_batch"),
                        (SqrtGGNMC(mc_samples=M), "sqrt_ggn_mc"), (KFAC(mc_samples=M), "kfac")]:
         torch.manual_seed(11)
         mb = run_backpack(model, lossf, X, y, ext)
         if field == "diag_ggn_mc":
             assert torch.allclose(flat(mb, field), JS.pow(2).sum((0, 1)), rtol=0, atol=TOL)
+        elif field == "diag_ggn_mc_batch":
+            assert torch.allclose(flat(mb, field, 1), JS.pow(2).sum(0), rtol=0, atol=TOL)
         elif field == "sqrt_ggn_mc":
             assert torch.allclose(flat(mb, field, 2), JS, rtol=0, atol=TOL)
         else:

@@ -26,6 +26,7 @@ from gnrev_plugin.plugins import (
     DuplicateNameError,
     LazyFactory,
     PluginError,
+    PluginWarning,
     Registry,
     UnknownNameError,
     discover,
@@ -238,7 +239,9 @@ def test_gnrev_list_shows_third_party_entries(toy_site, capsys):
 
 
 def test_broken_and_conflicting_plugins_are_reported_and_skipped(bad_site):
-    reg = discover()
+    with pytest.warns(PluginWarning, match="gnrev plugin skipped") as record:
+        reg = discover()
+    assert len(record) == 4
     stages = {p.source.distribution: p.stage for p in reg.problems}
     assert stages == {"gnrev-broken-import": "import", "gnrev-conflicting": "conflict",
                       "gnrev-typo-hook": "validate", "gnrev-raising-hook": "register"}
@@ -277,7 +280,8 @@ def test_gnrev_list_reports_skipped_plugins(bad_site, capsys):
 def test_third_party_plugin_cannot_take_the_builtin_plugin_name(toy_site):
     write_dist(toy_site, "gnrev-impostor", "9.9", {"gnrev": "impostor_plugin"},
                {"impostor_plugin.py": "x = 1\n"})
-    reg = discover()
+    with pytest.warns(PluginWarning, match="gnrev-impostor"):
+        reg = discover()
     assert reg.entry("model", "gnrev.revmlp").distribution == "gnrev-plugin"
     [problem] = reg.problems
     assert problem.source.distribution == "gnrev-impostor" and problem.stage == "validate"
@@ -331,7 +335,8 @@ def test_unusable_embedded_plugin_objects_are_reported():
         registry.add_model("ns.model", lambda: None)
 
     unhashable = types.SimpleNamespace(gnrev_register_models=gnrev_register_models)
-    reg = discover(extra_plugins=[("unhashable", unhashable)])
+    with pytest.warns(PluginWarning, match="unhashable"):
+        reg = discover(extra_plugins=[("unhashable", unhashable)])
     assert "ns.model" not in reg
     [problem] = reg.problems
     assert problem.stage == "validate" and "unhashable" in problem.message

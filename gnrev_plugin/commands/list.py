@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import warnings
 
 from tabulate import tabulate
 
-from ..plugins import ENTRY_POINT_GROUP, KINDS, PluginError, discover
+from ..plugins import ENTRY_POINT_GROUP, KINDS, PluginError, PluginWarning, discover
 
 NAME = "list"
 HELP = (f"list the models, optimizers, metrics and datasets of every installed plugin "
@@ -23,7 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    reg = discover()
+    with warnings.catch_warnings():  # the problems are printed below the table instead
+        warnings.simplefilter("ignore", PluginWarning)
+        reg = discover()
     headers = ["kind", "name", "description", "target", "distribution"]
     if args.check:
         headers.append("status")
