@@ -83,7 +83,6 @@ SUPPORTED_EXTENSIONS: tuple[type[BackpropExtension], ...] = (
     DiagGGNExact, DiagGGNMC, BatchDiagGGNExact, BatchDiagGGNMC, SqrtGGNExact, SqrtGGNMC,
     KFAC, KFLR, DiagHessian, BatchDiagHessian,
 )
-_FIRST_ORDER = (BatchGrad, BatchL2Grad, SumGradSquared, Variance)
 _NEEDS_ZERO_CURVATURE = (DiagHessian, BatchDiagHessian)
 _ZERO_CURVATURE_ACTIVATIONS = ("relu", "identity")
 UNSUPPORTED_MESSAGE = ("{ext} is not supported on gnrev's AdditiveCoupling/RevMLP leaf modules; "
@@ -105,27 +104,26 @@ def _linear_rule(ext: BackpropExtension) -> ModuleExtension:
 
 
 # ------------------------------------------------------------------------------ functional blocks
-def _block_forward(block: AdditiveCoupling, x: Tensor, du_f: Tensor, du_g: Tensor) -> Tensor:
-    """The block's forward as a function of its input and of offsets on ``u_f``, ``u_g``
-    (zero): its VJP gives the transposed Jacobians to the input and to both inner outputs."""
+def _block_forward(block: AdditiveCoupling, x: Tensor, du_f, du_g):
+    """The block's forward as a function of its input and of (zero) offsets on the inner outputs
+    ``u_f``, ``u_g``, so that one VJP gives the transposed Jacobians to all three. Returns the
+    output and, as auxiliary data, ``(s_f, u_f, s_g, u_g)``. Module ``__call__`` s are avoided
+    (no hooks fire inside BackPACK's backward pass)."""
     x1, x2 = block.split(x)
     f, g = block.f, block.g
-    y1 = x1 + linear(f.features(x2)[1], f.linear.weight.detach(), f.linear.bias.detach()) + du_f
-    y2 = x2 + linear(g.features(y1)[1], g.linear.weight.detach(), g.linear.bias.detach()) + du_g
-    return torch.cat([y1, y2], dim=-1)
+    s_f = f.features(x2)[1]
+    u_f = linear(s_f, f.linear.weight.detach(), f.linear.bias.detach())
+    y1 = x1 + u_f + du_f
+    s_g = g.features(y1)[1]
+    u_g = linear(s_g, g.linear.weight.detach(), g.linear.bias.detach())
+    return torch.cat([y1, x2 + u_g + du_g], dim=-1), (s_f, u_f, s_g, u_g)
 
 
 def _inner_io(block: AdditiveCoupling, x: Tensor) -> tuple[Tensor, list[tuple[nn.Linear, Tensor,
                                                                                Tensor]]]:
     """Block output and ``(linear, input s, output u)`` of both inner layers (detached)."""
     with torch.no_grad():
-        x1, x2 = block.split(x)
-        s_f = block.f.features(x2)[1]
-        u_f = linear(s_f, block.f.linear.weight, block.f.linear.bias)
-        y1 = x1 + u_f
-        s_g = block.g.features(y1)[1]
-        u_g = linear(s_g, block.g.linear.weight, block.g.linear.bias)
-        y = torch.cat([y1, x2 + u_g], dim=-1)
+        y, (s_f, u_f, s_g, u_g) = _block_forward(block, x, 0.0, 0.0)
     return y, [(block.f.linear, s_f, u_f), (block.g.linear, s_g, u_g)]
 
 
@@ -133,8 +131,9 @@ class _Pullback:
     """``V ↦ (V_{u_f}, V_{u_g}, V_X)`` at a block input ``x``, for tensors ``[*lead, n, d]``."""
 
     def __init__(self, block: AdditiveCoupling, x: Tensor) -> None:
-        zf = x.new_zeros(*x.shape[:-1], block.half)
-        _, self._vjp = vjp(lambda xx, a, b: _block_forward(block, xx, a, b), x, zf, zf.clone())
+        zero = x.new_zeros(*x.shape[:-1], block.half)
+        _, self._vjp, _ = vjp(lambda xx, a, b: _block_forward(block, xx, a, b), x, zero,
+                              zero.clone(), has_aux=True)
 
     def __call__(self, V: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         fn = self._vjp
