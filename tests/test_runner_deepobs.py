@@ -173,6 +173,15 @@ def test_runner_with_sgd_writes_beside_exact_gn(tiny_mnist, tmp_path):
         assert all(math.isfinite(v) for v in json.loads(f.read_text())["train_losses"])
 
 
+def test_skip_if_exists_does_not_repeat_a_run(tiny_mnist, tmp_path):
+    runner = dob.StandardRunner(dob.ExactGN, HP)
+    kwargs = dict(hyperparams={"lr": 0.1}, batch_size=30, num_epochs=1, random_seed=5,
+                  output_dir=tmp_path)
+    assert runner.run(tiny_mnist, skip_if_exists=True, **kwargs) is not None
+    assert runner.run(tiny_mnist, skip_if_exists=True, **kwargs) is None
+    assert len(_json_files(tmp_path)) == 1
+
+
 def test_runner_rejects_undeclared_or_missing_hyperparameters(tiny_mnist, tmp_path):
     runner = dob.StandardRunner(dob.ExactGN, HP)
     with pytest.raises(ValueError, match="not declared"):

@@ -515,8 +515,17 @@ class StandardRunner:
             random_seed: int = 42, data_dir: str | Path | None = None,
             output_dir: str | Path = "./results", weight_decay: float | None = None,
             no_logs: bool = False, train_log_interval: int = 10,
-            print_train_iter: bool = False, **training_params) -> dict:
-        """Train and return DeepOBS's output dict; write it as JSON under ``output_dir``."""
+            print_train_iter: bool = False, tb_log: bool = False, tb_log_dir: str = "none",
+            skip_if_exists: bool = False, **training_params) -> dict | None:
+        """Train and return DeepOBS's output dict; write it as JSON under ``output_dir``.
+
+        With ``skip_if_exists`` a run whose ``random_seed__<seed>__*.json`` already exists in its
+        settings folder is not repeated (``None`` is returned), as in DeepOBS. TensorBoard
+        logging (``tb_log``) is not supported.
+        """
+        if tb_log:
+            raise ValueError("tb_log is not supported by gnrev's StandardRunner")
+        del tb_log_dir
         if training_params:
             raise ValueError(f"StandardRunner takes no training parameters, got "
                              f"{sorted(training_params)}")
@@ -529,6 +538,9 @@ class StandardRunner:
             set_data_dir(cls.dataset, data_dir)
         folder = Path(output_dir) / name / self._optimizer_name / run_folder_name(
             num_epochs, batch_size, weight_decay, hyperparams)
+        if skip_if_exists and folder.is_dir() and any(folder.glob(f"random_seed__{random_seed}__*.json")):
+            print(f"found output for this run in {folder}; skipping it", file=sys.stderr)
+            return None
         file_name = f"random_seed__{random_seed}__{time.strftime('%Y-%m-%d-%H-%M-%S')}.json"
         tproblem = self.create_testproblem(cls, batch_size, weight_decay, random_seed)
         logs = self.training(tproblem, dict(hyperparams), num_epochs, print_train_iter,
