@@ -97,11 +97,9 @@ def test_nme_equals_dense_hessian_minus_ggn(seed, activation, loss):
     assert torch.allclose(nme, H_cl - G_cl, rtol=0, atol=TOL)
 
 
-def test_nme_vanishes_for_identity_activations_on_a_linear_problem():
-    """A RevMLP whose blocks are all linear is still non-linear in θ (W_g multiplies σ(Y1 C_g)
-    with Y1 depending on W_f), so only a *single* linear layer is NME-free; check that
-    special case through a subset of parameters: the last half-layer's (W, b) enter F
-    linearly, so their NME block is exactly 0."""
+def test_nme_block_of_the_last_half_layer_is_zero():
+    """The last half-layer's ``(W, b)`` enter ``F`` linearly (``F = (… + σ(Y1 C_g) W_gᵀ + b_g …) U``),
+    so ``∇²F`` restricted to them vanishes and so does their NME block, exactly."""
     model, X, y, lossf = make_problem(3, "tanh")
     last = [model.blocks[-1].g.linear.weight, model.blocks[-1].g.linear.bias]
     nme = to_dense(NMELinearOperator(model, lossf, last, [(X, y)]))
