@@ -55,6 +55,8 @@ def test_structured_ntk_equals_dense(seed, L, C, act, linear_first, n):
     assert (K - K_ref).abs().max() <= 1e-10 * max(1.0, K_ref.abs().max().item())
     assert (empirical_ntk(model, X, method="func") - K_ref).abs().max() <= 1e-10 * max(
         1.0, K_ref.abs().max().item())
+    K_chunked = revmlp_ntk(model, X, rows_per_chunk=2)
+    assert (K_chunked - K_ref).abs().max() <= 1e-10 * max(1.0, K_ref.abs().max().item())
     Ctr = 8 if C is None else C
     K_tr = revmlp_ntk(model, X, trace_outputs=True)
     assert torch.allclose(K_tr, trace_over_outputs(K_ref, Ctr), atol=1e-10, rtol=0)

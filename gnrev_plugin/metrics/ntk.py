@@ -89,36 +89,53 @@ def _jvp_input_adjoint(fn, h: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return ((u @ fn.linear.weight) * fn.activation.derivative(h)) @ fn.projection.T
 
 
-def _half_layer_kernel(fn, s: torch.Tensor, gamma: torch.Tensor, trace_outputs: bool,
-                       out: torch.Tensor | None = None) -> torch.Tensor | None:
-    """``(A Aᵀ ⊗ 1) ⊙ (Γ Γᵀ)`` for one half-layer; ``gamma`` is ``(C, n, d/2)``.
-
-    With ``out`` given, the kernel is added into it in place (no extra ``(nC)²`` buffers).
-    """
+def _design_gram(fn, s: torch.Tensor) -> torch.Tensor | None:
+    """``A Aᵀ`` for ``A = [σ(h), 1]`` restricted to the trainable parts (``None`` if frozen)."""
     w_on = fn.linear.weight.requires_grad
     b_on = fn.linear.bias is not None and fn.linear.bias.requires_grad
     if not (w_on or b_on):
-        return out
+        return None
     n = s.shape[0]
     AA = s @ s.T if w_on else torch.zeros(n, n, dtype=s.dtype, device=s.device)
     if b_on:
         AA += 1.0
-    C = gamma.shape[0]
+    return AA
+
+
+def _assemble(terms: list[tuple[torch.Tensor, torch.Tensor]], n: int, C: int,
+              trace_outputs: bool, rows_per_chunk: int | None = None) -> torch.Tensor:
+    """``Σ_l (AA_l ⊗ 1) ⊙ (Γ_l Γ_lᵀ)`` from ``terms = [(AA_l (n×n), Γ_l (C, n, d/2))]``.
+
+    ``rows_per_chunk`` samples' rows are built at a time (default: all), which bounds the temporary
+    ``Γ_l Γ_lᵀ`` buffer to ``rows_per_chunk·C × nC``. The work is memory-bound (``Γ_l`` has only
+    ``d/2`` columns): per half-layer one thin GEMM and one fused multiply-add over the output.
+    """
+    dtype, device = terms[0][0].dtype, terms[0][0].device
     if trace_outputs:
-        part = AA.mul_(torch.einsum("cij,ckj->ik", gamma, gamma))
-        return part if out is None else out.add_(part)
-    g = gamma.transpose(0, 1).reshape(n * C, -1)               # sample-major rows (i, c)
-    GG = g @ g.T
-    if out is None:
-        GG.view(n, C, n, C).mul_(AA[:, None, :, None])
-        return GG
-    out.view(n, C, n, C).addcmul_(GG.view(n, C, n, C), AA[:, None, :, None])
+        out = torch.zeros(n, n, dtype=dtype, device=device)
+        for AA, gamma in terms:
+            out.addcmul_(AA, torch.einsum("cij,ckj->ik", gamma, gamma))
+        return out
+    gs = [(AA, gamma.transpose(0, 1).reshape(n * C, -1)) for AA, gamma in terms]
+    out = torch.empty(n * C, n * C, dtype=dtype, device=device)
+    rows_per_chunk = n if rows_per_chunk is None else max(1, int(rows_per_chunk))
+    for r0 in range(0, n, rows_per_chunk):
+        r1 = min(n, r0 + rows_per_chunk)
+        blk = out[r0 * C:r1 * C].view(r1 - r0, C, n, C)
+        for k, (AA, g) in enumerate(gs):
+            GG = (g[r0 * C:r1 * C] @ g.T).view(r1 - r0, C, n, C)
+            w = AA[r0:r1, None, :, None]
+            if k == 0:
+                torch.mul(GG, w, out=blk)
+            else:
+                blk.addcmul_(GG, w)
     return out
 
 
 @torch.no_grad()
 def revmlp_ntk(model: RevMLP, X: torch.Tensor, trace_outputs: bool = False,
-               per_layer: bool = False) -> torch.Tensor | dict[str, torch.Tensor]:
+               per_layer: bool = False, rows_per_chunk: int | None = None
+               ) -> torch.Tensor | dict[str, torch.Tensor]:
     r"""Structured empirical NTK of a :class:`~gnrev_plugin.nn.RevMLP` (no Jacobian materialised).
 
     ``Θ = Σ_l (A_l A_lᵀ ⊗ 1_{C×C}) ⊙ (Γ_l Γ_lᵀ)`` over half-layers ``l`` (see the module
@@ -127,6 +144,7 @@ def revmlp_ntk(model: RevMLP, X: torch.Tensor, trace_outputs: bool = False,
 
     Args:
         per_layer: return ``{"blocks.l.f": Θ_l, ...}`` instead of the sum.
+        rows_per_chunk: build the output this many samples at a time (bounds temporary memory).
     """
     if not isinstance(model, RevMLP):
         raise TypeError(f"revmlp_ntk needs a RevMLP, got {type(model).__name__}")
@@ -141,27 +159,22 @@ def revmlp_ntk(model: RevMLP, X: torch.Tensor, trace_outputs: bool = False,
     # cotangents of X^(L) = [Y1, Y2] for every output coordinate c: (C, n, d/2) each
     y1 = U[:half].T[:, None, :].expand(C, n, half).contiguous()
     y2 = U[half:].T[:, None, :].expand(C, n, half).contiguous()
-    parts: dict[str, torch.Tensor | None] = {}
-    total = None
+    terms: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for l in range(model.num_blocks - 1, -1, -1):
         block, a = model.blocks[l], acts[l]
         # Y2 = X2 + g(Y1): g's output cotangent is ȳ2
-        if per_layer:
-            parts[f"blocks.{l}.g"] = _half_layer_kernel(block.g, a.s_g, y2, trace_outputs)
-        else:
-            total = _half_layer_kernel(block.g, a.s_g, y2, trace_outputs, total)
+        terms[f"blocks.{l}.g"] = (_design_gram(block.g, a.s_g), y2)
         y1 = y1 + _jvp_input_adjoint(block.g, a.h_g, y2)           # total cotangent of Y1
         # Y1 = X1 + f(X2): f's output cotangent is the total ȳ1
-        if per_layer:
-            parts[f"blocks.{l}.f"] = _half_layer_kernel(block.f, a.s_f, y1, trace_outputs)
-        else:
-            total = _half_layer_kernel(block.f, a.s_f, y1, trace_outputs, total)
+        terms[f"blocks.{l}.f"] = (_design_gram(block.f, a.s_f), y1)
         y2 = y2 + _jvp_input_adjoint(block.f, a.h_f, y1)           # cotangent of X2
+    terms = {k: v for k, v in reversed(terms.items()) if v[0] is not None}
     if per_layer:
-        return {k: v for k, v in reversed(parts.items()) if v is not None}
-    if total is None:
+        return {k: _assemble([v], n, C, trace_outputs, rows_per_chunk)
+                for k, v in terms.items()}
+    if not terms:
         raise ValueError("the RevMLP has no trainable half-layer parameters")
-    return total
+    return _assemble(list(terms.values()), n, C, trace_outputs, rows_per_chunk)
 
 
 def empirical_ntk(model: nn.Module, X: torch.Tensor, method: str = "auto",
