@@ -300,3 +300,20 @@ def test_decompose_rejects_backpack_extended_model():
 def test_decompose_rejects_bad_loss():
     with pytest.raises(ValueError, match="reduction"):
         decompose(mlp("relu", 0), nn.MSELoss(reduction="none"), make_data(0, "mse"))
+
+
+def test_summary_surrogate_nme_and_spectral_density():
+    model = mlp("gelu", seed=9, widths=(2, 3, 2))
+    data, loss_fn = make_data(9, "mse", n=6, d=2, C=2), nn.MSELoss()
+    dec = decompose(model, loss_fn, data)
+    s = dec.summary(top_k=1, exact_max_dim=0, num_matvecs=6, per_block=False, lambda_min=False,
+                    frobenius=False, nme_operator="surrogate", spectral_density=True,
+                    density_ncv=16)
+    ev = torch.linalg.eigvalsh(dec.dense("nme"))
+    assert s["top_eigenvalues"]["nme"][0] == pytest.approx(ev[-1].item(), abs=1e-8)
+    assert s["trace"]["nme"]["num_matvecs"] == 6 and math.isnan(s["frobenius"]["nme"])
+    for key in ("hessian", "ggn", "nme"):
+        grid, dens = (torch.tensor(v, dtype=DT) for v in s["spectral_density"][key])
+        assert torch.trapezoid(dens, grid).item() == pytest.approx(1.0, abs=0.05)
+        e = torch.linalg.eigvalsh(dec.dense(key))
+        assert grid[0] <= e[0] + 1e-8 and grid[-1] >= e[-1] - 1e-8

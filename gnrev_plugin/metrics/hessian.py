@@ -262,6 +262,8 @@ class HessianDecomposition:
         eigsh_tol: float = 1e-6,
         eigsh_maxiter: int | None = None,
         lambda_min: bool = True,
+        frobenius: bool = True,
+        nme_operator: str = "difference",
         seed: int = 0,
     ) -> dict:
         r"""Traces, top-k eigenvalues, ``λ_min(H)``, Frobenius norms, ratios and block shares.
@@ -286,11 +288,20 @@ class HessianDecomposition:
         ``cross = ‖NME‖_F² − within``, ``within_share``), ``surrogate_check`` (max abs difference
         of ``NME_surrogate v`` and ``(H − G) v`` on probe vectors, relative to ``‖(H−G)v‖``), and
         ``spectral_density`` (``{op: (grid, density)}``, Papyan's Lanczos) when requested.
+
+        In estimated mode ``frobenius=False`` skips the Frobenius estimates (``nan``), and
+        ``nme_operator="surrogate"`` runs the NME estimators on the surrogate Hessian (one
+        double-backward per product) instead of ``H − G`` (two passes); both are exact operators
+        for the same matrix, cross-checked in ``surrogate_check``.
         """
         if trace_estimator not in TRACE_ESTIMATORS:
             raise ValueError(f"trace_estimator must be one of {sorted(TRACE_ESTIMATORS)}")
+        if nme_operator not in ("difference", "surrogate"):
+            raise ValueError("nme_operator must be 'difference' (H − G) or 'surrogate'")
         P = self.num_params
-        ops = {"hessian": self.hessian, "ggn": self.ggn, "nme": self.nme}
+        nme_op = self.nme if nme_operator == "difference" else self.nme_surrogate
+        nme_cost = 2 if nme_operator == "difference" else 1
+        ops = {"hessian": self.hessian, "ggn": self.ggn, "nme": nme_op}
         out: dict = {"num_params": P}
         exact = P <= exact_max_dim
         out["mode"] = "exact" if exact else "estimated"
@@ -317,7 +328,7 @@ class HessianDecomposition:
                 val, nmv = estimate_trace(op, trace_estimator, num_matvecs,
                                           seed=int(torch.randint(2**31 - 1, (1,), generator=gen)))
                 out["trace"][k] = dict(value=val, estimator=trace_estimator,
-                                       num_matvecs=nmv * (2 if k == "nme" else 1))
+                                       num_matvecs=nmv * (nme_cost if k == "nme" else 1))
             out["top_eigenvalues"], out["eigs_info"] = {}, {}
             for k, op in ops.items():
                 vals, cnt, ok = _eigsh(op, min(top_k, P - 1), "LA", eigsh_tol, eigsh_maxiter)
@@ -331,9 +342,13 @@ class HessianDecomposition:
             nfro = max(1, min(num_matvecs, P - 1))
             out["frobenius"] = {}
             for k, op in ops.items():
+                if not frobenius:
+                    out["frobenius"][k] = float("nan")
+                    continue
                 torch.manual_seed(int(torch.randint(2**31 - 1, (1,), generator=gen)))
                 out["frobenius"][k] = math.sqrt(max(hutchinson_squared_fro(op, nfro).item(), 0.0))
-            out["frobenius_estimator"] = f"hutchinson_squared_fro({nfro})"
+            out["frobenius_estimator"] = (f"hutchinson_squared_fro({nfro})" if frobenius
+                                          else "skipped")
 
         tr_h, tr_n = out["trace"]["hessian"]["value"], out["trace"]["nme"]["value"]
         lam_max_h = out["top_eigenvalues"]["hessian"][0] if out["top_eigenvalues"]["hessian"] \
