@@ -317,3 +317,31 @@ def test_summary_surrogate_nme_and_spectral_density():
         assert torch.trapezoid(dens, grid).item() == pytest.approx(1.0, abs=0.05)
         e = torch.linalg.eigvalsh(dec.dense(key))
         assert grid[0] <= e[0] + 1e-8 and grid[-1] >= e[-1] - 1e-8
+
+
+def test_decompose_on_revmlp_blocks_are_half_layers():
+    from gnrev_plugin.nn import RevMLP
+
+    model = RevMLP(4, 5, 2, num_classes=3, activation="gelu", linear_first_block=False,
+                   init_std=0.3, seed=0).to(DT)
+    data = make_data(10, "ce", n=6, d=4, C=3)
+    dec = decompose(model, nn.CrossEntropyLoss(), data)
+    assert list(dec.blocks) == ["blocks.0.f", "blocks.0.g", "blocks.1.f", "blocks.1.g"]
+    nme = nme_surrogate_dense(model, nn.CrossEntropyLoss(), data)
+    assert (dec.dense("hessian") - dec.dense("ggn") - nme).abs().max() <= 1e-12
+    s = dec.summary(top_k=2)
+    assert sum(b["num_params"] for b in s["blocks"].values()) == dec.num_params
+    # the last half-layer is linear in its own parameters (nothing follows it but U): no
+    # within-block NME; earlier half-layers feed later GELUs, so theirs is nonzero
+    assert s["blocks"]["blocks.1.g"]["nme_within_fro"] == 0.0
+    assert s["blocks"]["blocks.0.f"]["nme_within_fro"] > 1e-6
+
+
+def test_metrics_do_not_import_the_optimizer():
+    import subprocess
+    import sys
+
+    code = ("import sys, gnrev_plugin.metrics; "
+            "print(any(m.startswith('gnrev_plugin.optim') for m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
