@@ -76,7 +76,7 @@ def make_figures(out: Path, groups) -> list[Path]:
     for j, setting in enumerate(("full_batch", "mini_batch")):
         _panel(ax[0, j], groups, setting, "batch_loss_change_pct",
                f"{SETTING_TITLES[setting]}: loss change on the stepped batch",
-               "% change of ℓ_B per step (mean over epoch)")
+               "% change of ℓ_B per step (epoch mean)")
         ax[0, j].axhline(0, color="k", lw=0.5)
     paths.append(save(fig, figdir / "fig3_batch_loss_change.png"))
     fig, ax = new_figure(2, 2)
