@@ -34,6 +34,7 @@ def whitened_inputs(data: str, data_dir: str | None, num_samples: int, dim: int,
     if num_samples > len(ds.y_train):
         raise ValueError(f"{data} has only {len(ds.y_train)} training samples, "
                          f"{num_samples} requested")
+    dim = min(dim, ds.in_features)  # e.g. MNIST-1D has only 40 features
     X = pca_whiten(ds.x_train[:num_samples], dim, whiten)
     desc = (f"{ds.describe()}; first {num_samples} training samples, top {dim} PCA components"
             f"{', whitened (XᵀX/n = I)' if whiten else ''}")
