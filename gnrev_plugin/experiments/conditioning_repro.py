@@ -130,7 +130,7 @@ def run_conditioning(out: str | Path, preset_name: str = "quick", data: str = "m
                                   training_data_describe=desc_t), resume=resume)
     if not resume:
         (out / "sweep.jsonl").unlink(missing_ok=True)
-    base = {k: preset[k] for k in ("input_dim", "num_classes")}
+    base = dict(input_dim=X.shape[1], num_classes=preset["num_classes"])
     jobs = []
     for seed in preset["seeds"]:
         cfg = dict(base, seed=seed, depths=preset["depths"], widths=preset["widths"],
