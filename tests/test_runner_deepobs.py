@@ -279,14 +279,16 @@ def test_deepobs_standard_runner_gives_the_same_json_as_ours(tmp_path):
     data_dir = _fake_idx_dir(tmp_path / "mnist")
     theirs, ours = tmp_path / "theirs", tmp_path / "ours"
     dob.set_data_dir("mnist", data_dir)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # same reduction order as the OMP_NUM_THREADS=1 subprocess
     try:
         tiny = dob.make_test_problem("mnist_revmlp", hidden=64, num_blocks=2, train_eval_size=60)
-        torch.set_num_threads(1)
         dob.StandardRunner(dob.ExactGN, HP).run(tiny, hyperparams={"lr": 0.5}, batch_size=30,
                                                 num_epochs=2, random_seed=3, output_dir=ours,
                                                 train_log_interval=2)
     finally:
         dob.set_data_dir("mnist", None)
+        torch.set_num_threads(threads)
     env = dict(os.environ, OMP_NUM_THREADS="1", GNREV_TEST_DATA=str(data_dir),
                GNREV_TEST_OUT=str(theirs), GNREV_TEST_OURS=str(ours))
     proc = subprocess.run([sys.executable, "-c", _STUBBED_DEEPOBS],
