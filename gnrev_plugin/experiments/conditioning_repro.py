@@ -12,7 +12,8 @@ Three parts, on PCA-whitened MNIST (or MNIST-1D) inputs ``X`` with ``Σ = XᵀX/
    (:func:`~gnrev_plugin.metrics.residual_weights`), κ and bounds against β.
 3. **Training**: a two-layer ReLU net ``F(x) = W relu(Vx + b) + c`` trained by full-batch gradient
    descent on ``½‖F − onehot(y)‖²`` (mean over samples), κ(G) on the column space of the Gram
-   (:func:`~gnrev_plugin.metrics.gn_condition_number`) every few epochs, for several widths.
+   (:func:`~gnrev_plugin.metrics.gn_condition_number`, Gram side ``nC × nC``) every few epochs,
+   for several widths.
 
 Resume works per run: finished runs (``result.json``) are skipped; each run is seconds long.
 """
@@ -102,7 +103,7 @@ def _training(run: RunDir, cfg: dict, X: torch.Tensor, Y: torch.Tensor, resume: 
     kappa_loss = nn.MSELoss(reduction="sum")  # κ is scale-free; same G up to a constant
     for epoch in range(cfg["epochs"] + 1):
         if epoch % cfg["every"] == 0 or epoch == cfg["epochs"]:
-            rep = metrics.gn_condition_number(model, kappa_loss, (X, Y))
+            rep = metrics.gn_condition_number(model, kappa_loss, (X, Y), side="gram")
             with torch.no_grad():
                 loss = float(loss_fn(model(X), Y))
             run.log(dict(epoch=epoch, loss=loss, kappa=rep.kappa, rank=rep.rank,

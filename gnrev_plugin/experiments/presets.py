@@ -56,7 +56,7 @@ CONDITIONING_PRESETS: dict[str, dict] = {
         input_dim=32, num_classes=10, num_samples=1000, seeds=[0, 1, 2],
         depths=[2, 3, 4, 6, 8], widths=[64, 128, 512], width_factors=[16],
         residual=dict(depth=5, width=32, betas=[0.0, 0.5, 1.0, 2.0]),
-        training=dict(widths=[20, 50, 200], num_samples=128, epochs=40, lr=0.1,
+        training=dict(widths=[20, 50, 200], num_samples=64, epochs=40, lr=0.1,
                       batch_size=None, every=8, input_dim=32),
     ),
     "smoke": dict(
