@@ -399,3 +399,14 @@ def test_model_with_attached_optimizer_can_be_saved(tmp_path):
     torch.save(model, tmp_path / "m.pt")
     opt.step()
     assert opt.last_step_exact
+
+
+def test_deep_copied_model_is_found_from_its_parameters():
+    import copy
+
+    model = copy.deepcopy(make(seed=24))
+    x, y = data(5, 8, 3, seed=24)
+    opt = ExactGN(model.parameters(), lr=0.5)
+    assert opt.model is model
+    opt.step_on_batch(x, y)
+    assert opt.last_step_exact

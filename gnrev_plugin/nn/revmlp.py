@@ -95,6 +95,11 @@ class RevMLP(nn.Module):
         self.last_activations: list[BlockActivations] | None = None
         _LIVE_MODELS.add(self)
 
+    def __setstate__(self, state: dict) -> None:
+        # copy.deepcopy and unpickling bypass __init__; keep copies discoverable by optimizers.
+        super().__setstate__(state)
+        _LIVE_MODELS.add(self)
+
     # ------------------------------------------------------------------ forward / inverse
     def _flatten(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
