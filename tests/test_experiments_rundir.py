@@ -93,3 +93,19 @@ def test_reference_lrs_in_the_function_space_convention():
 def test_percentage_loss_change_sign():
     assert StepResult(2.0, 1.5, None).pct_change == pytest.approx(-25.0)
     assert StepResult(2.0, 2.2, True).pct_change == pytest.approx(10.0)
+
+
+def test_paper_preset_uses_the_paper_protocol():
+    from gnrev_plugin.experiments.exact_gn_repro import exact_gn_run_configs
+    from gnrev_plugin.experiments.presets import get_preset
+
+    p = get_preset("exact-gn", "paper")
+    runs = dict(exact_gn_run_configs(p, "mnist"))
+    assert len(runs) == 2 * 3 * 3
+    fb, mb = runs["full_batch/exact_gn/seed42"], runs["mini_batch/adam/seed44"]
+    assert (fb["hidden"], fb["blocks"], fb["batch_size"], fb["epochs"]) == (8000, 2, 1024, 100)
+    assert fb["lr"] == 1.0 and fb["linear_first_block"]  # α = L · 0.5
+    assert (mb["batch_size"], mb["epochs"], mb["lr"]) == (1024, 100, 1e-4)
+    assert p["full_batch"]["subset"] == 1024 and p["mini_batch"]["train_size"] is None
+    with pytest.raises(ValueError, match="unknown preset"):
+        get_preset("exact-gn", "huge")
