@@ -119,16 +119,22 @@ def _assemble(terms: list[tuple[torch.Tensor, torch.Tensor]], n: int, C: int,
     gs = [(AA, gamma.transpose(0, 1).reshape(n * C, -1)) for AA, gamma in terms]
     out = torch.empty(n * C, n * C, dtype=dtype, device=device)
     rows_per_chunk = n if rows_per_chunk is None else max(1, int(rows_per_chunk))
+    # one reusable GEMM buffer: fresh (nC)² allocations cost page faults on every half-layer
+    buf = torch.empty(min(n, rows_per_chunk) * C, n * C, dtype=dtype, device=device) \
+        if len(gs) > 1 else None
     for r0 in range(0, n, rows_per_chunk):
         r1 = min(n, r0 + rows_per_chunk)
-        blk = out[r0 * C:r1 * C].view(r1 - r0, C, n, C)
+        rows = out[r0 * C:r1 * C]
+        blk = rows.view(r1 - r0, C, n, C)
         for k, (AA, g) in enumerate(gs):
-            GG = (g[r0 * C:r1 * C] @ g.T).view(r1 - r0, C, n, C)
             w = AA[r0:r1, None, :, None]
-            if k == 0:
-                torch.mul(GG, w, out=blk)
+            if k == 0:                                  # first term: GEMM straight into out
+                torch.mm(g[r0 * C:r1 * C], g.T, out=rows)
+                blk.mul_(w)
             else:
-                blk.addcmul_(GG, w)
+                tmp = buf[: (r1 - r0) * C]
+                torch.mm(g[r0 * C:r1 * C], g.T, out=tmp)
+                blk.addcmul_(tmp.view(r1 - r0, C, n, C), w)
     return out
 
 
