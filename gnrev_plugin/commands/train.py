@@ -22,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "../shared/data/mnist)")
     p.add_argument("--train-size", type=int, default=None,
                    help="use the first N training images (default: all; 8000 of the 10k split)")
-    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--hidden", type=int, default=1024, help="M, the inverted-bottleneck width "
                    "(exact GN needs batch ≤ M+1; the paper uses 8000)")
