@@ -33,8 +33,8 @@ EXACT_GN_PRESETS: dict[str, dict] = {
     "quick": dict(
         hidden=1024, blocks=2, linear_first_block=True, seeds=[42, 43, 44],
         optimizers=["exact_gn", "adam", "sgd"], probe_size=64,
-        full_batch=dict(subset=512, epochs=6),
-        mini_batch=dict(batch_size=256, epochs=3, train_size=2048, test_size=1000),
+        full_batch=dict(subset=512, epochs=10),
+        mini_batch=dict(batch_size=256, epochs=10, train_size=2048, test_size=1000),
     ),
     "smoke": dict(
         hidden=48, blocks=2, linear_first_block=True, seeds=[0],
