@@ -28,8 +28,12 @@ def test_conditioning_smoke(tmp_path):
     trn = read_jsonl(out / "runs/training/width8/seed0/log.jsonl")
     assert [r["epoch"] for r in trn] == [0, 2, 4] and all(r["kappa"] >= 1 for r in trn)
     assert trn[-1]["loss"] < trn[0]["loss"]
-    assert "κ(G)" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "κ(G)" in report
     assert len(list((out / "figures").glob("*.png"))) == 3
+    (out / "report.md").unlink()
+    assert main(["report", str(out)]) == 0  # rebuilt from the logs alone
+    assert (out / "report.md").read_text() == report
 
 
 def test_nme_smoke(tmp_path):
@@ -45,4 +49,8 @@ def test_nme_smoke(tmp_path):
         assert r["nme_eig_min"] < 0 < r["nme_eig_max"]  # the NME is indefinite
     assert all(abs(r["tr_nme"]) < 1e-12 for r in relu)  # φ'' = 0: tr(NME) = 0 for ReLU
     assert any(abs(r["tr_nme"]) > 1e-6 for r in gelu)
-    assert "tr(NME)" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "tr(NME)" in report
+    (out / "report.md").unlink()
+    assert main(["report", str(out)]) == 0
+    assert (out / "report.md").read_text() == report
