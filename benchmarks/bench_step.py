@@ -43,11 +43,17 @@ def interleaved(fns: dict, rounds: int, warmup: int = 1) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def exact_gn_flops(n: int, d: int, M: int, L: int) -> float:
-    """FLOPs of one explicit ExactGN step: forward (2 matmuls per half-layer), Grams ``n²M``,
+def exact_gn_flops(n: int, d: int, M: int, L: int, block_rows: int = 256) -> float:
+    """FLOPs of one explicit ExactGN step as executed: forward (2 matmuls per half-layer), the
+    lower-block-triangle Grams of :func:`~gnrev_plugin.optim.solvers.gram_with_ones`,
     ``ΔW = ΛᵀS`` and ``2L − 1`` input JVPs (2 matmuls each); 2 FLOPs per multiply-add."""
     h = d // 2
-    per_half = 2 * (2 * n * h * M) + 2 * n * n * M + 2 * n * h * M
+    if n < 2 * block_rows:
+        gram = 2 * n * n * M
+    else:
+        gram = sum(2 * min(block_rows, n - s) * min(s + block_rows, n) * M
+                   for s in range(0, n, block_rows))
+    per_half = 2 * (2 * n * h * M) + gram + 2 * n * h * M
     return 2 * L * per_half + (2 * L - 1) * 2 * (2 * n * h * M)
 
 

@@ -88,7 +88,7 @@ class ExactGN(torch.optim.Optimizer):
             (:mod:`gnrev_plugin.optim.solvers`).
         damping: ``λ`` for ``solver="damped"``: ``Λ = (A Aᵀ + λI)⁻¹ E``.
         rtol, atol: singular-value truncation of ``"eigh"``/``"svd"`` (reference: 1e-2, 1e-5).
-        rank_rtol: numerical-rank threshold on Gram eigenvalues/pivots (default ``n·eps``).
+        rank_rtol: numerical-rank threshold on Gram eigenvalues/pivots (default ``max(n, 100)·eps``).
         gram_dtype: dtype to form the Grams in (default: the working dtype).
         ce_target: cross-entropy Newton target, ``"identity"`` (reference default), ``"pinv"``
             (``H⁺g``) or ``"damped"`` (``(H + ce_damping·I)⁻¹g``).

@@ -20,8 +20,9 @@ Solvers (all return ``ΔW = Λᵀ S``, ``Δb = Λᵀ 1`` and the achieved change
   comparison).
 * ``"damped"``: ``Λ = (K + λI)⁻¹ E`` (never exact for ``λ > 0``).
 
-``rank_rtol`` defaults to ``n · eps(dtype)``: eigenvalues of a Gram computed in floating point carry
-absolute errors of order ``eps · μ_max``, so smaller ones are noise.
+``rank_rtol`` defaults to ``max(n, 100) · eps(dtype)`` (:func:`default_rank_rtol`): eigenvalues of a
+Gram computed in floating point carry absolute errors of order ``eps · μ_max``, so smaller ones are
+noise.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 __all__ = ["SOLVERS", "SolverConfig", "GramSystem", "HalfLayerSystem", "factor_half_layer",
+           "gram_with_ones", "default_rank_rtol",
            "keep_singular_values"]
 
 SOLVERS = ("cholesky", "eigh", "svd", "damped")
@@ -88,7 +90,7 @@ class GramSystem:
         self.n = n = K.shape[0]
         self.jitter = 0.0
         rank_rtol = config.rank_rtol
-        self.rank_rtol = max(n, 1) * torch.finfo(eps_dtype).eps if rank_rtol is None else rank_rtol
+        self.rank_rtol = default_rank_rtol(n, eps_dtype) if rank_rtol is None else rank_rtol
         self._eig = None
         self._chol = None
         if config.method == "cholesky":
@@ -129,6 +131,16 @@ class GramSystem:
         return V @ ((V.mT @ E64) / mu[:, None])
 
 
+def default_rank_rtol(n: int, dtype: torch.dtype) -> float:
+    """``max(n, 100) · eps(dtype)``: relative floor for Gram eigenvalues and Cholesky pivots.
+
+    Eigenvalues of a Gram formed in floating point carry errors of order ``eps · μ_max`` (times a
+    modest constant), so smaller ones are noise; an exactly singular Gram gives pivots of a few
+    ``eps`` (observed up to ~7 eps in float64), hence the floor of 100 for small ``n``.
+    """
+    return max(n, 100) * torch.finfo(dtype).eps
+
+
 def keep_singular_values(sq: torch.Tensor, config: SolverConfig, rank_rtol: float) -> torch.Tensor:
     """Mask of squared singular values ``μ = s²`` kept: ``μ > rank_rtol·μ_max``, ``s ≥ rtol·s_max``,
     ``s ≥ atol``."""
@@ -139,6 +151,25 @@ def keep_singular_values(sq: torch.Tensor, config: SolverConfig, rank_rtol: floa
     if config.atol:
         keep &= sq >= config.atol**2
     return keep
+
+
+def gram_with_ones(S: torch.Tensor, block_rows: int = 256) -> torch.Tensor:
+    """``K = S Sᵀ + 1 1ᵀ`` (the Gram of ``A = [S, 1]``), exactly symmetric.
+
+    For ``n ≥ 2·block_rows`` only the lower block triangle is multiplied (row block ``i`` against
+    rows ``0..i`` in one product) and mirrored: about ``(b+1)/(2b)`` of the FLOPs of ``S Sᵀ`` for
+    ``b`` row blocks, in large, efficient matrix products.
+    """
+    n = S.shape[0]
+    if n < 2 * block_rows:
+        K = S @ S.mT
+    else:
+        K = torch.empty(n, n, dtype=S.dtype, device=S.device)
+        for start in range(0, n, block_rows):
+            stop = min(start + block_rows, n)
+            K[start:stop, :stop] = S[start:stop] @ S[:stop].mT
+    K = torch.tril(K) + torch.tril(K, -1).mT
+    return K.add_(1.0)
 
 
 class HalfLayerSystem:
@@ -157,12 +188,10 @@ class HalfLayerSystem:
         gram_dtype = config.gram_dtype or features.dtype
         if config.method == "svd":
             rank_rtol = config.rank_rtol
-            self._factor_svd(max(n, 1) * torch.finfo(gram_dtype).eps if rank_rtol is None
+            self._factor_svd(default_rank_rtol(n, gram_dtype) if rank_rtol is None
                              else rank_rtol)
         else:
-            Sg = features.to(gram_dtype)
-            ones = torch.ones(n, n, dtype=gram_dtype, device=features.device)
-            self._gram = GramSystem(torch.addmm(ones, Sg, Sg.mT), config, gram_dtype)
+            self._gram = GramSystem(gram_with_ones(features.to(gram_dtype)), config, gram_dtype)
             self.rank = self._gram.rank
         self.full_rank = self.rank == n
         self.exact = self.full_rank and config.method != "damped"
