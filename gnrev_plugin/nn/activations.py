@@ -36,6 +36,14 @@ class Activation:
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
         return self.fn(h)
 
+    def mul_derivative_(self, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """In place ``t ← σ'(h) ⊙ t`` (ReLU: a masked fill, identity: nothing)."""
+        if self.name == "relu":
+            return t.masked_fill_(h <= 0, 0.0)
+        if self.is_linear:
+            return t
+        return t.mul_(self.derivative(h))
+
 
 def _gelu_derivative(h: torch.Tensor) -> torch.Tensor:
     # d/dh [h Φ(h)] = Φ(h) + h φ(h)

@@ -27,7 +27,8 @@ class BlockActivations(NamedTuple):
 
     ``h_f = X2 C_f`` and ``s_f = σ(h_f)`` for the first half-layer, ``h_g = Y1 C_g`` and
     ``s_g = σ(h_g)`` for the second. The per-half-layer design matrices of the GN systems are
-    ``A_f = [s_f, 1]`` and ``A_g = [s_g, 1]``.
+    ``A_f = [s_f, 1]`` and ``A_g = [s_g, 1]``. For ReLU, ``h`` is ``s`` itself (same tensor):
+    only the sign pattern ``1[h > 0] = 1[s > 0]`` of the pre-activation is ever needed.
     """
 
     h_f: torch.Tensor
@@ -82,8 +83,16 @@ class CouplingFunction(nn.Module):
         return self.linear.bias
 
     def features(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return the pre-activation ``h = Z C`` and the features ``s = σ(h)``."""
+        """Return the pre-activation ``h = Z C`` and the features ``s = σ(h)``.
+
+        For ReLU the activation is applied in place and ``h`` is returned as ``s`` itself:
+        ``σ'(h) = 1[h > 0] = 1[s > 0]``, so nothing downstream needs the pre-activation, and the
+        step saves one ``n×M`` buffer per half-layer.
+        """
         h = z @ self.projection
+        if self.activation.name == "relu":
+            s = h.relu_()
+            return s, s
         return h, self.activation(h)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -91,7 +100,8 @@ class CouplingFunction(nn.Module):
 
     def jvp_input(self, h: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Input Jacobian-vector product ``J_f(Z)[V] = (σ'(Z C) ⊙ (V C)) Wᵀ`` at ``h = Z C``."""
-        return (self.activation.derivative(h) * (v @ self.projection)) @ self.linear.weight.T
+        t = self.activation.mul_derivative_(h, v @ self.projection)
+        return t @ self.linear.weight.T
 
 
 class AdditiveCoupling(nn.Module):
