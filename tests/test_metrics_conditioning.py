@@ -99,7 +99,7 @@ def test_fact13_column_space_equivalence(loss):
     if loss == "ce":                 # softmax Hessian has a null vector: rank N(C−1)
         assert ev_k.numel() == 10 * 2
     # BackPACK's symmetric factor V (G = VᵀV) gives the same nonzero spectrum
-    backpack = pytest.importorskip("backpack")
+    import backpack  # a required dependency
     from backpack.extensions import SqrtGGNExact
 
     ext, ext_loss = backpack.extend(copy.deepcopy(model)), backpack.extend(copy.deepcopy(loss_fn))

@@ -140,10 +140,7 @@ def test_explicit_plugin_flag_without_autoload(pytester, monkeypatch):
 
 
 def test_exact_gn_optimizer_satisfies_the_contract(gnrev_tiny_revmlp, gnrev_small_data):
-    try:
-        from gnrev_plugin.optim import ExactGN
-    except ImportError as err:
-        pytest.skip(f"gnrev_plugin.optim.ExactGN not in this checkout: {err}")
+    from gnrev_plugin.optim import ExactGN
     X, y_mse, y_cls = gnrev_small_data
     for loss, y in [("mse", y_mse), ("cross_entropy", y_cls)]:
         model = type(gnrev_tiny_revmlp)(**{**gnrev_tiny_revmlp.config}).double()
