@@ -197,15 +197,13 @@ def right_inverse(
 
     if not deficient or not full:
         updates = _sweep(model, acts, E, systems, P, 1.0 / len(P))
-        roles = {i: ("exact share" if i in full else "least squares") for i in P}
     else:
-        w = 1.0 / len(P)
-        ls = _sweep(model, acts, E, systems, deficient, w)
+        ls = _sweep(model, acts, E, systems, deficient, 1.0 / len(P))
         a = _push_forward(model, acts, ls)
         achieved_out = a if model.readout is None else a @ model.readout
         E_rem = pull_back_readout(model, target - achieved_out)
         updates = {**ls, **_sweep(model, acts, E_rem, systems, full, 1.0 / len(full))}
-        roles = {i: ("exact share" if i in full else "least squares") for i in P}
+    roles = {i: ("exact share" if i in full else "least squares") for i in P}
 
     exact = bool(full) and all(systems[i][0].exact and systems[i][1].exact for i in full)
     reports = [BlockReport(i, n, systems[i][0].rank, systems[i][1].rank, i in full, roles[i])

@@ -79,7 +79,6 @@ class GramSystem:
         rank: numerical rank under the configured rule.
         full_rank: ``rank == n``: every target ``E`` is reproduced, ``A Aᵀ Λ = E``.
         exact: ``full_rank`` and no damping, so ``Aᵀ Λ`` is the exact minimum-norm right inverse.
-        jitter: always 0.0 (no jitter is ever added silently); kept for reporting.
     """
 
     def __init__(self, K: torch.Tensor, config: SolverConfig, eps_dtype: torch.dtype) -> None:
@@ -88,7 +87,6 @@ class GramSystem:
         self.K = K = K.to(torch.float64)
         self.config = config
         self.n = n = K.shape[0]
-        self.jitter = 0.0
         rank_rtol = config.rank_rtol
         self.rank_rtol = default_rank_rtol(n, eps_dtype) if rank_rtol is None else rank_rtol
         self._eig = None
@@ -175,14 +173,14 @@ def gram_with_ones(S: torch.Tensor, block_rows: int = 256) -> torch.Tensor:
 class HalfLayerSystem:
     """The factored system of one half-layer with features ``S`` (``n×M``), ``A = [S, 1]``.
 
-    Attributes ``n``, ``rank``, ``full_rank``, ``exact`` and ``jitter`` as in :class:`GramSystem`.
+    Attributes ``n``, ``rank``, ``full_rank`` and ``exact`` as in :class:`GramSystem`. No jitter is
+    ever added: a singular Gram is reported rank-deficient instead.
     """
 
     def __init__(self, features: torch.Tensor, config: SolverConfig) -> None:
         self.S = features
         self.config = config
         self.n = n = features.shape[0]
-        self.jitter = 0.0
         self._svd = None
         self._gram = None
         gram_dtype = config.gram_dtype or features.dtype
