@@ -38,9 +38,10 @@ from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
 from .capture import OutputCapture, suspended
-from .errors import NonFiniteError, RankDeficiencyError
+from .common import apply_update, check_finite, validate_gn_options
+from .errors import RankDeficiencyError
 from .solvers import GramSystem, SolverConfig
-from .targets import CE_TARGETS, LOSSES, mean_loss, newton_target
+from .targets import mean_loss, newton_target
 
 __all__ = ["DenseGN", "find_module_owning", "JACOBIAN_METHODS"]
 
@@ -103,12 +104,7 @@ class DenseGN(torch.optim.Optimizer):
         rank_policy: str = "raise",
         max_jacobian_entries: int = 200_000_000,
     ) -> None:
-        if not (isinstance(lr, (int, float)) and lr > 0 and lr != float("inf")):
-            raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
-        if loss not in LOSSES:
-            raise ValueError(f"unsupported loss {loss!r}; DenseGN supports {LOSSES}")
-        if ce_target not in CE_TARGETS:
-            raise ValueError(f"unknown ce_target {ce_target!r}; choose from {CE_TARGETS}")
+        validate_gn_options("DenseGN", lr, loss, ce_target)
         if jacobian not in JACOBIAN_METHODS:
             raise ValueError(f"unknown jacobian {jacobian!r}; choose from {JACOBIAN_METHODS}")
         if rank_policy not in ("raise", "warn"):
@@ -267,10 +263,10 @@ class DenseGN(torch.optim.Optimizer):
             raise ValueError(f"DenseGN expects outputs of shape (n, C), got {tuple(out.shape)}")
         out = out.detach()
         loss = mean_loss(group["loss"], out, y)
-        if not bool(torch.isfinite(loss)) or not bool(torch.isfinite(out).all()):
-            raise NonFiniteError("non-finite loss or model output; the parameters were not changed")
-        if y.is_floating_point() and not bool(torch.isfinite(y).all()):
-            raise NonFiniteError("non-finite targets; the parameters were not changed")
+        check_finite("model output", out)
+        check_finite("loss", loss)
+        if y.is_floating_point():
+            check_finite("targets", y)
         eps = newton_target(group["loss"], out, y, ce_target=group["ce_target"],
                             ce_damping=group["ce_damping"], label_smoothing=label_smoothing)
         config = SolverConfig("damped" if group["damping"] else group["solver"], group["rtol"],
@@ -284,18 +280,10 @@ class DenseGN(torch.optim.Optimizer):
         target = (-group["lr"] * eps).reshape(-1)
         lam = system.solve(target[:, None])[:, 0]
         deltas = apply_jt(lam.to(out.dtype))
-        if not all(bool(torch.isfinite(d).all()) for d in deltas):
-            raise NonFiniteError("non-finite Gauss-Newton update; the parameters were not changed")
         if not system.exact and group["rank_policy"] == "warn":
             warnings.warn(f"DenseGN step is not exact Gauss-Newton (rank {system.rank} of "
                           f"{system.n}, damping {group['damping']})", RuntimeWarning, stacklevel=3)
-        wd = group["weight_decay"]
-        for p, d in zip(self.params, deltas, strict=True):
-            if wd:
-                p.mul_(1.0 - group["lr"] * wd)
-            p.add_(d.reshape(p.shape))
-            st = self.state[p]
-            st["step"] = st.get("step", 0) + 1
+        apply_update(self, zip(self.params, deltas, strict=True))
         self.last_step_exact = system.exact
         self.last_step_info = {"exact": system.exact, "rank": system.rank, "n_outputs": system.n,
                                "jacobian": method}

@@ -34,10 +34,10 @@ import torch
 
 from ..nn.revmlp import RevMLP, find_revmlp_owning
 from .capture import OutputCapture
-from .errors import NonFiniteError
+from .common import apply_update, check_finite, validate_gn_options
 from .right_inverse import RANK_POLICIES, right_inverse
 from .solvers import SolverConfig
-from .targets import CE_TARGETS, LOSSES, mean_loss, newton_target
+from .targets import mean_loss, newton_target
 
 __all__ = ["ExactGN", "exact_gn_direction", "STEP_CONVENTIONS"]
 
@@ -47,11 +47,6 @@ STEP_CONVENTIONS = ("function_space", "reference")
 def _recorded_activations(model: RevMLP):
     """The block activations the RevMLP recorded in the forward pass the capture just saw."""
     return model.last_activations
-
-
-def _check_finite(name: str, t: torch.Tensor) -> None:
-    if not bool(torch.isfinite(t).all()):
-        raise NonFiniteError(f"non-finite {name}; the parameters were not changed")
 
 
 def exact_gn_direction(
@@ -119,12 +114,7 @@ class ExactGN(torch.optim.Optimizer):
         rank_policy: str = "raise",
         verify: bool = False,
     ) -> None:
-        if not (isinstance(lr, (int, float)) and lr > 0 and lr != float("inf")):
-            raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
-        if loss not in LOSSES:
-            raise ValueError(f"unsupported loss {loss!r}; ExactGN supports {LOSSES}")
-        if ce_target not in CE_TARGETS:
-            raise ValueError(f"unknown ce_target {ce_target!r}; choose from {CE_TARGETS}")
+        validate_gn_options("ExactGN", lr, loss, ce_target)
         if step_convention not in STEP_CONVENTIONS:
             raise ValueError(f"unknown step_convention {step_convention!r}; choose from "
                              f"{STEP_CONVENTIONS}")
@@ -193,9 +183,9 @@ class ExactGN(torch.optim.Optimizer):
         batch, call = self._capture.consume(self.defaults["loss"])
         group = self.param_groups[0]
         ls = float(call.options.get("label_smoothing", 0.0) or 0.0)
-        _check_finite("model output", batch.output)
+        check_finite("model output", batch.output)
         if call.target.is_floating_point():
-            _check_finite("targets", call.target)
+            check_finite("targets", call.target)
         eps = newton_target(group["loss"], batch.output, call.target,
                             ce_target=group["ce_target"], ce_damping=group["ce_damping"],
                             label_smoothing=ls)
@@ -212,9 +202,9 @@ class ExactGN(torch.optim.Optimizer):
         z, acts = self.model.features_with_activations(x)
         out = z if self.model.readout is None else z @ self.model.readout
         loss = mean_loss(group["loss"], out, y)
-        _check_finite("loss", loss)
+        check_finite("loss", loss)
         if y.is_floating_point():
-            _check_finite("targets", y)
+            check_finite("targets", y)
         eps = newton_target(group["loss"], out, y, ce_target=group["ce_target"],
                             ce_damping=group["ce_damping"])
         self._apply(acts, eps)
@@ -228,7 +218,7 @@ class ExactGN(torch.optim.Optimizer):
 
     # -- internals --------------------------------------------------------------------------
     def _apply(self, acts, eps: torch.Tensor) -> None:
-        _check_finite("Newton target", eps)
+        check_finite("Newton target", eps)
         group = self.param_groups[0]
         alpha = group["lr"] * (len(self.blocks) if group["step_convention"] == "reference" else 1)
         config = SolverConfig(group["solver"], group["rtol"], group["atol"], group["damping"],
@@ -238,8 +228,6 @@ class ExactGN(torch.optim.Optimizer):
         deltas = [(p, d) for idx in self.blocks
                   for p, d in zip(self.model.blocks[idx].parameters(), res.updates[idx].tensors(),
                                       strict=True)]
-        for _, d in deltas:
-            _check_finite("Gauss-Newton update", d)
         if not res.exact and group["rank_policy"] == "warn":
             warnings.warn("ExactGN step is not exact Gauss-Newton: "
                           + "; ".join(f"block {b.block}: rank(A_f)={b.rank_f}, rank(A_g)="
@@ -247,13 +235,7 @@ class ExactGN(torch.optim.Optimizer):
                                       if not b.full_rank)
                           + (" (damped solver)" if group["solver"] == "damped" else ""),
                           RuntimeWarning, stacklevel=3)
-        wd = group["weight_decay"]
-        for p, d in deltas:
-            if wd:
-                p.mul_(1.0 - group["lr"] * wd)
-            p.add_(d)
-            st = self.state[p]
-            st["step"] = st.get("step", 0) + 1
+        apply_update(self, deltas)
         self.last_step_exact = res.exact
         self.last_step_info = {**res.report(), "alpha": alpha, "solver": group["solver"]}
 
