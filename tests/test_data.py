@@ -5,16 +5,17 @@ import hashlib
 import struct
 from pathlib import Path
 
+import mnist1d  # noqa: F401  (a required dependency: a missing install fails here)
 import numpy as np
 import pytest
 import torch
+from hypothesis import settings
+from realdata import MNIST_ENV, REAL_MNIST, mnist_dir, needs_real_mnist
 
 from gnrev_plugin import data
 
-REAL_MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
-needs_real_mnist = pytest.mark.skipif(
-    not (REAL_MNIST / "t10k-images-idx3-ubyte.gz").exists(),
-    reason=f"the real MNIST test split is not at {REAL_MNIST}")
+pytest_plugins = ["pytester"]
+
 
 
 def write_idx(path: Path, arr: np.ndarray, gz: bool) -> None:
@@ -190,7 +191,6 @@ def test_epoch_batches_cover_everything_and_depend_only_on_seed_epoch():
 
 
 def test_mnist1d_offline():
-    pytest.importorskip("mnist1d", reason="the optional 'mnist1d' package is not installed")
     state = np.random.get_state()
     ds = data.load_dataset("mnist1d", num_samples=500)
     assert (len(ds.y_train), len(ds.y_test), ds.in_features, ds.num_classes) == (400, 100, 40, 10)
@@ -201,3 +201,48 @@ def test_mnist1d_offline():
 def test_unknown_dataset():
     with pytest.raises(ValueError, match="unknown dataset"):
         data.load_dataset("cifar100")
+
+
+def test_mnist_dir_env_override(monkeypatch, tmp_path):
+    default = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
+    monkeypatch.delenv(MNIST_ENV, raising=False)
+    assert mnist_dir() == default
+    monkeypatch.setenv(MNIST_ENV, str(tmp_path))
+    assert mnist_dir() == tmp_path.resolve()
+
+
+CI_SKIP_PROBE = '''
+import pytest
+
+def test_needs_data():
+    pytest.skip("the data set is not at /nowhere")
+
+def test_needs_gpu():
+    pytest.skip("needs a CUDA GPU")
+
+@pytest.mark.xfail(reason="known")
+def test_expected_failure():
+    assert False
+'''
+
+
+@pytest.mark.parametrize("ci", [True, False])
+def test_ci_turns_a_missing_data_skip_into_a_failure(pytester, monkeypatch, ci):
+    """Runs the real tests/conftest.py on a probe module (bug it catches: a host or data set
+    missing under CI skips silently)."""
+    pytester.makeconftest((Path(__file__).parent / "conftest.py").read_text())
+    pytester.makepyfile(CI_SKIP_PROBE)
+    if ci:
+        monkeypatch.setenv("CI", "true")
+    else:
+        monkeypatch.delenv("CI", raising=False)
+    profile = settings.get_current_profile_name()   # the probe's conftest loads its own
+    try:
+        res = pytester.runpytest_inprocess("-p", "no:cacheprovider")
+    finally:
+        settings.load_profile(profile)
+    if ci:
+        res.assert_outcomes(failed=1, skipped=1, xfailed=1)
+        res.stdout.fnmatch_lines(["*skipped under CI*the data set is not at /nowhere*"])
+    else:
+        res.assert_outcomes(skipped=2, xfailed=1)
