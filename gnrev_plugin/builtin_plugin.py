@@ -2,38 +2,60 @@
 
 Every factory is a lazy ``"module:attribute"`` target, so registering never imports the optimizer,
 metric or data modules: a missing or broken optional piece only affects its own entry, when used.
+The runner defaults of each entry come from :mod:`gnrev_plugin.defaults`.
 
 Registered names (see ``gnrev list``):
 
 * models: ``gnrev.revmlp`` (:class:`~gnrev_plugin.nn.RevMLP`), ``gnrev.revmlp_preset``
-  (:func:`~gnrev_plugin.nn.revmlp_from_preset`, first argument the preset name);
+  (:func:`~gnrev_plugin.nn.revmlp_preset_factory`, ``preset=`` a name of
+  :data:`~gnrev_plugin.nn.PRESETS`), ``gnrev.mlp`` (:class:`~gnrev_plugin.nn.MLP`);
 * optimizers: ``gnrev.exact_gn`` (:class:`~gnrev_plugin.optim.ExactGN`), ``gnrev.dense_gn``
-  (:class:`~gnrev_plugin.optim.DenseGN`), and the baselines ``gnrev.sgd``/``gnrev.adam``
-  (``torch.optim``) so runners can name every competitor through one registry;
-* metrics: ``gnrev.decompose``, ``gnrev.empirical_ntk``, ``gnrev.linear_cka``,
-  ``gnrev.gn_condition_number`` and the other diagnostics of :mod:`gnrev_plugin.metrics`
-  (CKA variants, NTK similarity/velocity, kernel-target alignment, loss change, weight drift);
+  (:class:`~gnrev_plugin.optim.DenseGN`), both needing the model and the loss, and the
+  baselines ``gnrev.sgd``/``gnrev.adam`` (``torch.optim``);
+* run metrics (logged every epoch, :mod:`gnrev_plugin.metrics.run_metrics`):
+  ``gnrev.ntk_similarity_to_init``, ``gnrev.cka_to_init``, ``gnrev.weight_cosine_to_init``,
+  ``gnrev.weight_norm_ratio_to_init``, ``gnrev.gn_condition_number_on_batch``,
+  ``gnrev.nme_trace``;
+* function metrics: ``gnrev.decompose``, ``gnrev.empirical_ntk``, ``gnrev.linear_cka``,
+  ``gnrev.gn_condition_number`` and the other functions of :mod:`gnrev_plugin.metrics`;
 * datasets: ``gnrev.mnist``, ``gnrev.fashion_mnist``, ``gnrev.mnist1d``, ``gnrev.teacher_student``
   (:func:`gnrev_plugin.data.load_dataset`).
 """
 
 from __future__ import annotations
 
+from .defaults import MODEL_DEFAULTS, OPTIMIZER_DEFAULTS
 from .hookspecs import hookimpl
 from .plugins import LazyFactory
 
+#: name → (target, description, input_multiple)
 MODELS = {
-    "gnrev.revmlp": ("gnrev_plugin.nn:RevMLP", "reversible MLP of additive coupling blocks"),
-    "gnrev.revmlp_preset": ("gnrev_plugin.nn:revmlp_from_preset",
-                            "RevMLP from a named preset (mnist_paper, cifar10_paper, tiny, ...)"),
+    "gnrev.revmlp": ("gnrev_plugin.nn:RevMLP", "reversible MLP of additive coupling blocks", 2),
+    "gnrev.revmlp_preset": ("gnrev_plugin.nn:revmlp_preset_factory",
+                            "RevMLP from a named preset (preset=mnist_paper, tiny, ...)", 2),
+    "gnrev.mlp": ("gnrev_plugin.nn:MLP", "plain MLP d → h₁ → … → C (any activation)", 1),
 }
+#: name → (target, description, needs)
 OPTIMIZERS = {
     "gnrev.exact_gn": ("gnrev_plugin.optim:ExactGN",
-                       "exact Gauss-Newton for RevMLP (per-block right inverse)"),
+                       "exact Gauss-Newton for RevMLP (per-block right inverse)", ("model", "loss")),
     "gnrev.dense_gn": ("gnrev_plugin.optim:DenseGN",
-                       "dense-Jacobian (damped) Gauss-Newton for any nn.Module"),
-    "gnrev.sgd": ("torch.optim:SGD", "baseline: torch.optim.SGD"),
-    "gnrev.adam": ("torch.optim:Adam", "baseline: torch.optim.Adam"),
+                       "dense-Jacobian (damped) Gauss-Newton for any nn.Module", ("model", "loss")),
+    "gnrev.sgd": ("torch.optim:SGD", "baseline: torch.optim.SGD", ()),
+    "gnrev.adam": ("torch.optim:Adam", "baseline: torch.optim.Adam", ()),
+}
+RUN_METRICS = {
+    "gnrev.ntk_similarity_to_init": ("gnrev_plugin.metrics:ntk_similarity_to_init",
+                                     "NTK similarity A(Θ₀, Θ_t) on the probe batch"),
+    "gnrev.cka_to_init": ("gnrev_plugin.metrics:cka_to_init",
+                          "linear CKA to init per half-layer / leaf module"),
+    "gnrev.weight_cosine_to_init": ("gnrev_plugin.metrics:weight_cosine_to_init",
+                                    "cos(θ₀, θ_t) over all parameters"),
+    "gnrev.weight_norm_ratio_to_init": ("gnrev_plugin.metrics:weight_norm_ratio_to_init",
+                                        "‖θ_t‖ / ‖θ₀‖ over all parameters"),
+    "gnrev.gn_condition_number_on_batch": ("gnrev_plugin.metrics:gn_condition_number_on_batch",
+                                           "κ(G) and rank of the probe batch's GN matrix"),
+    "gnrev.nme_trace": ("gnrev_plugin.metrics:nme_trace", "tr(NME) = tr(H − G) on the probe batch"),
 }
 METRICS = {
     "gnrev.decompose": ("gnrev_plugin.metrics:decompose",
@@ -69,18 +91,22 @@ DATASETS = {
 
 @hookimpl
 def gnrev_register_models(registry) -> None:
-    for name, (target, doc) in MODELS.items():
-        registry.add_model(name, LazyFactory(target), doc)
+    for name, (target, doc, multiple) in MODELS.items():
+        registry.add_model(name, LazyFactory(target), doc, defaults=MODEL_DEFAULTS.get(name),
+                           input_multiple=multiple)
 
 
 @hookimpl
 def gnrev_register_optimizers(registry) -> None:
-    for name, (target, doc) in OPTIMIZERS.items():
-        registry.add_optimizer(name, LazyFactory(target), doc)
+    for name, (target, doc, needs) in OPTIMIZERS.items():
+        registry.add_optimizer(name, LazyFactory(target), doc,
+                               defaults=OPTIMIZER_DEFAULTS.get(name), needs=needs)
 
 
 @hookimpl
 def gnrev_register_metrics(registry) -> None:
+    for name, (target, doc) in RUN_METRICS.items():
+        registry.add_metric(name, LazyFactory(target), doc, protocol="run")
     for name, (target, doc) in METRICS.items():
         registry.add_metric(name, LazyFactory(target), doc)
 

@@ -32,7 +32,7 @@ import torch
 __all__ = [
     "Dataset", "MNIST_MEAN", "MNIST_STD", "DATA_DIR_ENV", "default_data_dir", "find_idx_files",
     "read_idx", "load_idx_dataset", "load_mnist1d", "teacher_student", "load_dataset",
-    "full_batch_subset", "one_hot", "pad_to_even", "epoch_permutation", "minibatches",
+    "full_batch_subset", "one_hot", "pad_to_multiple", "pad_to_even", "epoch_permutation", "minibatches",
     "DATASETS",
 ]
 
@@ -328,16 +328,23 @@ def one_hot(y: torch.Tensor, num_classes: int, dtype: torch.dtype = torch.float3
     return torch.nn.functional.one_hot(y.long(), num_classes).to(dtype)
 
 
-def pad_to_even(ds: Dataset) -> Dataset:
-    """Append one zero feature when ``d`` is odd (a RevMLP splits its input into two halves)."""
-    if ds.in_features % 2 == 0:
+def pad_to_multiple(ds: Dataset, multiple: int) -> Dataset:
+    """Append zero features until ``d`` is a multiple of ``multiple`` (a RevMLP splits its input
+    into two halves: ``multiple = 2``)."""
+    extra = (-ds.in_features) % int(multiple)
+    if extra == 0:
         return ds
 
     def pad(x):
-        return torch.cat([x, x.new_zeros(x.shape[0], 1)], dim=1)
+        return torch.cat([x, x.new_zeros(x.shape[0], extra)], dim=1)
 
     return Dataset(ds.name, pad(ds.x_train), ds.y_train, pad(ds.x_test), ds.y_test,
-                   ds.num_classes, dict(ds.info, padded="one zero feature appended (odd d)"))
+                   ds.num_classes, dict(ds.info, padded=f"{extra} zero feature(s) appended"))
+
+
+def pad_to_even(ds: Dataset) -> Dataset:
+    """Append one zero feature when ``d`` is odd (:func:`pad_to_multiple` with 2)."""
+    return pad_to_multiple(ds, 2)
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:

@@ -38,27 +38,57 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 class GnrevHookSpecs:
-    """Registration hooks. Each is called once per plugin with the host's registry."""
+    """Registration hooks. Each is called once per plugin with the host's registry.
+
+    The **factory contracts** below are what every runner (``gnrev train``/``reproduce``, the
+    benchopt solvers, the DeepOBS runner, the AlgoPerf submission) relies on; the registry checks
+    them when an entry is added (a callable) or first used (a lazy ``"module:attr"``) and reports
+    a breach as a :class:`~gnrev_plugin.plugins.PluginError` naming the entry.
+    """
 
     @hookspec
     def gnrev_register_models(self, registry) -> None:
-        """Add model factories: ``registry.add_model(name, factory, description=...)``.
+        """Add model factories: ``registry.add_model(name, factory, defaults={...},
+        input_multiple=1)``.
 
-        ``factory(**cfg)`` must return an ``nn.Module``; ``factory`` may be a callable or a
-        lazy ``"module:attribute"`` string.
+        Contract: ``factory(*, in_features: int, num_classes: int, **kwargs) -> nn.Module``
+        mapping inputs ``(n, in_features)`` to logits ``(n, num_classes)``. The runner passes the
+        dataset's shape; ``kwargs`` are the entry's ``defaults`` updated by the user's options.
+        The runner seeds torch's global RNG with the run's seed around the call (in a forked RNG
+        state), so a factory that draws from the global RNG is deterministic per seed.
+        ``input_multiple`` > 1 asks runners to pad the inputs with zero features to a multiple.
         """
 
     @hookspec
     def gnrev_register_optimizers(self, registry) -> None:
-        """Add optimizer factories: ``registry.add_optimizer(name, factory)``.
+        """Add optimizer factories: ``registry.add_optimizer(name, factory, defaults={...},
+        needs=())``.
 
-        ``factory(params, **cfg)`` must return a ``torch.optim.Optimizer``-like object.
+        Contract (torch.optim style): ``factory(params, **kwargs)`` returns an object with
+        ``zero_grad()``, ``step(closure=None)``, ``state_dict()`` and ``load_state_dict()``;
+        every hyperparameter is a keyword (and, for a ``torch.optim.Optimizer``, lives in
+        ``param_groups``). An optimizer that also needs the model and the loss (the Gauss-Newton
+        family) declares it as data, ``needs=("model", "loss")``: runners then pass
+        ``model=<nn.Module>`` and ``loss="cross_entropy" | "mse"``. An optional
+        ``step_on_batch(x, y) -> loss`` is used by runners as a fast path when present.
         """
 
     @hookspec
     def gnrev_register_metrics(self, registry) -> None:
-        """Add metric callables: ``registry.add_metric(name, fn)``."""
+        """Add metrics: ``registry.add_metric(name, fn, protocol="run" | "function")``.
+
+        A **run metric** (``protocol="run"``) is called by runners at every logged epoch as
+        ``fn(model, *, inputs, targets, loss_fn, initial_model, **_) -> float | dict[str, float]``
+        on a fixed probe batch (``inputs``, ``targets`` in the loss's form, ``loss_fn`` an
+        ``nn.Module`` loss, ``initial_model`` a frozen copy of the model at epoch 0). Its value
+        is logged under the metric's registry name, a dict's keys as ``name.key``. A
+        ``"function"`` metric is a library function with its own signature.
+        """
 
     @hookspec
     def gnrev_register_datasets(self, registry) -> None:
-        """Add dataset loaders: ``registry.add_dataset(name, loader)``; ``loader(**cfg)``."""
+        """Add dataset loaders: ``registry.add_dataset(name, loader)``.
+
+        Contract: ``loader(**kwargs) ->`` :class:`gnrev_plugin.data.Dataset` (flattened float
+        inputs ``x_train``/``x_test``, integer labels ``y_train``/``y_test``, ``num_classes``).
+        """

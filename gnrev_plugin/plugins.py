@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata as md
+import inspect
+import json
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -38,7 +40,8 @@ from .hookspecs import ENTRY_POINT_GROUP, PROJECT, GnrevHookSpecs, hookimpl, hoo
 __all__ = [
     "PROJECT", "ENTRY_POINT_GROUP", "KINDS", "hookimpl", "hookspec", "Entry", "PluginSource",
     "PluginProblem", "PluginError", "PluginWarning", "DuplicateNameError", "UnknownNameError", "Registry",
-    "LazyFactory", "discover", "get_registry",
+    "LazyFactory", "discover", "get_registry", "OPTIMIZER_NEEDS", "METRIC_PROTOCOLS",
+    "check_factory_contract",
 ]
 
 #: Entry kinds, in the order ``gnrev list`` shows them, with their registration hook.
@@ -49,6 +52,15 @@ KINDS: dict[str, str] = {
     "dataset": "gnrev_register_datasets",
 }
 _BUILTIN_MODULE = "gnrev_plugin.builtin_plugin"
+#: What an optimizer factory may declare it needs besides ``params``: ``"model"`` (the
+#: ``nn.Module`` being trained, passed as ``model=``) and ``"loss"`` (the loss name,
+#: ``"cross_entropy"`` or ``"mse"``, passed as ``loss=``).
+OPTIMIZER_NEEDS = ("model", "loss")
+#: Metric protocols: ``"run"`` metrics are called by runners at every logged epoch as
+#: ``fn(model, *, inputs, targets, loss_fn, initial_model, **_)``; ``"function"`` metrics are
+#: library functions with their own signature (``gnrev.linear_cka(X, Y)``, ...).
+METRIC_PROTOCOLS = ("run", "function")
+_RUN_METRIC_KEYWORDS = ("inputs", "targets", "loss_fn", "initial_model")
 
 
 class PluginError(RuntimeError):
@@ -141,6 +153,13 @@ class Entry:
         factory: a callable or a :class:`LazyFactory`.
         source: the plugin and distribution that registered it.
         description: one line for listings.
+        defaults: keyword arguments a runner passes unless the user overrides them (JSON
+            values; models and optimizers).
+        needs: optimizers only: what the factory needs besides ``params``
+            (:data:`OPTIMIZER_NEEDS`), declared as data so runners never inspect types.
+        protocol: metrics only: ``"run"`` or ``"function"`` (:data:`METRIC_PROTOCOLS`).
+        input_multiple: models only: the input width must be a multiple of this (a RevMLP
+            splits its input in halves: 2); runners pad the data with zero features.
     """
 
     kind: str
@@ -148,6 +167,10 @@ class Entry:
     factory: Any
     source: PluginSource
     description: str = ""
+    defaults: dict = field(default_factory=dict)
+    needs: tuple[str, ...] = ()
+    protocol: str = ""
+    input_multiple: int = 1
 
     @property
     def distribution(self) -> str:
@@ -171,15 +194,21 @@ class Entry:
         return f"{mod}:{qual}"
 
     def resolve(self) -> Any:
-        """The factory's object (imports a lazy target); raises :class:`PluginError` on failure."""
+        """The factory's object (imports a lazy target and checks its contract, see
+        :func:`check_factory_contract`); raises :class:`PluginError` on failure."""
         if not isinstance(self.factory, LazyFactory):
             return self.factory
         try:
-            return self.factory.resolve()
+            obj = self.factory.resolve()
         except Exception as err:
             raise PluginError(
                 f"{self.kind} {self.name!r} registered by {self.source.describe()} could not be "
                 f"loaded from {self.factory.target}: {type(err).__name__}: {err}") from err
+        problem = check_factory_contract(self.kind, obj, self.protocol, bound=self.factory.args)
+        if problem:
+            raise PluginError(f"{self.kind} {self.name!r} registered by "
+                              f"{self.source.describe()} breaks the factory contract: {problem}")
+        return obj
 
 
 _MANUAL = PluginSource("<manual>", "<registered in code>", "<unknown>", "")
@@ -202,22 +231,55 @@ class Registry:
     _current: PluginSource = _MANUAL
 
     # ----------------------------------------------------------------- registration (plugins)
-    def add(self, kind: str, name: str, factory: Callable | str, description: str = "") -> Entry:
+    def add(self, kind: str, name: str, factory: Callable | str, description: str = "", *,
+            defaults: dict | None = None, needs: Sequence[str] = (), protocol: str = "",
+            input_multiple: int = 1) -> Entry:
         """Register ``name`` under ``kind``; ``factory`` is a callable or ``"module:attr"``.
+
+        The factory contracts are those of :mod:`gnrev_plugin.hookspecs`. They are checked here
+        for a callable factory and on first use for a lazy ``"module:attr"`` one; a breach is a
+        :class:`PluginError` that names the entry, so the plugin is reported and skipped.
 
         Raises:
             DuplicateNameError: if ``name`` is already registered for ``kind`` (both
                 distributions are named).
+            PluginError: the factory breaks its contract, or ``defaults`` / ``needs`` /
+                ``protocol`` / ``input_multiple`` are malformed.
         """
         if kind not in KINDS:
             raise ValueError(f"unknown kind {kind!r}; known: {list(KINDS)}")
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"a {kind} name must be a non-empty string, got {name!r}")
+        if not isinstance(name, str) or not name or any(c.isspace() for c in name):
+            raise PluginError(f"a {kind} name must be a non-empty string without spaces, "
+                              f"got {name!r}")
         if isinstance(factory, str):
             factory = LazyFactory(factory)
         elif not callable(factory):
             raise TypeError(f"the factory of {kind} {name!r} must be callable or a "
                             f"'module:attr' string, got {type(factory).__name__}")
+        defaults, needs = dict(defaults or {}), tuple(needs)
+        where = f"{kind} {name!r}"
+        try:
+            json.dumps(defaults, allow_nan=False)
+        except (TypeError, ValueError) as err:
+            raise PluginError(f"{where}: defaults must be JSON values ({err})") from None
+        if needs and kind != "optimizer":
+            raise PluginError(f"{where}: only optimizers declare needs")
+        if bad := [n for n in needs if n not in OPTIMIZER_NEEDS]:
+            raise PluginError(f"{where}: unknown needs {bad}; known: {list(OPTIMIZER_NEEDS)}")
+        if kind == "metric":
+            protocol = protocol or "function"
+            if protocol not in METRIC_PROTOCOLS:
+                raise PluginError(f"{where}: protocol must be one of {list(METRIC_PROTOCOLS)}, "
+                                  f"got {protocol!r}")
+        elif protocol:
+            raise PluginError(f"{where}: only metrics declare a protocol")
+        if not isinstance(input_multiple, int) or input_multiple < 1 or (
+                input_multiple != 1 and kind != "model"):
+            raise PluginError(f"{where}: input_multiple must be a positive int (models only)")
+        if not isinstance(factory, LazyFactory):
+            problem = check_factory_contract(kind, factory, protocol)
+            if problem:
+                raise PluginError(f"{where} breaks the factory contract: {problem}")
         table = self._tables[kind]
         if name in table:
             old = table[name]
@@ -226,24 +288,32 @@ class Registry:
                 f"{old.source.describe()}, again by {self._current.describe()}")
         if not description:
             description = _first_doc_line(factory)
-        entry = Entry(kind, name, factory, self._current, description)
+        entry = Entry(kind, name, factory, self._current, description, defaults, needs,
+                      protocol, input_multiple)
         table[name] = entry
         return entry
 
-    def add_model(self, name: str, factory: Callable | str, description: str = "") -> Entry:
-        """Register a model factory ``factory(**cfg) -> nn.Module``."""
-        return self.add("model", name, factory, description)
+    def add_model(self, name: str, factory: Callable | str, description: str = "", *,
+                  defaults: dict | None = None, input_multiple: int = 1) -> Entry:
+        """Register a model factory ``factory(*, in_features, num_classes, **kwargs) ->
+        nn.Module`` (the runner passes the dataset's shape; ``defaults`` fill ``kwargs``)."""
+        return self.add("model", name, factory, description, defaults=defaults,
+                        input_multiple=input_multiple)
 
-    def add_optimizer(self, name: str, factory: Callable | str, description: str = "") -> Entry:
-        """Register an optimizer factory ``factory(params, **cfg)``."""
-        return self.add("optimizer", name, factory, description)
+    def add_optimizer(self, name: str, factory: Callable | str, description: str = "", *,
+                      defaults: dict | None = None, needs: Sequence[str] = ()) -> Entry:
+        """Register a torch.optim-style factory ``factory(params, **kwargs)``; an optimizer that
+        also needs the model and the loss declares ``needs=("model", "loss")``."""
+        return self.add("optimizer", name, factory, description, defaults=defaults, needs=needs)
 
-    def add_metric(self, name: str, factory: Callable | str, description: str = "") -> Entry:
-        """Register a metric callable."""
-        return self.add("metric", name, factory, description)
+    def add_metric(self, name: str, factory: Callable | str, description: str = "", *,
+                   protocol: str = "function") -> Entry:
+        """Register a metric; ``protocol="run"`` for a run metric
+        ``fn(model, *, inputs, targets, loss_fn, initial_model, **_) -> float | dict``."""
+        return self.add("metric", name, factory, description, protocol=protocol)
 
     def add_dataset(self, name: str, factory: Callable | str, description: str = "") -> Entry:
-        """Register a dataset loader ``factory(**cfg)``."""
+        """Register a dataset loader ``factory(**kwargs) ->`` :class:`gnrev_plugin.data.Dataset`."""
         return self.add("dataset", name, factory, description)
 
     # ----------------------------------------------------------------- lookup (hosts)
@@ -261,14 +331,30 @@ class Registry:
         """Sorted names of one kind."""
         return sorted(self._tables[kind])
 
+    def resolve_name(self, kind: str, name: str) -> str:
+        """The registered name for ``name``: itself, or ``"gnrev." + name`` for a built-in given
+        without its prefix (``exact_gn`` → ``gnrev.exact_gn``). :class:`UnknownNameError` lists
+        the registered names of that kind."""
+        if kind not in KINDS:
+            raise ValueError(f"unknown kind {kind!r}; known: {list(KINDS)}")
+        table = self._tables[kind]
+        if name in table:
+            return name
+        for candidate in (f"gnrev.{name}", f"gnrev.{name.replace('-', '_')}"):
+            if candidate in table:
+                return candidate
+        return self.entry(kind, name).name  # raises with the list of known names
+
     def get_model(self, name: str, /, **cfg: Any) -> Any:
-        """Build model ``name`` with ``factory(**cfg)``."""
-        return self.entry("model", name).resolve()(**_bound(self.entry("model", name), cfg))
+        """Build model ``name`` with ``factory(**(defaults | cfg))``."""
+        e = self.entry("model", name)
+        return e.resolve()(*_bound_args(e), **_bound(e, {**e.defaults, **cfg}))
 
     def get_optimizer(self, name: str, params: Iterable, /, **cfg: Any) -> Any:
-        """Build optimizer ``name`` with ``factory(params, **cfg)``."""
+        """Build optimizer ``name`` with ``factory(params, **(defaults | cfg))``; the caller
+        passes what the entry :attr:`~Entry.needs` (``model=``, ``loss=``)."""
         e = self.entry("optimizer", name)
-        return e.resolve()(*_bound_args(e), params, **_bound(e, cfg))
+        return e.resolve()(*_bound_args(e), params, **_bound(e, {**e.defaults, **cfg}))
 
     def get_metric(self, name: str) -> Any:
         """The metric callable registered as ``name``."""
@@ -296,6 +382,54 @@ class Registry:
         for table in self._tables.values():
             for name in [n for n, e in table.items() if e.source is source]:
                 del table[name]
+
+
+def _accepts(sig: inspect.Signature, keyword: str) -> bool:
+    p = sig.parameters.get(keyword)
+    return (p is not None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)) or any(
+        q.kind is q.VAR_KEYWORD for q in sig.parameters.values())
+
+
+def check_factory_contract(kind: str, factory: Any, protocol: str = "", bound: tuple = ()
+                           ) -> str | None:
+    """Why ``factory`` cannot serve as a ``kind`` factory (``None`` if it can).
+
+    The contracts (:mod:`gnrev_plugin.hookspecs`): a model factory accepts the keywords
+    ``in_features`` and ``num_classes``; an optimizer factory accepts ``params`` positionally;
+    a run metric accepts the model positionally and the keywords ``inputs``, ``targets``,
+    ``loss_fn``, ``initial_model``. ``bound`` are positional arguments a :class:`LazyFactory`
+    binds in front. Objects without an inspectable signature are accepted.
+    """
+    if not callable(factory):
+        return f"the factory is not callable ({type(factory).__name__})"
+    try:
+        sig = inspect.signature(factory)
+    except (TypeError, ValueError):
+        return None
+    if bound:
+        try:
+            sig = sig.replace(parameters=list(sig.parameters.values())[len(bound):])
+        except ValueError:
+            return None
+    positional = [p for p in sig.parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    var_positional = any(p.kind is p.VAR_POSITIONAL for p in sig.parameters.values())
+    if kind == "model":
+        missing = [k for k in ("in_features", "num_classes") if not _accepts(sig, k)]
+        if missing:
+            return (f"a model factory must accept the keywords in_features= and num_classes= "
+                    f"(the runner passes the dataset's shape); {factory!r} does not accept "
+                    f"{missing}")
+    elif kind == "optimizer" or (kind == "metric" and protocol == "run"):
+        if not positional and not var_positional:
+            what = "params" if kind == "optimizer" else "the model"
+            return f"the factory must take {what} as its first positional argument"
+        if kind == "metric":
+            missing = [k for k in _RUN_METRIC_KEYWORDS if not _accepts(sig, k)]
+            if missing:
+                return (f"a run metric must accept the keywords {list(_RUN_METRIC_KEYWORDS)} "
+                        f"(or **kwargs); it does not accept {missing}")
+    return None
 
 
 def _bound(entry: Entry, cfg: dict) -> dict:

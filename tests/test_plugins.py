@@ -75,7 +75,7 @@ BAD_PLUGINS = {
 
         @hookimpl
         def gnrev_register_models(registry):
-            registry.add_model("conflict.fine_model", lambda: None)
+            registry.add_model("conflict.fine_model", lambda *, in_features, num_classes: None)
 
         @hookimpl
         def gnrev_register_optimizers(registry):
@@ -142,14 +142,15 @@ def test_get_model_and_optimizer_build_real_objects():
     assert isinstance(model, RevMLP) and model.config["hidden"] == 5
     opt = reg.get_optimizer("gnrev.sgd", model.parameters(), lr=0.5)
     assert isinstance(opt, torch.optim.SGD) and opt.defaults["lr"] == 0.5
-    tiny = reg.get_model("gnrev.revmlp_preset", name="tiny")
-    assert isinstance(tiny, RevMLP) and tiny.in_features == 6
+    tiny = reg.get_model("gnrev.revmlp_preset", preset="tiny", in_features=8, num_classes=4)
+    assert isinstance(tiny, RevMLP) and (tiny.in_features, tiny.num_classes) == (8, 4)
+    assert tiny.hidden == 12 and tiny.num_blocks == 3  # the rest comes from the preset
 
 
 def test_get_exact_gn_through_the_registry():
     reg = discover()
     cls = reg.entry("optimizer", "gnrev.exact_gn").resolve()
-    model = reg.get_model("gnrev.revmlp_preset", name="tiny")
+    model = reg.get_model("gnrev.revmlp_preset", preset="tiny", in_features=6, num_classes=3)
     opt = reg.get_optimizer("gnrev.exact_gn", model.parameters(), lr=1.0, loss="mse",
                             model=model)
     assert isinstance(opt, cls)
@@ -210,7 +211,7 @@ def test_third_party_dist_info_is_discovered(toy_site):
     assert reg.entry("optimizer", "toy.sign_sgd").distribution == "gnrev-toy-plugin"
 
     torch.manual_seed(0)
-    net = reg.get_model("toy.tiny_mlp", in_features=3, out_features=2)
+    net = reg.get_model("toy.tiny_mlp", in_features=3, num_classes=2)
     opt = reg.get_optimizer("toy.sign_sgd", net.parameters(), lr=0.1)
     x = torch.randn(5, 3)
     before = [p.detach().clone() for p in net.parameters()]
@@ -285,14 +286,14 @@ def test_third_party_plugin_cannot_take_the_builtin_plugin_name(toy_site):
 # ---------------------------------------------------------------------------------- registry API
 def test_registry_errors_are_clear():
     reg = Registry()
-    reg.add_model("a.model", lambda: "built")
-    assert reg.get_model("a.model") == "built"
+    reg.add_model("a.model", lambda *, in_features, num_classes: "built")
+    assert reg.get_model("a.model", in_features=2, num_classes=2) == "built"
     with pytest.raises(UnknownNameError, match="no optimizer named 'nope'.*known optimizers: none"):
         reg.get_optimizer("nope", [])
     with pytest.raises(UnknownNameError, match="known models: a.model"):
         reg.get_model("b.model")
     with pytest.raises(DuplicateNameError, match="'a.model' is registered twice"):
-        reg.add_model("a.model", lambda: None)
+        reg.add_model("a.model", lambda *, in_features, num_classes: None)
     with pytest.raises(TypeError, match="must be callable"):
         reg.add_metric("m", 3)
     with pytest.raises(ValueError, match="module:attribute"):
@@ -300,6 +301,33 @@ def test_registry_errors_are_clear():
     reg.add_metric("missing", "gnrev_plugin.this_module_does_not_exist:fn")
     with pytest.raises(PluginError, match="metric 'missing'.*could not be loaded"):
         reg.get_metric("missing")
+
+
+def test_factory_contracts_are_checked_at_registration_and_first_use():
+    """hookspecs' contracts: a breach is a PluginError naming the entry and what is missing."""
+    reg = Registry()
+    with pytest.raises(PluginError, match=r"model 'm.bad'.*in_features= and num_classes=.*"
+                                          r"\['num_classes'\]"):
+        reg.add_model("m.bad", lambda *, in_features, hidden=3: None)
+    reg.add_model("m.kwargs", lambda **kw: kw)  # **kwargs accepts the runner's keywords
+    with pytest.raises(PluginError, match="optimizer 'o.bad'.*params as its first positional"):
+        reg.add_optimizer("o.bad", lambda *, lr: None)
+    with pytest.raises(PluginError, match=r"unknown needs \['data'\]"):
+        reg.add_optimizer("o.needs", lambda params, **kw: None, needs=("model", "data"))
+    with pytest.raises(PluginError, match=r"run metric must accept.*\['targets', 'loss_fn'"):
+        reg.add_metric("r.bad", lambda model, *, inputs, initial_model: 0.0, protocol="run")
+    reg.add_metric("f.ok", lambda X, Y: 0.0)  # a library function has its own signature
+    with pytest.raises(PluginError, match="protocol must be one of"):
+        reg.add_metric("r.proto", lambda model, **kw: 0.0, protocol="epoch")
+    with pytest.raises(PluginError, match="defaults must be JSON values"):
+        reg.add_model("m.defaults", lambda **kw: None, defaults={"act": object()})
+    with pytest.raises(PluginError, match="only optimizers declare needs"):
+        reg.add("model", "m.needs", lambda **kw: None, needs=("model",))
+    # a lazy target is checked when first resolved
+    reg.add_model("m.lazy", "gnrev_plugin.nn:make_activation")
+    with pytest.raises(PluginError, match="model 'm.lazy'.*breaks the factory contract"):
+        reg.get_model("m.lazy", in_features=2, num_classes=2)
+    assert sorted(reg.names("model")) == ["m.kwargs", "m.lazy"]
 
 
 def test_extra_plugins_embed_without_installing():

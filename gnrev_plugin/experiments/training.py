@@ -1,31 +1,37 @@
-"""Train one RevMLP with one optimizer and log every epoch; resumable exactly.
+"""Train one registry-built model with one registry-built optimizer; log every epoch; resume exactly.
 
-Per epoch (epoch 0 = the initial model) one row goes to ``log.jsonl``: train/test loss and
-accuracy on the whole train and test sets, the epoch's mean per-batch percentage loss change
-``100 (ℓ_B(θ_{t+1}) − ℓ_B(θ_t)) / ℓ_B(θ_t)``, the fraction of exact GN steps, wall time, and the
-diagnostics (NTK, CKA, weight change; :mod:`gnrev_plugin.experiments.diagnostics`).
+A run is a :class:`~gnrev_plugin.build.RunSpec`: :func:`train_run` resolves it through the registry
+(:func:`gnrev_plugin.build.build`), records the resolved spec in ``config.json`` and trains. Per
+epoch (epoch 0 = the initial model) one row goes to ``log.jsonl``: the loss and accuracy on the
+whole train and test sets, the epoch's mean per-batch percentage loss change
+``100 (ℓ_B(θ_{t+1}) − ℓ_B(θ_t)) / ℓ_B(θ_t)``, the fraction of exact Gauss-Newton steps (for an
+optimizer that reports ``last_step_exact``), the run metrics of the spec (under their registry
+names, on the first ``probe_size`` training samples), any extra diagnostics, and the wall time.
 
 Resume is exact: the batch order of an epoch depends only on ``(seed, epoch)``
-(:func:`gnrev_plugin.data.epoch_permutation`), the model, optimizer and diagnostic states are
-checkpointed after every epoch (after its log row), and on resume the log is cut back to the
-checkpoint's epoch. Timings (``time_s``) naturally differ.
+(:func:`gnrev_plugin.data.epoch_permutation`); the model, optimizer and diagnostic states are
+checkpointed after every epoch's log row; on resume the log is cut back to the checkpoint's
+epoch, so a crash between the log write and the checkpoint write (or anywhere else) loses at most
+the epoch in flight. Timings (``time_s``) naturally differ.
 """
 
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+from torch import nn
 
 from gnrev_plugin import data as gdata
-from gnrev_plugin.nn import RevMLP
+from gnrev_plugin.build import RunSpec, build, evaluate_run_metrics, loss_targets, short_name
+from gnrev_plugin.plugins import Registry
 
-from .optimizers import make_optimizer, train_step
 from .rundir import RunDir
 
-__all__ = ["build_model", "evaluate", "train_run", "RunInterrupted"]
+__all__ = ["evaluate", "train_run", "train_step", "StepResult", "RunInterrupted"]
 
 
 class RunInterrupted(BaseException):
@@ -33,33 +39,75 @@ class RunInterrupted(BaseException):
     ``KeyboardInterrupt``, so sweeps do not record it as a crashed config)."""
 
 
-def build_model(cfg: dict, in_features: int, num_classes: int) -> RevMLP:
-    """The RevMLP of a run config (deterministic given ``cfg['seed']``)."""
-    return RevMLP(in_features=in_features, hidden=cfg["hidden"], num_blocks=cfg["blocks"],
-                  num_classes=num_classes, activation=cfg.get("activation", "relu"),
-                  linear_first_block=cfg.get("linear_first_block", False),
-                  init_std=cfg.get("init_std", 1e-3), seed=cfg["seed"])
-
-
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
-             chunk: int = 2048) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy (argmax of the logits) over ``(x, y)``."""
-    total_loss, correct = 0.0, 0
-    for s in range(0, len(y), chunk):
-        out = model(x[s:s + chunk])
-        total_loss += float(F.cross_entropy(out, y[s:s + chunk], reduction="sum"))
-        correct += int((out.argmax(1) == y[s:s + chunk]).sum())
+def evaluate(model: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor,
+             targets: torch.Tensor | None = None, chunk: int = 2048) -> tuple[float, float]:
+    """Mean loss ``loss_fn(model(x), targets)`` and accuracy ``mean 1[argmax F_i = y_i]``.
+
+    ``targets`` are the loss's targets (default ``y``: class indices for cross-entropy).
+    """
+    targets = y if targets is None else targets
+    was_training = model.training
+    model.eval()
+    try:
+        total_loss, correct = 0.0, 0
+        for s in range(0, len(y), chunk):
+            out = model(x[s:s + chunk])
+            n = len(out)
+            total_loss += float(loss_fn(out, targets[s:s + chunk])) * n
+            correct += int((out.argmax(1) == y[s:s + chunk]).sum())
+    finally:
+        model.train(was_training)
     return total_loss / len(y), correct / len(y)
 
 
-#: Called after each epoch's log row and checkpoint: ``hook(run, epoch, row)``. Tests replace it
-#: to simulate a crash at a given epoch.
+@dataclass
+class StepResult:
+    """``loss_before = ℓ_B(θ_t)``, ``loss_after = ℓ_B(θ_{t+1})`` on the same batch ``B``;
+    ``pct_change = 100 (ℓ_B(θ_{t+1}) − ℓ_B(θ_t)) / ℓ_B(θ_t)`` (Buffelli et al., Fig. 3)."""
+
+    loss_before: float
+    loss_after: float
+    exact: bool | None
+
+    @property
+    def pct_change(self) -> float:
+        return 100.0 * (self.loss_after - self.loss_before) / self.loss_before
+
+
+def train_step(opt, model: nn.Module, loss_fn: nn.Module, x: torch.Tensor,
+               target: torch.Tensor) -> StepResult:
+    """One optimizer step on ``(x, target)``, then the loss re-evaluated on the same batch.
+
+    An optimizer with ``step_on_batch(x, target)`` (the Gauss-Newton family's explicit path, no
+    parameter backward) is stepped through it; any other through the standard
+    ``zero_grad(); loss.backward(); step()``. ``exact`` is the optimizer's ``last_step_exact``
+    when it reports one (a rank-deficient step is recorded there, not warned about).
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".* step is not exact Gauss-Newton")
+        if callable(getattr(opt, "step_on_batch", None)):
+            loss_before = float(opt.step_on_batch(x, target))
+        else:
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model(x), target)
+            loss.backward()
+            opt.step()
+            loss_before = float(loss.detach())
+    exact = getattr(opt, "last_step_exact", None)
+    with torch.no_grad():
+        loss_after = float(loss_fn(model(x), target))
+    return StepResult(loss_before, loss_after, None if exact is None else bool(exact))
+
+
+#: Test hooks to simulate a crash: ``hook(run, epoch, row)`` after each epoch's log row is
+#: written (before the checkpoint), and after its checkpoint is written.
+_after_log_hook: Callable[[RunDir, int, dict], None] | None = None
 _after_epoch_hook: Callable[[RunDir, int, dict], None] | None = None
 
 
 def train_run(
-    cfg: dict,
+    spec: RunSpec,
     dataset: gdata.Dataset,
     run: RunDir,
     resume: bool = False,
@@ -67,24 +115,39 @@ def train_run(
     diagnostics_factory: Callable | None = None,
     on_epoch: Callable[[dict], None] | None = None,
     desc: str = "",
+    extra_config: dict | None = None,
+    registry: Registry | None = None,
 ) -> dict:
-    """Train per ``cfg`` and return the result (the final log row plus bookkeeping).
+    """Train per ``spec`` on ``dataset`` into ``run`` and return the result (final row, spec).
 
-    ``cfg`` keys: ``optimizer``, ``lr``, ``epochs``, ``batch_size``, ``hidden``, ``blocks``,
-    ``seed`` (and optionally ``activation``, ``linear_first_block``, ``init_std``,
-    ``rank_policy``). ``diagnostics_factory(model_init, dataset, cfg)`` returns an object with
-    ``measure(model, epoch) -> dict``, ``state_dict()`` and ``load_state_dict(state)``.
+    ``config.json`` holds ``{"spec": <resolved spec>, "data_info": ..., **extra_config}``.
+    ``diagnostics_factory(initial_model, dataset, spec)`` may return an object with
+    ``measure(model, epoch) -> dict``, ``state_dict()`` and ``load_state_dict(state)`` whose
+    values join each row (stateful diagnostics such as the NTK velocity).
     """
     from tqdm.auto import tqdm
 
-    run.write_config(cfg, resume=resume)
+    built = build(spec, in_features=dataset.in_features, num_classes=dataset.num_classes,
+                  registry=registry)
+    spec = built.spec
+    run.write_config({"spec": spec.to_dict(), "data_info": dataset.info, **(extra_config or {})},
+                     resume=resume)
     if resume and run.done:
         return run.read_result()
-    torch.manual_seed(cfg["seed"])
-    d, C = dataset.in_features, dataset.num_classes
-    model = build_model(cfg, d, C)
-    opt = make_optimizer(cfg["optimizer"], model, cfg["lr"], cfg.get("rank_policy", "warn"))
-    diag = (diagnostics_factory(build_model(cfg, d, C), dataset, cfg)
+    model, opt, loss_fn = built.model, built.optimizer, built.loss_fn
+    dev = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    C = dataset.num_classes
+
+    def prepared(x: torch.Tensor, y: torch.Tensor):
+        x, y = x.to(dev, dtype), y.to(dev)
+        return x, y, loss_targets(spec.loss, y, C, dtype)
+
+    x_tr, y_tr, t_tr = prepared(dataset.x_train, dataset.y_train)
+    x_te, y_te, t_te = prepared(dataset.x_test, dataset.y_test)
+    probe = dict(inputs=x_tr[:spec.probe_size], targets=t_tr[:spec.probe_size], loss_fn=loss_fn,
+                 initial_model=built.initial_model)
+    diag = (diagnostics_factory(built.initial_model, dataset, spec)
             if diagnostics_factory else None)
 
     ckpt = run.load_checkpoint() if resume else None
@@ -101,14 +164,17 @@ def train_run(
         start, elapsed = 0, 0.0
 
     def log_epoch(epoch: int, stats: dict) -> dict:
-        tr_loss, tr_acc = evaluate(model, dataset.x_train, dataset.y_train)
-        te_loss, te_acc = evaluate(model, dataset.x_test, dataset.y_test)
+        tr_loss, tr_acc = evaluate(model, loss_fn, x_tr, y_tr, t_tr)
+        te_loss, te_acc = evaluate(model, loss_fn, x_te, y_te, t_te)
         row = dict(epoch=epoch, train_loss=tr_loss, train_acc=tr_acc, test_loss=te_loss,
                    test_acc=te_acc, **stats)
+        row.update(evaluate_run_metrics(built.metrics, model, **probe))
         if diag is not None:
             row.update(diag.measure(model, epoch))
         row["time_s"] = elapsed + (time.perf_counter() - t0)
         run.log(row)
+        if _after_log_hook is not None:
+            _after_log_hook(run, epoch, row)
         run.save_checkpoint(dict(epoch=epoch, model=model.state_dict(),
                                  optimizer=opt.state_dict(),
                                  diagnostics=None if diag is None else diag.state_dict(),
@@ -124,17 +190,19 @@ def train_run(
     if start == 0:
         row = log_epoch(0, dict(batch_loss_change_pct=None, exact_frac=None, steps=0))
         start = 1
-    n = len(dataset.y_train)
-    steps_per_epoch = -(-n // cfg["batch_size"])
-    bar = tqdm(total=(cfg["epochs"] - start + 1) * steps_per_epoch, desc=desc or cfg["optimizer"],
-               disable=not progress, leave=False, dynamic_ncols=True)
+    n = len(y_tr)
+    steps_per_epoch = -(-n // spec.batch_size)
+    bar = tqdm(total=max(0, spec.epochs - start + 1) * steps_per_epoch,
+               desc=desc or short_name(spec.optimizer), disable=not progress, leave=False,
+               dynamic_ncols=True)
     try:
-        for epoch in range(start, cfg["epochs"] + 1):
+        for epoch in range(start, spec.epochs + 1):
             pcts, exacts = [], []
-            for xb, yb in gdata.minibatches(dataset.x_train, dataset.y_train, cfg["batch_size"],
-                                            seed=cfg["seed"], epoch=epoch):
-                res = train_step(opt, model, xb, yb)
-                if not (torch.isfinite(torch.tensor(res.loss_after))):
+            order = gdata.epoch_permutation(n, spec.seed, epoch).to(dev)
+            for s in range(0, n, spec.batch_size):
+                idx = order[s:s + spec.batch_size]
+                res = train_step(opt, model, loss_fn, x_tr[idx], t_tr[idx])
+                if not torch.isfinite(torch.tensor(res.loss_after)):
                     raise FloatingPointError(f"non-finite loss after a step at epoch {epoch}")
                 pcts.append(res.pct_change)
                 if res.exact is not None:
@@ -150,6 +218,6 @@ def train_run(
         bar.close()
     rows = run.rows()
     final = rows[-1] if rows else row
-    result = dict(final=final, epochs=cfg["epochs"], config=cfg)
+    result = dict(final=final, epochs=spec.epochs, spec=spec.to_dict())
     run.write_result(result)
     return result

@@ -44,6 +44,14 @@ from .representation import (
     rbf_cka,
     revmlp_representations,
 )
+from .run_metrics import (
+    cka_to_init,
+    gn_condition_number_on_batch,
+    nme_trace,
+    ntk_similarity_to_init,
+    weight_cosine_to_init,
+    weight_norm_ratio_to_init,
+)
 from .training import (
     LossChangeTracker,
     percentage_loss_change,
@@ -65,4 +73,6 @@ __all__ = [
     "revmlp_representations",
     "LossChangeTracker", "percentage_loss_change", "snapshot_parameters",
     "weight_cosine_similarity", "weight_norm_ratio",
+    "ntk_similarity_to_init", "cka_to_init", "weight_cosine_to_init", "weight_norm_ratio_to_init",
+    "gn_condition_number_on_batch", "nme_trace",
 ]

@@ -181,6 +181,14 @@ def revmlp_from_preset(name: str, **overrides) -> RevMLP:
     return RevMLP(**{**PRESETS[name], **overrides})
 
 
+def revmlp_preset_factory(*, in_features: int, num_classes: int, preset: str,
+                          **overrides) -> RevMLP:
+    """The registry's ``gnrev.revmlp_preset`` model factory: ``PRESETS[preset]`` (width ``M``,
+    depth ``L``, activation, init) on the dataset's ``in_features`` and ``num_classes``."""
+    return revmlp_from_preset(preset, **{**overrides, "in_features": in_features,
+                                         "num_classes": num_classes})
+
+
 def find_revmlp_owning(params: Iterable[torch.Tensor]) -> RevMLP:
     """Find the live :class:`RevMLP` that owns every tensor in ``params``.
 
