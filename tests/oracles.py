@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call, jacrev
@@ -36,3 +37,49 @@ def bitwise_equal(model: nn.Module, snap: list[torch.Tensor]) -> bool:
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
+
+
+# ------------------------------------------------------------------ cross-entropy Newton targets
+#: H's null eigenvalue comes out as ±1e-17 in floating point, which pinv's default cut
+#: (2·eps·λ_max) can keep (C=2, seed 2 of tests/test_targets_oracle.py: error 0.99). Eigenvalues of
+#: diag(p) − ppᵀ interlace the p_k, so for logits in [−3, 3] the nonzero ones are ≥ ~1e-4·λ_max: a
+#: 1e-8 cut separates them from the null one.
+PINV_RTOL = 1e-8
+
+
+def np_softmax(row: np.ndarray) -> np.ndarray:
+    e = np.exp(row - row.max())
+    return e / e.sum()
+
+
+def oracle_probs(y, C: int, smoothing: float) -> np.ndarray:
+    """Targets as probabilities: one-hot rows from class indices, smoothed as (1−s)y + s/C."""
+    y = y.numpy()
+    if y.ndim == 1:
+        Y = np.zeros((len(y), C))
+        Y[np.arange(len(y)), y] = 1.0
+    else:
+        Y = y.astype(np.float64)
+    return (1.0 - smoothing) * Y + smoothing / C
+
+
+def oracle_ce_target(F_, y, kind: str, lam: float = 1e-3, smoothing: float = 0.0) -> torch.Tensor:
+    """Per sample, never calling the package: NumPy softmax ``p``, ``g = p − y``,
+    ``H = diag(p) − ppᵀ``; ``identity``: ``g``; ``pinv``: ``pinv(H) g``; ``damped``:
+    ``solve(H + λI, g)``. ``F_`` float64 ``(n, C)``, ``y`` class indices or probabilities."""
+    Fn = F_.numpy()
+    Y = oracle_probs(y, Fn.shape[1], smoothing)
+    rows = []
+    for f, yi in zip(Fn, Y, strict=True):
+        p = torch.tensor(np_softmax(f), dtype=torch.float64)
+        g = p - torch.tensor(yi, dtype=torch.float64)
+        H = torch.diag(p) - torch.outer(p, p)
+        if kind == "identity":
+            rows.append(g)
+        elif kind == "pinv":
+            rows.append(torch.linalg.pinv(H, rtol=PINV_RTOL, hermitian=True) @ g)
+        elif kind == "damped":
+            rows.append(torch.linalg.solve(H + lam * torch.eye(len(p), dtype=torch.float64), g))
+        else:
+            raise AssertionError(kind)
+    return torch.stack(rows)

@@ -1,13 +1,16 @@
-"""DenseGN equals the Moore-Penrose Gauss-Newton step −α J⁺ε (dense float64 oracle, ≤ 1e-8)."""
+"""DenseGN equals the Moore-Penrose Gauss-Newton step −α J⁺ε (dense float64 oracle, ≤ 1e-8).
+
+``ε`` comes from the independent per-sample formulas of ``oracles.oracle_ce_target`` (NumPy
+softmax, ``pinv``/``solve`` of ``diag(p) − ppᵀ``), never from the package's ``newton_target``.
+"""
 
 import pytest
 import torch
-from oracles import bitwise_equal, dense_jacobian, flat_params, rel, snapshot
+from oracles import bitwise_equal, dense_jacobian, flat_params, oracle_ce_target, rel, snapshot
 from torch import nn
 
 from gnrev_plugin.optim import DenseGN, NonFiniteError, RankDeficiencyError
 from gnrev_plugin.optim.dense_gn import find_module_owning
-from gnrev_plugin.optim.targets import newton_target
 
 TOL = 1e-8
 
@@ -41,12 +44,28 @@ def test_dense_gn_is_moore_penrose_step(jacobian, loss, seed):
     y = (torch.randn(6, 3, generator=g, dtype=torch.float64) if loss == "mse"
          else torch.randint(0, 3, (6,), generator=g))
     J, F0 = dense_jacobian(net, x), net(x).detach()
-    mp = -0.7 * torch.linalg.pinv(J) @ newton_target(loss, F0, y).reshape(-1)
+    eps = F0 - y if loss == "mse" else oracle_ce_target(F0, y, "identity")
+    mp = -0.7 * torch.linalg.pinv(J) @ eps.reshape(-1)
     before = flat_params(net)
     opt = DenseGN(net.parameters(), model=net, lr=0.7, loss=loss, jacobian=jacobian)
     opt.step_on_batch(x, y)
     assert rel(flat_params(net) - before, mp) <= TOL
     assert opt.last_step_exact
+
+
+@pytest.mark.parametrize("ce_target", ["pinv", "damped"])
+def test_dense_gn_cross_entropy_newton_targets(ce_target):
+    """J⁺ applied to the oracle's pinv(H)g or (H + λI)⁻¹g (a flipped sign or dropped term in the
+    package's targets fails here, 1e-8)."""
+    net = mlp(8)
+    g = torch.Generator().manual_seed(8)
+    x, y = torch.randn(5, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (5,), generator=g)
+    J, F0 = dense_jacobian(net, x), net(x).detach()
+    mp = -0.4 * torch.linalg.pinv(J) @ oracle_ce_target(F0, y, ce_target, lam=0.2).reshape(-1)
+    before = flat_params(net)
+    DenseGN(net.parameters(), model=net, lr=0.4, loss="cross_entropy", ce_target=ce_target,
+            ce_damping=0.2).step_on_batch(x, y)
+    assert rel(flat_params(net) - before, mp) <= TOL
 
 
 @pytest.mark.parametrize("jacobian", ["auto", "per_sample", "rows"])
