@@ -13,7 +13,7 @@ needs_real_mnist = pytest.mark.skipif(
     not (REAL_MNIST / "t10k-images-idx3-ubyte.gz").exists(),
     reason=f"the real MNIST test split is not at {REAL_MNIST}")
 
-SMALL = ["--epochs", "2", "--batch-size", "32", "--hidden", "64", "--no-progress"]
+SMALL = ["--epochs", "2", "--batch-size", "32", "--model-opt", "hidden=64", "--no-progress"]
 
 
 @needs_real_mnist
@@ -24,7 +24,7 @@ def test_train_on_real_mnist_logs_every_epoch(tmp_path, capsys, optimizer):
                str(REAL_MNIST), "--train-size", "96", "--out", str(out), *SMALL])
     assert rc == 0
     printed = capsys.readouterr().out
-    assert f"with {optimizer}" in printed and "epoch   2" in printed
+    assert f"with gnrev.{optimizer}(" in printed and "epoch   2" in printed
     rows = read_jsonl(out / "log.jsonl")
     assert [r["epoch"] for r in rows] == [0, 1, 2]
     for r in rows:
@@ -32,9 +32,12 @@ def test_train_on_real_mnist_logs_every_epoch(tmp_path, capsys, optimizer):
         assert r["train_loss"] > 0 and r["test_loss"] > 0
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]  # it trains
     assert rows[1]["batch_loss_change_pct"] < 0
-    cfg = json.loads((out / "config.json").read_text())
-    assert cfg["optimizer"] == optimizer and cfg["hidden"] == 64
-    if optimizer == "exact_gn":  # batch 32 ≤ M+1 = 65 with a ReLU first block: exact steps
+    spec = json.loads((out / "config.json").read_text())["spec"]
+    assert spec["optimizer"] == f"gnrev.{optimizer}" and spec["model_kwargs"]["hidden"] == 64
+    # the one set of runner defaults, recorded resolved (gnrev_plugin.defaults)
+    assert spec["model_kwargs"]["linear_first_block"] is True
+    if optimizer == "exact_gn":  # batch 32 ≤ M+1 = 65: the ReLU block carries the step
+        assert spec["optimizer_kwargs"]["rank_policy"] == "warn"
         assert rows[-1]["exact_frac"] == 1.0
 
 
@@ -42,7 +45,7 @@ def test_train_resume_continues_exactly(tmp_path, monkeypatch):
     from gnrev_plugin.experiments import training
 
     args = ["train", "--optimizer", "adam", "--data", "teacher-student", *SMALL,
-            "--epochs", "3", "--lr", "1e-2"]
+            "--epochs", "3", "--opt", "lr=1e-2"]
     main([*args, "--out", str(tmp_path / "full")])
 
     def crash(run, epoch, row):
@@ -65,7 +68,7 @@ def test_resume_refuses_a_different_config(tmp_path):
     args = ["train", "--optimizer", "sgd", "--data", "teacher-student", *SMALL,
             "--epochs", "1", "--out", str(tmp_path)]
     assert main(args) == 0
-    assert main([*args, "--resume", "--lr", "0.5"]) == 2  # clear error, not a silent restart
+    assert main([*args, "--resume", "--opt", "lr=0.5"]) == 2  # clear error, not a silent restart
 
 
 def test_missing_data_dir_is_a_clear_error(tmp_path, capsys):

@@ -1,4 +1,10 @@
-"""``gnrev train``: train a RevMLP on real MNIST (or another dataset) with exact GN, Adam or SGD."""
+"""``gnrev train``: train any registered model with any registered optimizer on any registered
+dataset, logging per-epoch loss, accuracy and run metrics.
+
+Every name is resolved through the plugin registry (``gnrev list``); built-ins may be named
+without their ``gnrev.`` prefix. The run is a :class:`~gnrev_plugin.build.RunSpec`, written
+resolved (with every default filled in) to ``OUT/config.json``.
+"""
 
 from __future__ import annotations
 
@@ -7,83 +13,106 @@ import sys
 import time
 from pathlib import Path
 
+from gnrev_plugin.defaults import RUN_DEFAULTS
+
 NAME = "train"
-HELP = "train a RevMLP with exact Gauss-Newton (or Adam/SGD) and log per-epoch metrics"
+HELP = ("train a registered model with a registered optimizer (exact GN by default) and log "
+        "per-epoch metrics")
+
+
+def _names(kind: str) -> str:
+    from gnrev_plugin.plugins import get_registry
+
+    return ", ".join(get_registry().names(kind))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from gnrev_plugin.data import DATASETS
-    from gnrev_plugin.experiments.optimizers import OPTIMIZERS
-
-    p.add_argument("--model", default="revmlp", choices=["revmlp"], help="the network (RevMLP)")
-    p.add_argument("--optimizer", default="exact_gn", choices=OPTIMIZERS)
-    p.add_argument("--data", default="mnist", choices=DATASETS)
+    d = RUN_DEFAULTS
+    p.add_argument("--model", default=d["model"], metavar="NAME",
+                   help=f"registered model (default {d['model']}; see `gnrev list`)")
+    p.add_argument("--model-opt", action="append", default=[], metavar="K=V",
+                   help="model option, e.g. hidden=2000 or hidden=[64,64] (JSON values); "
+                        "repeatable")
+    p.add_argument("--optimizer", default=d["optimizer"], metavar="NAME",
+                   help=f"registered optimizer (default {d['optimizer']})")
+    p.add_argument("--opt", action="append", default=[], metavar="K=V",
+                   help="optimizer option, e.g. lr=0.5 or rank_policy=raise; repeatable")
+    p.add_argument("--metric", action="append", default=[], metavar="NAME",
+                   help="registered run metric logged every epoch on the probe batch; "
+                        "repeatable")
+    p.add_argument("--loss", default=d["loss"], choices=("cross_entropy", "mse"))
+    p.add_argument("--data", default=d["dataset"].removeprefix("gnrev."), metavar="NAME",
+                   help="registered dataset (default mnist: the real split in "
+                        "../shared/data/mnist, no download)")
+    p.add_argument("--data-opt", action="append", default=[], metavar="K=V",
+                   help="dataset loader option; repeatable")
     p.add_argument("--data-dir", default=None,
-                   help="directory of MNIST-format IDX files (default: $GNREV_DATA_DIR or "
-                        "../shared/data/mnist)")
+                   help="shorthand for --data-opt data_dir=DIR (MNIST-format IDX directory; "
+                        "default $GNREV_DATA_DIR or ../shared/data/mnist)")
     p.add_argument("--train-size", type=int, default=None,
-                   help="use the first N training images (default: all; 8000 of the 10k split)")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--hidden", type=int, default=1024, help="M, the inverted-bottleneck width "
-                   "(exact GN needs batch ≤ M+1; the paper uses 8000)")
-    p.add_argument("--blocks", type=int, default=2, help="L, number of reversible blocks")
-    p.add_argument("--linear-first-block", action="store_true",
-                   help="make block 1 linear as in the reference code (its GN systems are then "
-                        "rank-deficient for batches > d/2+1, so GN is not exact there)")
-    p.add_argument("--lr", type=float, default=None,
-                   help="learning rate; for exact_gn the function-space step α (J Δθ = −α ε). "
-                        "Default: the reference mini-batch value (GN α = L·0.1, Adam 1e-4, "
-                        "SGD 0.1)")
-    p.add_argument("--seed", type=int, default=42)
+                   help="shorthand for --data-opt train_size=N (the first N training images)")
+    p.add_argument("--epochs", type=int, default=d["epochs"])
+    p.add_argument("--batch-size", type=int, default=d["batch_size"])
+    p.add_argument("--probe-size", type=int, default=d["probe_size"],
+                   help="training samples the run metrics are computed on")
+    p.add_argument("--seed", type=int, default=d["seed"])
+    p.add_argument("--device", default=d["device"], help="torch device (cpu, cuda, cuda:1, ...)")
     p.add_argument("--out", default=None, help="run directory (default: runs/train-<optimizer>-"
                    "<data>-<time>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument("--device", default="cpu", help="torch device (cpu or cuda)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true", help="hide the tqdm bar")
 
 
 def run(args: argparse.Namespace) -> int:
+    from gnrev_plugin.plugins import PluginError
+
     try:
         return _run(args)
-    except ImportError as err:  # an optional dataset package (mnist1d) is missing
+    except (ImportError, PluginError, KeyError) as err:  # unknown names, missing packages
         print(f"gnrev train: error: {err}", file=sys.stderr)
         return 2
+
+
+def spec_from_args(args: argparse.Namespace):
+    """The :class:`~gnrev_plugin.build.RunSpec` of the command line (not yet resolved)."""
+    from gnrev_plugin.build import RunSpec, parse_options
+
+    data_kwargs = parse_options(args.data_opt)
+    if args.data_dir is not None:
+        data_kwargs["data_dir"] = args.data_dir
+    if args.train_size is not None:
+        data_kwargs["train_size"] = args.train_size
+    return RunSpec(model=args.model, model_kwargs=parse_options(args.model_opt),
+                   optimizer=args.optimizer, optimizer_kwargs=parse_options(args.opt),
+                   loss=args.loss, dataset=args.data, dataset_kwargs=data_kwargs,
+                   metrics=list(args.metric), seed=args.seed, device=args.device,
+                   epochs=args.epochs, batch_size=args.batch_size, probe_size=args.probe_size)
 
 
 def _run(args: argparse.Namespace) -> int:
     import torch
 
-    from gnrev_plugin import data as gdata
-    from gnrev_plugin.experiments.optimizers import reference_lr
+    from gnrev_plugin.build import load_data, short_name
     from gnrev_plugin.experiments.rundir import RunDir
     from gnrev_plugin.experiments.training import train_run
+    from gnrev_plugin.plugins import get_registry
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.device != "cpu":
-        raise ValueError("gnrev train runs on the CPU in this version (--device cpu); the GPU "
-                         "path is not implemented")
-    kw = {}
-    if args.train_size is not None and args.data in ("mnist", "fashion-mnist"):
-        kw["train_size"] = args.train_size
-    ds = gdata.pad_to_even(gdata.load_dataset(args.data, data_dir=args.data_dir, **kw))
-    lr = args.lr if args.lr is not None else reference_lr(args.optimizer, "mini_batch",
-                                                          args.blocks)
-    cfg = dict(optimizer=args.optimizer, lr=lr, epochs=args.epochs, batch_size=args.batch_size,
-               hidden=args.hidden, blocks=args.blocks, seed=args.seed,
-               linear_first_block=args.linear_first_block, data=args.data,
-               data_info=ds.info, rank_policy="warn")
+    reg = get_registry()
+    spec = spec_from_args(args).resolve(reg)
+    ds = load_data(spec.dataset, spec.dataset_kwargs,
+                   input_multiple=reg.entry("model", spec.model).input_multiple, registry=reg)
     out = Path(args.out) if args.out else Path("runs") / (
-        f"train-{args.optimizer}-{args.data}-{time.strftime('%Y%m%d-%H%M%S')}")
-    exact = ("" if args.optimizer != "exact_gn" else
-             f"; GN exact needs batch {args.batch_size} ≤ M+1 = {args.hidden + 1}")
-    print(f"gnrev train: RevMLP(d={ds.in_features}, M={args.hidden}, L={args.blocks}, "
-          f"C={ds.num_classes}{', linear first block' if args.linear_first_block else ''}) "
-          f"with {args.optimizer} lr={lr:g}{exact}")
-    print(f"  data: {ds.describe()}; batch {args.batch_size}, {args.epochs} epochs, "
-          f"seed {args.seed}; logs -> {out}/log.jsonl")
+        f"train-{short_name(spec.optimizer)}-{short_name(spec.dataset)}-"
+        f"{time.strftime('%Y%m%d-%H%M%S')}")
+    mk = ", ".join(f"{k}={v}" for k, v in spec.model_kwargs.items())
+    ok = ", ".join(f"{k}={v}" for k, v in spec.optimizer_kwargs.items())
+    print(f"gnrev train: {spec.model}(d={ds.in_features}, C={ds.num_classes}, {mk}) with "
+          f"{spec.optimizer}({ok}), {spec.loss} loss on {spec.device}")
+    print(f"  data: {ds.describe()}; batch {spec.batch_size}, {spec.epochs} epochs, seed "
+          f"{spec.seed}; logs -> {out}/log.jsonl")
 
     def show(row: dict) -> None:
         extra = ""
@@ -91,11 +120,15 @@ def _run(args: argparse.Namespace) -> int:
             extra = f"  batch loss change {row['batch_loss_change_pct']:+.1f}%"
         if row.get("exact_frac") is not None:
             extra += f"  exact steps {100 * row['exact_frac']:.0f}%"
+        for name in spec.metrics:
+            for key in sorted(k for k in row if k == name or k.startswith(name + ".")):
+                value = row[key]
+                extra += f"  {key} {value:.4g}" if value is not None else f"  {key} –"
         print(f"epoch {row['epoch']:3d}  train loss {row['train_loss']:.4f} acc "
               f"{100 * row['train_acc']:5.2f}%  test loss {row['test_loss']:.4f} acc "
               f"{100 * row['test_acc']:5.2f}%{extra}  ({row['time_s']:.1f}s)", flush=True)
 
-    train_run(cfg, ds, RunDir(out), resume=args.resume, progress=not args.no_progress,
-              on_epoch=show, desc=f"{args.optimizer}")
+    train_run(spec, ds, RunDir(out), resume=args.resume, progress=not args.no_progress,
+              on_epoch=show, desc=short_name(spec.optimizer), registry=reg)
     print(f"done: {out}")
     return 0

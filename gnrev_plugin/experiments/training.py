@@ -18,9 +18,7 @@ the epoch in flight. Timings (``time_s``) naturally differ.
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -28,6 +26,7 @@ from torch import nn
 from gnrev_plugin import data as gdata
 from gnrev_plugin.build import RunSpec, build, evaluate_run_metrics, loss_targets, short_name
 from gnrev_plugin.plugins import Registry
+from gnrev_plugin.stepping import StepResult, train_step
 
 from .rundir import RunDir
 
@@ -59,45 +58,6 @@ def evaluate(model: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: torch.Ten
     finally:
         model.train(was_training)
     return total_loss / len(y), correct / len(y)
-
-
-@dataclass
-class StepResult:
-    """``loss_before = ℓ_B(θ_t)``, ``loss_after = ℓ_B(θ_{t+1})`` on the same batch ``B``;
-    ``pct_change = 100 (ℓ_B(θ_{t+1}) − ℓ_B(θ_t)) / ℓ_B(θ_t)`` (Buffelli et al., Fig. 3)."""
-
-    loss_before: float
-    loss_after: float
-    exact: bool | None
-
-    @property
-    def pct_change(self) -> float:
-        return 100.0 * (self.loss_after - self.loss_before) / self.loss_before
-
-
-def train_step(opt, model: nn.Module, loss_fn: nn.Module, x: torch.Tensor,
-               target: torch.Tensor) -> StepResult:
-    """One optimizer step on ``(x, target)``, then the loss re-evaluated on the same batch.
-
-    An optimizer with ``step_on_batch(x, target)`` (the Gauss-Newton family's explicit path, no
-    parameter backward) is stepped through it; any other through the standard
-    ``zero_grad(); loss.backward(); step()``. ``exact`` is the optimizer's ``last_step_exact``
-    when it reports one (a rank-deficient step is recorded there, not warned about).
-    """
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".* step is not exact Gauss-Newton")
-        if callable(getattr(opt, "step_on_batch", None)):
-            loss_before = float(opt.step_on_batch(x, target))
-        else:
-            opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x), target)
-            loss.backward()
-            opt.step()
-            loss_before = float(loss.detach())
-    exact = getattr(opt, "last_step_exact", None)
-    with torch.no_grad():
-        loss_after = float(loss_fn(model(x), target))
-    return StepResult(loss_before, loss_after, None if exact is None else bool(exact))
 
 
 #: Test hooks to simulate a crash: ``hook(run, epoch, row)`` after each epoch's log row is
