@@ -1,4 +1,5 @@
-"""One training step as every runner takes it (``gnrev train``/``reproduce``, the benchopt solvers).
+"""One training step and one evaluation as every runner takes them (``gnrev train``/``reproduce``,
+the benchopt solvers and benchmark).
 
 An optimizer with ``step_on_batch(x, target)`` (the Gauss-Newton family's explicit path, no
 parameter backward) is stepped through it; any other through the standard
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["StepResult", "train_step"]
+__all__ = ["StepResult", "train_step", "evaluate"]
 
 
 @dataclass
@@ -38,8 +39,9 @@ class StepResult:
 
 
 def train_step(opt, model: nn.Module, loss_fn: nn.Module, x: torch.Tensor,
-               target: torch.Tensor) -> StepResult:
-    """One optimizer step on ``(x, target)``, then ``ℓ_B`` re-evaluated on the same batch.
+               target: torch.Tensor, reevaluate: bool = True) -> StepResult:
+    """One optimizer step on ``(x, target)``, then ``ℓ_B`` re-evaluated on the same batch
+    (``reevaluate=False`` skips that forward pass; ``loss_after`` is then ``nan``).
 
     A rank-deficient Gauss-Newton step is recorded in the optimizer's ``last_step_exact`` (the
     runners log the fraction of exact steps), so its warning is silenced here.
@@ -55,6 +57,30 @@ def train_step(opt, model: nn.Module, loss_fn: nn.Module, x: torch.Tensor,
             opt.step()
             loss_before = float(loss.detach())
     exact = getattr(opt, "last_step_exact", None)
-    with torch.no_grad():
-        loss_after = float(loss_fn(model(x), target))
+    loss_after = math.nan
+    if reevaluate:
+        with torch.no_grad():
+            loss_after = float(loss_fn(model(x), target))
     return StepResult(loss_before, loss_after, None if exact is None else bool(exact))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor,
+             targets: torch.Tensor | None = None, chunk: int = 2048) -> tuple[float, float]:
+    """Mean loss ``(1/n) Σ_i ℓ(F_i, t_i)`` and accuracy ``(1/n) Σ_i 1[argmax_c F_ic = y_i]`` of
+    ``model`` in eval mode, in chunks; ``targets`` are the loss's targets (default ``y``, class
+    indices for cross-entropy). ``(nan, nan)`` for an empty set."""
+    if len(y) == 0:
+        return math.nan, math.nan
+    targets = y if targets is None else targets
+    was_training = model.training
+    model.eval()
+    try:
+        total_loss, correct = 0.0, 0
+        for s in range(0, len(y), chunk):
+            out = model(x[s:s + chunk])
+            total_loss += float(loss_fn(out, targets[s:s + chunk])) * len(out)
+            correct += int((out.argmax(1) == y[s:s + chunk]).sum())
+    finally:
+        model.train(was_training)
+    return total_loss / len(y), correct / len(y)

@@ -21,12 +21,11 @@ import time
 from collections.abc import Callable
 
 import torch
-from torch import nn
 
 from gnrev_plugin import data as gdata
 from gnrev_plugin.build import RunSpec, build, evaluate_run_metrics, loss_targets, short_name
 from gnrev_plugin.plugins import Registry
-from gnrev_plugin.stepping import StepResult, train_step
+from gnrev_plugin.stepping import StepResult, evaluate, train_step
 
 from .rundir import RunDir
 
@@ -36,28 +35,6 @@ __all__ = ["evaluate", "train_run", "train_step", "StepResult", "RunInterrupted"
 class RunInterrupted(BaseException):
     """Raised by test hooks to simulate a killed run (a ``BaseException``, like
     ``KeyboardInterrupt``, so sweeps do not record it as a crashed config)."""
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor,
-             targets: torch.Tensor | None = None, chunk: int = 2048) -> tuple[float, float]:
-    """Mean loss ``loss_fn(model(x), targets)`` and accuracy ``mean 1[argmax F_i = y_i]``.
-
-    ``targets`` are the loss's targets (default ``y``: class indices for cross-entropy).
-    """
-    targets = y if targets is None else targets
-    was_training = model.training
-    model.eval()
-    try:
-        total_loss, correct = 0.0, 0
-        for s in range(0, len(y), chunk):
-            out = model(x[s:s + chunk])
-            n = len(out)
-            total_loss += float(loss_fn(out, targets[s:s + chunk])) * n
-            correct += int((out.argmax(1) == y[s:s + chunk]).sum())
-    finally:
-        model.train(was_training)
-    return total_loss / len(y), correct / len(y)
 
 
 #: Test hooks to simulate a crash: ``hook(run, epoch, row)`` after each epoch's log row is
