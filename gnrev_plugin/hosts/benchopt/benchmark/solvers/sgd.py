@@ -1,1 +1,0 @@
-from gnrev_plugin.hosts.benchopt.solvers import SGD as Solver  # noqa: F401
