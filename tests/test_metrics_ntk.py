@@ -2,6 +2,7 @@
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -67,15 +68,16 @@ def test_structured_ntk_per_layer_and_frozen_parameters():
     X = torch.randn(5, 8, dtype=DT)
     parts = revmlp_ntk(model, X, per_layer=True)
     assert list(parts) == [f"blocks.{l}.{h}" for l in range(3) for h in "fg"]
-    assert torch.allclose(sum(parts.values()), revmlp_ntk(model, X), atol=1e-12)
-    # per-layer kernel == J_l J_lᵀ of that half-layer's parameters alone
+    # every per-layer kernel == J_l J_lᵀ of that half-layer's parameters alone (dense jacrev)
     J = jacobian_oracle(model, X)
     names = [n for n, _ in model.named_parameters()]
     sizes = [p.numel() for _, p in model.named_parameters()]
-    cols = torch.tensor(sum(([n.startswith("blocks.1.g.")] * s
-                             for n, s in zip(names, sizes, strict=True)), []))
-    Jl = J[:, cols]
-    assert torch.allclose(parts["blocks.1.g"], Jl @ Jl.T, atol=1e-10)
+    for layer, part in parts.items():
+        cols = torch.tensor(sum(([n.startswith(layer + ".")] * s
+                                 for n, s in zip(names, sizes, strict=True)), []))
+        Jl = J[:, cols]
+        assert torch.allclose(part, Jl @ Jl.T, rtol=0, atol=1e-12 * (Jl @ Jl.T).abs().max())
+    assert torch.allclose(sum(parts.values()), J @ J.T, rtol=0, atol=1e-10)
     # freezing biases removes the bias column from A = [σ(h), 1]
     for blk in model.blocks:
         blk.f.linear.bias.requires_grad_(False)
@@ -126,49 +128,107 @@ def test_alignment_properties():
     K1, K2 = A @ A.T, B @ B.T
     assert kernel_alignment(K1, K1) == pytest.approx(1.0, abs=1e-14)
     assert kernel_alignment(K1, 3.0 * K1) == pytest.approx(1.0, abs=1e-14)
-    assert kernel_alignment(K1, K2) == pytest.approx(
-        ((K1 * K2).sum() / (K1.norm() * K2.norm())).item(), rel=1e-14)
+    assert kernel_alignment(K1, K2) == pytest.approx(np_alignment(K1, K2), rel=1e-13)
     H = torch.eye(6, dtype=DT) - 1.0 / 6
     assert torch.allclose(center_kernel(K1), H @ K1 @ H, atol=1e-13)
     assert kernel_alignment(K1, K2, centered=True) == pytest.approx(
-        kernel_alignment(H @ K1 @ H, H @ K2 @ H), rel=1e-12)
+        np_alignment(K1, K2, centered=True), rel=1e-12)
+    assert abs(kernel_alignment(K1, K2, centered=True) - kernel_alignment(K1, K2)) > 1e-3
     assert 0.0 <= kernel_alignment(K1, K2) <= 1.0              # PSD kernels
     with pytest.raises(ValueError):
         kernel_alignment(K1, K2[:5, :5])
 
 
-def test_ntk_similarity_of_model_with_itself_is_one():
-    model = revmlp(6)
-    X = torch.randn(5, 8, dtype=DT)
-    K = empirical_ntk(model, X)
-    assert ntk_similarity(K, empirical_ntk(copy.deepcopy(model), X)) == pytest.approx(1, abs=1e-14)
-    assert ntk_velocity(K, K) == pytest.approx(0.0, abs=1e-14)
-    assert ntk_velocity(K, K, distance="relative") == 0.0
-    assert random_probe_similarity(model, copy.deepcopy(model), X) == pytest.approx(1, abs=1e-12)
-    assert random_probe_similarity(model, model, X, mode="jacobian") == pytest.approx(1, abs=1e-12)
+def np_alignment(A, B, centered=False):
+    """⟨A, B⟩_F / (‖A‖_F ‖B‖_F) in NumPy, optionally after A ↦ HAH with H = I − 11ᵀ/m."""
+    A, B = np.asarray(A, dtype=np.float64), np.asarray(B, dtype=np.float64)
+    if centered:
+        H = np.eye(len(A)) - 1.0 / len(A)
+        A, B = H @ A @ H, H @ B @ H
+    return float((A * B).sum() / (np.linalg.norm(A) * np.linalg.norm(B)))
 
 
-def test_ntk_velocity_and_random_probe_detect_change():
-    model = revmlp(7)
+def moved_copy(model, scale, seed):
     moved = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in moved.parameters():
-            p.add_(0.3 * torch.randn_like(p))
-    X = torch.randn(6, 8, dtype=DT)
+            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return moved
+
+
+def probe_mean(num_probes, shape, seed):
+    """v̄ = mean of ``num_probes`` N(0, I) draws, the documented recipe of random_probe_similarity."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(num_probes, *shape, generator=gen, dtype=DT).mean(0).reshape(-1)
+
+
+@pytest.mark.parametrize("scale", [0.05, 0.5])
+def test_ntk_similarity_and_velocity_of_two_models_equal_dense_formulas(scale):
+    """Two different models: A(K_a, K_b), (1 − A)/dt and ‖K_b − K_a‖/(‖K_a‖ dt) from dense
+    torch.func Jacobians and NumPy (1e-12 relative)."""
+    model = revmlp(6)
+    moved = moved_copy(model, scale, seed=6)
+    X = torch.randn(5, 8, generator=torch.Generator().manual_seed(6), dtype=DT)
+    Ja, Jb = jacobian_oracle(model, X), jacobian_oracle(moved, X)
+    Ka, Kb = (Ja @ Ja.T).numpy(), (Jb @ Jb.T).numpy()
     K0, K1 = empirical_ntk(model, X), empirical_ntk(moved, X)
-    v = ntk_velocity(K0, K1, dt=2.0)
-    assert v == pytest.approx((1 - kernel_alignment(K0, K1)) / 2.0, rel=1e-14) and v > 0
-    assert ntk_velocity(K0, K1, distance="relative") == pytest.approx(
-        ((K1 - K0).norm() / K0.norm()).item(), rel=1e-14)
-    # the probe cosine equals cos(K_a v̄, K_b v̄) with the same probe average
-    gen = torch.Generator().manual_seed(3)
-    vbar = torch.randn(50, 6, 3, generator=gen, dtype=DT).mean(0).reshape(-1)
-    expect = torch.nn.functional.cosine_similarity(K0 @ vbar, K1 @ vbar, dim=0).item()
-    assert random_probe_similarity(model, moved, X, num_probes=50, seed=3) == pytest.approx(
-        expect, rel=1e-10)
-    # reference-code variant on the pre-readout features X^(L)
-    sim = random_probe_similarity(model, moved, X, output_fn=lambda m, x: m.features(x))
-    assert -1.0 <= sim < 1.0
+    align = np_alignment(Ka, Kb)
+    assert 0.3 < align < 1 - 1e-6                  # genuinely different kernels
+    assert ntk_similarity(K0, K1) == pytest.approx(align, rel=1e-12)
+    assert ntk_similarity(K0, K1) == pytest.approx(ntk_similarity(K1, K0), rel=1e-14)
+    assert ntk_velocity(K0, K1, dt=2.0) == pytest.approx((1 - align) / 2.0, rel=1e-9)
+    rel_change = float(np.linalg.norm(Kb - Ka) / np.linalg.norm(Ka))
+    assert ntk_velocity(K0, K1, distance="relative", dt=4.0) == pytest.approx(rel_change / 4.0,
+                                                                              rel=1e-12)
+    assert kernel_alignment(K0, K1, centered=True) == pytest.approx(
+        np_alignment(Ka, Kb, centered=True), rel=1e-12)
+    with pytest.raises(ValueError, match="dt must be positive"):
+        ntk_velocity(K0, K1, dt=0.0)
+    with pytest.raises(ValueError, match="distance"):
+        ntk_velocity(K0, K1, distance="angle")
+
+
+@pytest.mark.parametrize("mode", ["kernel", "jacobian"])
+def test_random_probe_similarity_of_two_models_equals_dense_formula(mode):
+    """cos(K_a v̄, K_b v̄) (kernel) or cos(J_aᵀ v̄, J_bᵀ v̄) (jacobian) with dense Jacobians."""
+    model = revmlp(7)
+    moved = moved_copy(model, 0.3, seed=7)
+    X = torch.randn(6, 8, generator=torch.Generator().manual_seed(7), dtype=DT)
+    Ja, Jb = jacobian_oracle(model, X), jacobian_oracle(moved, X)
+    v = probe_mean(40, (6, 3), seed=3)
+    a, b = (Ja @ (Ja.T @ v), Jb @ (Jb.T @ v)) if mode == "kernel" else (Ja.T @ v, Jb.T @ v)
+    expect = float(a @ b / (a.norm() * b.norm()))
+    assert expect < 1 - 1e-4
+    got = random_probe_similarity(model, moved, X, num_probes=40, seed=3, mode=mode)
+    assert got == pytest.approx(expect, rel=1e-10)
+    with pytest.raises(ValueError, match="mode"):
+        random_probe_similarity(model, moved, X, mode="cka")
+
+
+class Features(nn.Module):
+    """``m.features`` (``X^(L)``, before the readout) as a module, for the dense oracle."""
+
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, x):
+        return self.m.features(x)
+
+
+def test_random_probe_on_features_uses_the_pre_readout_output():
+    """The reference code's variant on X^(L): dense Jacobian of model.features."""
+    model = revmlp(8)
+    moved = moved_copy(model, 0.3, seed=8)
+    X = torch.randn(4, 8, generator=torch.Generator().manual_seed(8), dtype=DT)
+    Ja, Jb = jacobian_oracle(Features(model), X), jacobian_oracle(Features(moved), X)
+    v = probe_mean(100, (4, 8), seed=0)
+    a, b = Ja @ (Ja.T @ v), Jb @ (Jb.T @ v)
+    expect = float(a @ b / (a.norm() * b.norm()))
+    assert expect < 1 - 1e-4
+    got = random_probe_similarity(model, moved, X, output_fn=lambda m, x: m.features(x))
+    assert got == pytest.approx(expect, rel=1e-10)
 
 
 def test_kernel_target_alignment():
@@ -180,11 +240,13 @@ def test_kernel_target_alignment():
     K = torch.randn(9, 9, generator=g, dtype=DT)
     K = K @ K.T
     assert kernel_target_alignment(K, Y, centered=False) == pytest.approx(
-        kernel_alignment(K, Y @ Y.T), rel=1e-14)
+        np_alignment(K, Y @ Y.T), rel=1e-13)
+    assert kernel_target_alignment(K, y) == pytest.approx(np_alignment(K, Y @ Y.T, centered=True),
+                                                          rel=1e-12)
     y_vec = Y.reshape(-1, 1)
     Kbig = torch.randn(27, 27, generator=g, dtype=DT)
     Kbig = Kbig @ Kbig.T
     assert kernel_target_alignment(Kbig, Y) == pytest.approx(
-        kernel_alignment(Kbig, y_vec @ y_vec.T, centered=True), rel=1e-14)
+        np_alignment(Kbig, y_vec @ y_vec.T, centered=True), rel=1e-12)
     with pytest.raises(ValueError):
         kernel_target_alignment(torch.eye(5, dtype=DT), Y)
