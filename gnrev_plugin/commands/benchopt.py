@@ -1,20 +1,19 @@
-"""``gnrev benchopt``: write the shipped benchopt benchmark, or print a solver file for ``-s PATH``.
+"""``gnrev benchopt``: write the shipped benchopt benchmark, or a solver file for ``-s PATH``.
 
 * ``gnrev benchopt init DIR [--force]``: copy the benchmark (objective, datasets mnist / mnist1d /
-  simulated, solvers ExactGN / DenseGN / Adam / SGD) to ``DIR``; then
-  ``benchopt run DIR -n 2 -r 1 --no-plot``.
-* ``gnrev benchopt solver-path NAME``: print the absolute path of a solver file, for benchopt's file
-  selector: ``benchopt run BENCH -s "$(gnrev benchopt solver-path ExactGN)[lr=0.5]"``.
+  simulated) to ``DIR`` and write one solver per registered optimizer, named by its registry
+  name; then ``benchopt run DIR -s gnrev.exact_gn -n 2 -r 1 --no-plot``.
+* ``gnrev benchopt solver-path NAME``: write and print a solver file for registry optimizer
+  ``NAME``, for benchopt's file selector:
+  ``benchopt run BENCH -s "$(gnrev benchopt solver-path gnrev.exact_gn)[lr=0.5]"``.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from gnrev_plugin.hosts.benchopt import SOLVER_FILES, init_benchmark, solver_path
-
 NAME = "benchopt"
-HELP = "benchopt integration: write the GN benchmark folder, or print a solver file path"
+HELP = "benchopt integration: write the benchmark folder, or print a solver file path"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,17 +25,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p_path = sub.add_parser("solver-path",
                             help="print a solver file path for `benchopt run BENCH -s PATH`")
     p_path.add_argument("name", metavar="NAME",
-                        help=f"solver name: {', '.join(SOLVER_FILES)}")
+                        help="registered optimizer (see `gnrev list`; gnrev. optional)")
 
 
 def run(args: argparse.Namespace) -> int:
+    from gnrev_plugin.hosts.benchopt import init_benchmark, solver_path
+    from gnrev_plugin.plugins import UnknownNameError, get_registry
+
     if args.benchopt_command == "init":
         try:
             dest = init_benchmark(args.dir, overwrite=args.force)
         except FileExistsError as err:
             raise ValueError(str(err)) from err
-        print(f"wrote the gnrev benchopt benchmark to {dest}")
-        print(f"run it with:  benchopt run {dest} -n 2 -r 1 --no-plot")
+        names = get_registry().names("optimizer")
+        print(f"wrote the gnrev benchopt benchmark to {dest} with solvers {', '.join(names)}")
+        print(f"run it with:  benchopt run {dest} -s {names[0]} -n 2 -r 1 --no-plot")
         return 0
-    print(solver_path(args.name))
+    try:
+        print(solver_path(args.name))
+    except UnknownNameError as err:
+        raise ValueError(str(err)) from err
     return 0

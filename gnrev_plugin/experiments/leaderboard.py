@@ -1,18 +1,18 @@
 """Leaderboard tables from benchmark results: benchopt, DeepOBS and gnrev run logs.
 
-Every source is read into :class:`Curve` objects: one training run (one seed) of one optimizer
-configuration on one problem, as points ``(epoch, steps, time, train_loss, test_loss,
-test_accuracy)``. Sources:
+Every source is read into :class:`~gnrev_plugin.results.Curve` objects (one training run, one
+seed, of one optimizer configuration on one problem) by the reader that lives next to the
+format's writer:
 
-* **benchopt** result files (``.parquet`` or ``.csv``): one curve per ``(objective_name,
-  dataset_name, solver_name, idx_rep)``; ``stop_val`` is the epoch (the gnrev benchmark samples once
-  per epoch), ``time`` the solver time; losses from ``objective_train_loss`` (else
-  ``objective_value``), ``objective_test_loss``, ``objective_test_accuracy``.
-* **DeepOBS** result folders: every ``<testproblem>/<optimizer>/<settings>/random_seed__*.json``;
-  per-epoch ``train_losses``, ``test_losses``, ``test_accuracies`` (no wall time is recorded).
-* **gnrev** run directories (``config.json`` + ``log.jsonl`` of ``gnrev train`` / ``gnrev
-  reproduce``): per-epoch rows with ``train_loss``, ``test_loss``, ``test_acc``, ``steps``,
-  ``time_s``.
+* **benchopt** result files (``.parquet`` or ``.csv``):
+  :func:`gnrev_plugin.hosts.benchopt.results.read_benchopt`;
+* **DeepOBS** result folders (``<testproblem>/<optimizer>/<settings>/random_seed__*.json``): the
+  DeepOBS host's ``read_deepobs``;
+* **gnrev** run directories (``gnrev train`` / ``gnrev reproduce``):
+  :func:`gnrev_plugin.experiments.rundir.read_runs`.
+
+Optimizers are named by their registry names (``gnrev.exact_gn[lr=0.2,...]``, a plugin's
+``toy.sign_sgd[lr=0.001]``) in benchopt and gnrev results alike.
 
 :func:`summarize` groups curves by ``(problem, optimizer)`` and averages over seeds:
 
@@ -39,13 +39,17 @@ import math
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from tabulate import tabulate
 
+from gnrev_plugin.hosts.benchopt.results import read_benchopt
+from gnrev_plugin.results import Curve, Point, finite_or_none
+
+from .rundir import read_runs
+
 __all__ = [
-    "Curve", "Point", "METRICS", "read_benchopt", "read_deepobs", "read_gnrev_runs",
+    "Curve", "Point", "METRICS", "read_benchopt", "read_deepobs", "read_runs",
     "load_results", "summarize", "format_markdown", "format_csv", "merge_into_table",
     "is_gn_optimizer",
 ]
@@ -55,70 +59,7 @@ METRICS = ("problem", "optimizer", "runs", "best_test_acc", "best_test_loss", "f
            "target_loss", "reached", "time_to_target_s", "epochs_to_target", "steps_to_target")
 
 
-@dataclass
-class Point:
-    epoch: float | None = None
-    steps: float | None = None
-    time: float | None = None
-    train_loss: float | None = None
-    test_loss: float | None = None
-    test_acc: float | None = None
-
-
-@dataclass
-class Curve:
-    """One run: ``source`` (benchopt / deepobs / gnrev), ``problem``, ``optimizer``, ``seed``."""
-
-    source: str
-    problem: str
-    optimizer: str
-    seed: str
-    points: list[Point] = field(default_factory=list)
-
-
-def _num(v) -> float | None:
-    if v is None:
-        return None
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
-
-
-# ---------------------------------------------------------------------------------- readers
-def read_benchopt(path: str | Path) -> list[Curve]:
-    """Curves of a benchopt result file (``.parquet`` needs pandas + pyarrow; ``.csv`` pandas)."""
-    path = Path(path)
-    try:
-        import pandas as pd  # noqa: PLC0415 - optional, comes with the benchopt extra
-    except ImportError as err:
-        raise ImportError("reading benchopt results needs pandas (pip install "
-                          "'gnrev-plugin[benchopt]')") from err
-    df = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
-    required = {"solver_name", "dataset_name", "stop_val", "objective_value"}
-    missing = required - set(df.columns)
-    if missing:
-        raise ValueError(f"{path} is not a benchopt result file (missing columns "
-                         f"{sorted(missing)})")
-    train_col = "objective_train_loss" if "objective_train_loss" in df else "objective_value"
-
-    def col(row, name):
-        return _num(row[name]) if name in row else None
-
-    curves: dict[tuple, Curve] = {}
-    for _, row in df.sort_values("stop_val").iterrows():
-        problem = str(row["dataset_name"])
-        if "objective_name" in row and row["objective_name"] is not None:
-            problem = f"{row['objective_name']} / {problem}"
-        seed = str(row.get("idx_rep", 0))
-        key = (problem, str(row["solver_name"]), seed)
-        curve = curves.setdefault(key, Curve("benchopt", problem, key[1], seed))
-        curve.points.append(Point(epoch=_num(row["stop_val"]), steps=None,
-                                  time=col(row, "time"), train_loss=col(row, train_col),
-                                  test_loss=col(row, "objective_test_loss"),
-                                  test_acc=col(row, "objective_test_accuracy")))
-    return list(curves.values())
+_num = finite_or_none
 
 
 def _deepobs_optimizer(data: dict) -> str:
@@ -155,41 +96,6 @@ def read_deepobs(folder: str | Path) -> list[Curve]:
     return [c for c in map(_deepobs_curve, files) if c is not None]
 
 
-def read_gnrev_runs(folder: str | Path) -> list[Curve]:
-    """Curves of every gnrev run directory (``config.json`` + ``log.jsonl``) under ``folder``."""
-    folder = Path(folder)
-    logs = sorted(folder.rglob("log.jsonl")) if folder.is_dir() else []
-    curves = []
-    for log in logs:
-        cfg_path = log.parent / "config.json"
-        cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
-        rows = []
-        for line in log.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:  # a torn last line after a crash
-                continue
-        if not rows or "train_loss" not in rows[0]:
-            continue
-        problem = str(cfg.get("data", "?"))
-        if cfg.get("setting"):
-            problem += f" {cfg['setting']}"
-        if cfg.get("hidden") is not None:
-            problem += f" (M={cfg['hidden']}, L={cfg.get('blocks')}, bs={cfg.get('batch_size')})"
-        optimizer = str(cfg.get("optimizer", log.parent.name))
-        if cfg.get("lr") is not None:
-            optimizer += f"[lr={float(cfg['lr']):g}]"
-        curve = Curve("gnrev", problem, optimizer, str(cfg.get("seed", log.parent.name)))
-        for r in rows:
-            curve.points.append(Point(epoch=_num(r.get("epoch")), steps=_num(r.get("steps")),
-                                      time=_num(r.get("time_s")),
-                                      train_loss=_num(r.get("train_loss")),
-                                      test_loss=_num(r.get("test_loss")),
-                                      test_acc=_num(r.get("test_acc"))))
-        curves.append(curve)
-    return curves
-
-
 def load_results(paths: Iterable[str | Path]) -> list[Curve]:
     """Read every source: benchopt ``.parquet`` / ``.csv`` files, and folders holding DeepOBS
     JSON results and/or gnrev run directories (searched recursively)."""
@@ -208,7 +114,7 @@ def load_results(paths: Iterable[str | Path]) -> list[Curve]:
             else:
                 raise ValueError(f"{p}: expected a benchopt .parquet/.csv file or a folder")
             continue
-        found = read_gnrev_runs(p) + read_deepobs(p)
+        found = read_runs(p) + read_deepobs(p)
         found += [c for f in sorted(p.rglob("*.parquet")) for c in read_benchopt(f)]
         if not found:
             raise ValueError(f"{p} holds no benchopt, DeepOBS or gnrev results")

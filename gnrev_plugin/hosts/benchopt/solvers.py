@@ -1,94 +1,144 @@
-"""benchopt solvers: exact Gauss-Newton, dense GN, Adam and SGD on one torch base solver.
+"""benchopt solvers for every registered optimizer, built through gnrev's registry.
 
-Every solver trains ``model = model_init_fn()`` by mini-batch epochs and is sampled once per epoch
-(``sampling_strategy = "callback"``, ``get_next(k) = k + 1``, the pattern of benchopt's
-``benchmark_resnet_classif``): ``run(cb)`` is ``while cb(): one_epoch()``, and ``cb()`` takes no
-argument (benchopt ≥ 1.10). Only the optimizer differs between solvers:
+:func:`make_solver(name) <make_solver>` returns a benchopt solver class whose ``name`` is the
+registry name (``gnrev.exact_gn``, ``gnrev.adam``, a plugin's ``toy.sign_sgd``, ...), so
+``benchopt run BENCH -s NAME`` selects it and results are named by it. Its benchopt
+``parameters`` are ``batch_size`` and the registry entry's defaults (``lr``, and for the GN
+family the runners' ``rank_policy``), so ``-s "gnrev.exact_gn[lr=0.5]"`` works.
 
-* :class:`ExactGN`: :class:`gnrev_plugin.optim.ExactGN` on a :class:`~gnrev_plugin.nn.RevMLP`; one
-  step moves the linearised logits on the batch by ``J Δθ = −α ε`` (``α = lr``, ``ε`` the Newton
-  target of the loss), at about the cost of a gradient step;
-* :class:`DenseGN`: :class:`gnrev_plugin.optim.DenseGN`, the same step for any ``nn.Module`` through
-  the dense output-space system (skipped when that system would not fit ``max_dense_entries``);
-* :class:`Adam`, :class:`SGD`: ``torch.optim`` baselines.
+Every solver trains ``model = model_init_fn()`` by mini-batch epochs and is sampled once per
+epoch (``sampling_strategy = "callback"``, ``get_next(k) = k + 1``, the pattern of benchopt's
+``benchmark_resnet_classif``): ``run(cb)`` is ``while cb(): one_epoch()``. A step is
+:func:`gnrev_plugin.stepping.train_step` (the GN family's ``step_on_batch`` when present, else
+``zero_grad(); backward(); step()``).
 
 The objective hands the solvers (``Objective.get_objective()``)::
 
     X, y                  training inputs (n, d) and class indices (n,)  (tensors or numpy arrays)
-    model_init_fn         optional zero-argument callable → nn.Module (default: a RevMLP built
-                          from X's width and y's classes, so GN joins benchmarks that only give data)
-    loss                  optional "cross_entropy" (default for integer y) or "mse"
+    model_init_fn         optional zero-argument callable → nn.Module (default: the registry's
+                          default model on X's width and y's classes)
+    loss                  optional "cross_entropy" (integer y) or "mse" (one-hot y, (n, C))
     framework             optional; solvers skip anything but "pytorch"
-    track_batch_loss_change   optional; if true the result also carries the epoch's mean
+    track_batch_loss_change   optional; the result then also carries the epoch's mean
                           per-batch loss change and, for GN solvers, the fraction of exact steps
 
-and the result is ``dict(model=model)`` (plus ``batch_loss_change``, ``exact_step_fraction`` when
-tracking), the contract of benchopt's DL benchmarks.
+and the result is ``dict(model=model)`` (plus ``batch_loss_change``, ``exact_step_fraction``
+when tracking). In a benchmark whose objective gives something else (float labels of a binary
+linear model, a framework other than PyTorch, a model the optimizer cannot handle), the solver
+skips with a message that says what it needs: ``skip`` checks the inputs and runs one dry step
+on a copy of the model.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
+from functools import partial
 
 import torch
 from benchopt import BaseSolver
 from benchopt.stopping_criterion import SufficientProgressCriterion
-from torch import nn
 
-from gnrev_plugin.hosts.benchopt.problem import as_tensor, build_model, percent_loss_change
+from gnrev_plugin.build import build_loss, build_model, build_optimizer, loss_targets
+from gnrev_plugin.defaults import RUN_DEFAULTS
+from gnrev_plugin.hosts.benchopt.problem import as_tensor
+from gnrev_plugin.plugins import get_registry
+from gnrev_plugin.stepping import train_step
 
-__all__ = ["TorchSolver", "ExactGN", "DenseGN", "Adam", "SGD"]
+__all__ = ["RegistrySolver", "make_solver"]
 
-
-def _loss_fn(kind: str):
-    if kind == "cross_entropy":
-        return nn.functional.cross_entropy
-    if kind == "mse":
-        return nn.functional.mse_loss
-    raise ValueError(f"loss must be 'cross_entropy' or 'mse', got {kind!r}")
+#: Mini-batch size of every solver unless ``-s "NAME[batch_size=...]"``.
+BATCH_SIZE = 128
 
 
-class TorchSolver(BaseSolver):
-    """Base solver: epoch-wise mini-batch training of ``model_init_fn()`` with one optimizer.
+class RegistrySolver(BaseSolver):
+    """Epoch-wise mini-batch training of ``model_init_fn()`` with one registry optimizer.
 
-    Subclasses set ``name``, ``parameters`` and implement :meth:`make_optimizer`; they may
-    override :meth:`step` (one update on a batch, returning the batch loss before the update).
-    Parameters common to all: ``lr`` and ``batch_size``; the epoch order is shuffled with a
-    generator seeded by benchopt's run seed, so every solver sees the same batches.
+    Subclasses (from :func:`make_solver`) set ``name`` (the registry name) and ``parameters``.
+    The epoch order is shuffled with a generator seeded by benchopt's run seed, so every solver
+    sees the same batches.
     """
 
-    name = "torch-base"
+    name = "gnrev-registry-solver"
     requirements = ["pip::torch"]
     sampling_strategy = "callback"
     stopping_criterion = SufficientProgressCriterion(
         eps=1e-8, patience=5, strategy="callback", key_to_monitor="objective_value"
     )
-    parameters = {"lr": [0.1], "batch_size": [128]}
+    parameters = {"batch_size": [BATCH_SIZE]}
 
-    # ------------------------------------------------------------------ benchopt API
-    def skip(self, X=None, y=None, framework: str = "pytorch", **objective_dict):
+    # ------------------------------------------------------------------ data checks
+    @staticmethod
+    def _problem(X, y, loss: str | None, model_init_fn):
+        """``(X, y, targets, loss, model_init_fn)`` or a string saying what is missing."""
+        X = as_tensor(X, dtype=torch.get_default_dtype())
+        y = as_tensor(y)
+        if X.dim() > 2:
+            X = X.flatten(1)
+        if X.dim() != 2 or len(X) != len(y) or len(y) == 0:
+            return (f"needs training inputs X of shape (n, d) and n labels y; got X "
+                    f"{tuple(X.shape)} and y {tuple(y.shape)}")
+        if loss is None:
+            if y.is_floating_point():
+                return (f"trains classifiers on integer class labels y (cross-entropy) or on "
+                        f"one-hot targets with loss='mse'; this objective gives float labels y "
+                        f"of shape {tuple(y.shape)} and no loss")
+            loss = "cross_entropy"
+        if loss == "cross_entropy":
+            if y.is_floating_point() or y.dim() != 1 or int(y.min()) < 0:
+                return (f"cross-entropy needs class indices 0..C-1 in a 1-D integer y; got "
+                        f"{y.dtype} of shape {tuple(y.shape)}")
+            num_classes = int(y.max()) + 1
+            targets = y
+        elif loss == "mse":
+            if y.dim() == 1 and not y.is_floating_point():
+                num_classes = int(y.max()) + 1
+                targets = loss_targets("mse", y, num_classes, X.dtype)
+            elif y.dim() == 2:
+                num_classes, targets = y.shape[1], y.to(X.dtype)
+            else:
+                return (f"loss='mse' needs one-hot targets y of shape (n, C) or class indices; "
+                        f"got {y.dtype} of shape {tuple(y.shape)}")
+        else:
+            return f"supports loss='cross_entropy' or 'mse', not {loss!r}"
+        if model_init_fn is None:
+            model_init_fn = partial(build_model, RUN_DEFAULTS["model"], in_features=X.shape[1],
+                                    num_classes=num_classes, seed=0)
+        return X, y, targets, loss, model_init_fn
+
+    def skip(self, X=None, y=None, framework: str = "pytorch", model_init_fn=None,
+             loss: str | None = None, **objective_dict):
         if framework != "pytorch":
             return True, f"{self.name} is a PyTorch solver (framework={framework!r})"
         if X is None or y is None:
             return True, f"{self.name} needs the training data as X, y in get_objective()"
+        problem = self._problem(X, y, loss, model_init_fn)
+        if isinstance(problem, str):
+            return True, f"{self.name} {problem}"
+        X, _, targets, loss, model_init_fn = problem
+        try:  # one dry step on a copy: does this optimizer run on this model and loss?
+            model = copy.deepcopy(model_init_fn())
+            opt = build_optimizer(self.name, model, self._optimizer_kwargs(), loss=loss)
+            batch = slice(0, min(self.batch_size, len(X)))
+            train_step(opt, model, build_loss(loss), X[batch], targets[batch], reevaluate=False)
+        except Exception as err:  # noqa: BLE001 - any failure is a reason to skip, stated
+            return True, (f"{self.name} cannot run on this objective's model and data: "
+                          f"{type(err).__name__}: {err}")
         return False, None
 
+    def _optimizer_kwargs(self) -> dict:
+        return {k: getattr(self, k) for k in self.parameters if k != "batch_size"}
+
+    # ------------------------------------------------------------------ benchopt API
     def set_objective(self, X, y, model_init_fn=None, loss: str | None = None,
                       framework: str = "pytorch", track_batch_loss_change: bool = False,
                       **unused):
-        self.X = as_tensor(X, dtype=torch.get_default_dtype())
-        self.y = as_tensor(y)
-        if self.X.dim() > 2:
-            self.X = self.X.flatten(1)
-        if loss is None:
-            loss = "mse" if self.y.is_floating_point() else "cross_entropy"
-        self.loss_kind = loss
-        self.loss_fn = _loss_fn(loss)
-        if model_init_fn is None:
-            num_classes = int(self.y.max()) + 1 if loss == "cross_entropy" else self.y.shape[-1]
-            model_init_fn = _default_revmlp(self.X.shape[1], num_classes)
-        self.model_init_fn = model_init_fn
+        problem = self._problem(X, y, loss, model_init_fn)
+        if isinstance(problem, str):
+            raise ValueError(f"{self.name} {problem}")
+        self.X, self.y, self.targets, self.loss_kind, self.model_init_fn = problem
+        self.loss_fn = build_loss(self.loss_kind)
         self.track = bool(track_batch_loss_change)
         try:
             self.seed = int(self.get_seed(use_repetition=True))
@@ -100,9 +150,9 @@ class TorchSolver(BaseSolver):
         return stop_val + 1
 
     def run(self, cb):
-        torch.manual_seed(self.seed)
         self.model = self.model_init_fn()
-        self.optimizer = self.make_optimizer(self.model)
+        self.optimizer = build_optimizer(self.name, self.model, self._optimizer_kwargs(),
+                                         loss=self.loss_kind)
         self._batch_change, self._exact_fraction = math.nan, math.nan
         gen = torch.Generator().manual_seed(self.seed)
         n = len(self.y)
@@ -111,19 +161,16 @@ class TorchSolver(BaseSolver):
             changes, exact = [], []
             for start in range(0, n, self.batch_size):
                 idx = order[start:start + self.batch_size]
-                xb, yb = self.X[idx], self.y[idx]
                 try:
-                    loss_before = self.step(xb, yb)
+                    res = train_step(self.optimizer, self.model, self.loss_fn, self.X[idx],
+                                     self.targets[idx], reevaluate=self.track)
                 except FloatingPointError as err:  # includes gnrev's NonFiniteError
-                    warnings.warn(f"{self.name}: stopping, non-finite step: {err}")
+                    warnings.warn(f"{self.name}: stopping, non-finite step: {err}",
+                                  stacklevel=2)
                     return
-                if self.track:
-                    with torch.no_grad():
-                        after = float(self.loss_fn(self.model(xb), yb))
-                    changes.append(percent_loss_change(loss_before, after))
-                    flag = getattr(self.optimizer, "last_step_exact", None)
-                    if flag is not None:
-                        exact.append(float(bool(flag)))
+                changes.append(res.pct_change)
+                if res.exact is not None:
+                    exact.append(float(res.exact))
             if self.track:
                 self._batch_change = sum(changes) / len(changes) if changes else math.nan
                 self._exact_fraction = sum(exact) / len(exact) if exact else math.nan
@@ -135,130 +182,16 @@ class TorchSolver(BaseSolver):
                           exact_step_fraction=self._exact_fraction)
         return result
 
-    # ------------------------------------------------------------------ hooks
-    def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
-        raise NotImplementedError
 
-    def step(self, xb: torch.Tensor, yb: torch.Tensor) -> float:
-        """One update on the batch ``(xb, yb)`` in the standard drop-in loop
-        (``zero_grad; loss.backward(); step``); returns ``ℓ_B(θ_t)``."""
-        self.optimizer.zero_grad()
-        loss = self.loss_fn(self.model(xb), yb)
-        loss.backward()
-        self.optimizer.step()
-        return float(loss.detach())
-
-
-def _default_revmlp(in_features: int, num_classes: int):
-    from functools import partial
-
-    return partial(build_model, "revmlp", in_features, num_classes, hidden=256, num_blocks=2)
-
-
-class ExactGN(TorchSolver):
-    """Exact Gauss-Newton on a reversible RevMLP (Buffelli et al., NeurIPS 2024).
-
-    ``lr = α``: the linearised logits on the batch move by ``J Δθ = −α ε`` (default 0.2: the
-    paper's MNIST mini-batch GN, reference lr 0.1 with L = 2 blocks). ``fast_path=True``
-    uses ``step_on_batch`` (no parameter backward); ``False`` the drop-in ``backward(); step()``.
-    ``rank_policy`` is ExactGN's (``"warn"`` records inexact steps in ``exact_step_fraction``
-    rather than stopping the run).
-    """
-
-    name = "ExactGN"
-    parameters = {"lr": [0.2], "batch_size": [128], "fast_path": [True],
-                  "rank_policy": ["warn"]}
-
-    def skip(self, X=None, y=None, framework="pytorch", model_init_fn=None, model_kind=None,
-             **objective_dict):
-        skip, reason = super().skip(X=X, y=y, framework=framework)
-        if skip:
-            return skip, reason
-        if model_kind is not None and model_kind != "revmlp":
-            return True, (f"ExactGN needs a reversible RevMLP (model={model_kind!r}); "
-                          "use DenseGN for other models")
-        return False, None
-
-    def make_optimizer(self, model):
-        from gnrev_plugin.nn import RevMLP
-        from gnrev_plugin.optim import ExactGN as ExactGNOptimizer
-
-        if not isinstance(model, RevMLP):
-            raise TypeError(f"ExactGN needs a gnrev_plugin.nn.RevMLP, got {type(model).__name__};"
-                            " use the DenseGN solver for other models")
-        return ExactGNOptimizer(model.parameters(), lr=self.lr, loss=self.loss_kind, model=model,
-                                rank_policy=self.rank_policy)
-
-    def step(self, xb, yb):
-        if self.fast_path:
-            return float(self.optimizer.step_on_batch(xb, yb))
-        return super().step(xb, yb)
-
-
-class DenseGN(TorchSolver):
-    """Exact Gauss-Newton for any ``nn.Module`` via the dense output-space system.
-
-    Skipped when ``batch_size · C · P`` (the entries of the batch Jacobian) exceeds
-    ``max_dense_entries``. ``damping = λ`` regularises the system as ``(J Jᵀ + λ I)``;
-    ``rank_policy="warn"`` takes the least-squares step ``J⁺`` when ``J Jᵀ`` is singular (recorded
-    in ``exact_step_fraction``) instead of stopping the run.
-    """
-
-    name = "DenseGN"
-    parameters = {"lr": [0.2], "batch_size": [128], "damping": [0.0], "rank_policy": ["warn"],
-                  "max_dense_entries": [50_000_000]}
-
-    def skip(self, X=None, y=None, framework="pytorch", model_init_fn=None, **objective_dict):
-        skip, reason = super().skip(X=X, y=y, framework=framework)
-        if skip:
-            return skip, reason
-        import gnrev_plugin.optim as gn_optim
-
-        if not hasattr(gn_optim, "DenseGN"):
-            return True, "gnrev_plugin.optim.DenseGN is not available in this gnrev-plugin"
-        if model_init_fn is None:
-            return False, None
-        probe = model_init_fn()
-        num_params = sum(p.numel() for p in probe.parameters() if p.requires_grad)
-        x = as_tensor(X, dtype=torch.get_default_dtype())
-        with torch.no_grad():
-            out_dim = probe(x[:1].flatten(1) if x.dim() > 2 else x[:1]).numel()
-        entries = min(self.batch_size, len(x)) * out_dim * num_params
-        if entries > self.max_dense_entries:
-            return True, (f"DenseGN: the batch Jacobian would have {entries:.3g} entries > "
-                          f"max_dense_entries={self.max_dense_entries:.3g} (P={num_params}); "
-                          "lower batch_size or the model size, or raise max_dense_entries")
-        return False, None
-
-    def make_optimizer(self, model):
-        from gnrev_plugin.optim import DenseGN as DenseGNOptimizer
-
-        return DenseGNOptimizer(model.parameters(), model=model, lr=self.lr, loss=self.loss_kind,
-                                damping=self.damping, rank_policy=self.rank_policy,
-                                max_jacobian_entries=self.max_dense_entries)
-
-    def step(self, xb, yb):
-        step_on_batch = getattr(self.optimizer, "step_on_batch", None)
-        if step_on_batch is not None:
-            return float(step_on_batch(xb, yb))
-        return super().step(xb, yb)
-
-
-class Adam(TorchSolver):
-    """``torch.optim.Adam`` (the paper's best mini-batch baseline, lr 1e-4 on MNIST at M=8000)."""
-
-    name = "Adam"
-    parameters = {"lr": [1e-3], "batch_size": [128]}
-
-    def make_optimizer(self, model):
-        return torch.optim.Adam(model.parameters(), lr=self.lr)
-
-
-class SGD(TorchSolver):
-    """``torch.optim.SGD`` with optional heavy-ball ``momentum``."""
-
-    name = "SGD"
-    parameters = {"lr": [0.1], "batch_size": [128], "momentum": [0.0]}
-
-    def make_optimizer(self, model):
-        return torch.optim.SGD(model.parameters(), lr=self.lr, momentum=self.momentum)
+def make_solver(name: str) -> type[RegistrySolver]:
+    """The benchopt solver class of registry optimizer ``name`` (``gnrev.`` optional for
+    built-ins); its ``name`` is the registered name and its ``parameters`` are
+    ``batch_size`` plus the entry's defaults."""
+    reg = get_registry()
+    name = reg.resolve_name("optimizer", name)
+    entry = reg.entry("optimizer", name)
+    parameters = {"batch_size": [BATCH_SIZE], **{k: [v] for k, v in entry.defaults.items()}}
+    doc = (f"``{name}`` ({entry.description or entry.target}; from {entry.source.describe()}) "
+           "as a benchopt solver.")
+    return type("Solver", (RegistrySolver,), dict(name=name, parameters=parameters, __doc__=doc,
+                                                  __module__=__name__))

@@ -1,7 +1,8 @@
-"""Classification objective of the gnrev benchmark: exact Gauss-Newton vs Adam and SGD.
+"""Classification objective of the gnrev benchmark: any registered optimizer on a registry model.
 
-Each solver trains the same initial model (``model_init_fn``, seeded per repetition) on the
-training split with the cross-entropy loss. Every epoch benchopt records (``evaluate_result``):
+Each solver trains the same initial model (``model_init_fn``, built through gnrev's registry and
+seeded per repetition) on the training split with the cross-entropy loss. Every epoch benchopt
+records (``evaluate_result``):
 
 * ``value`` = ``train_loss``: mean cross-entropy on the whole training split (monitored by the
   stopping criterion), and ``train_accuracy``;
@@ -11,6 +12,11 @@ training split with the cross-entropy loss. Every epoch benchopt records (``eval
   GN overfits each batch);
 * ``exact_step_fraction``: for GN solvers, the fraction of the epoch's steps that were exact
   (``J Δθ = −α ε`` held); NaN for first-order solvers.
+
+Parameters: ``model`` is a registry model name (``gnrev list``); ``hidden`` its width option
+(here a CPU-sized 256; ``None`` leaves the registry default, for a model without that option),
+and ``model_options`` any further options as ``'k=v k=v'`` (values read as JSON), e.g.
+``-o "*[model=gnrev.mlp,model_options='activation=gelu']"``.
 """
 
 from benchopt import BaseObjective, safe_import_context
@@ -18,7 +24,9 @@ from benchopt import BaseObjective, safe_import_context
 with safe_import_context() as import_ctx:
     import math
 
-    from gnrev_plugin.hosts.benchopt.problem import evaluate_classifier, model_factory
+    from gnrev_plugin.build import build_loss, parse_options
+    from gnrev_plugin.hosts.benchopt.problem import model_factory
+    from gnrev_plugin.stepping import evaluate
 
 
 class Objective(BaseObjective):
@@ -27,8 +35,7 @@ class Objective(BaseObjective):
     min_benchopt_version = "1.10"
     requirements = ["pip::torch", "pip::gnrev-plugin"]
 
-    # model: "revmlp" (reversible MLP, exact GN) or "mlp" (plain ReLU MLP, DenseGN/Adam/SGD).
-    parameters = {"model": ["revmlp"], "hidden": [256], "num_blocks": [2]}
+    parameters = {"model": ["gnrev.revmlp"], "hidden": [256], "model_options": [""]}
     test_config = {"dataset": {"name": "simulated"}}
 
     def skip(self, X_train, y_train, X_test, y_test, num_classes, unavailable=None):
@@ -40,23 +47,23 @@ class Objective(BaseObjective):
         self.X_train, self.y_train = X_train, y_train
         self.X_test, self.y_test = X_test, y_test
         self.num_classes = int(num_classes)
+        self.loss_fn = build_loss("cross_entropy")
         try:
             seed = self.get_seed(use_repetition=True)
         except ValueError:  # outside a benchopt run
             seed = 0
-        self.model_init_fn = model_factory(
-            self.model, int(X_train.shape[1]), self.num_classes,
-            hidden=self.hidden, num_blocks=self.num_blocks, seed=int(seed) % 2**31,
-        )
+        options = {} if self.hidden is None else {"hidden": self.hidden}
+        options.update(parse_options(str(self.model_options or "").split()))
+        self.model_init_fn = model_factory(self.model, options, int(X_train.shape[1]),
+                                           self.num_classes, seed=int(seed) % 2**31)
 
     def get_objective(self):
         return dict(X=self.X_train, y=self.y_train, model_init_fn=self.model_init_fn,
-                    loss="cross_entropy", framework="pytorch", model_kind=self.model,
-                    track_batch_loss_change=True)
+                    loss="cross_entropy", framework="pytorch", track_batch_loss_change=True)
 
     def evaluate_result(self, model, batch_loss_change=math.nan, exact_step_fraction=math.nan):
-        train_loss, train_acc = evaluate_classifier(model, self.X_train, self.y_train)
-        test_loss, test_acc = evaluate_classifier(model, self.X_test, self.y_test)
+        train_loss, train_acc = evaluate(model, self.loss_fn, self.X_train, self.y_train)
+        test_loss, test_acc = evaluate(model, self.loss_fn, self.X_test, self.y_test)
         return dict(value=train_loss, train_loss=train_loss, train_accuracy=train_acc,
                     test_loss=test_loss, test_accuracy=test_acc,
                     batch_loss_change=batch_loss_change,
