@@ -10,6 +10,7 @@ import math
 
 import pytest
 
+from gnrev_plugin.build import RunSpec
 from gnrev_plugin.cli import main as gnrev_main
 from gnrev_plugin.experiments import leaderboard as lb
 from gnrev_plugin.experiments.rundir import RunDir
@@ -54,8 +55,10 @@ def _deepobs_json(root, optimizer, seed, train, acc):
 
 def _gnrev_run(path, optimizer, seed, losses):
     run = RunDir(path)
-    run.write_config(dict(optimizer=optimizer, lr=0.1, data="mnist", hidden=64, blocks=2,
-                          batch_size=32, seed=seed, epochs=len(losses) - 1), resume=False)
+    spec = RunSpec(model="revmlp", model_kwargs=dict(hidden=64), optimizer=optimizer,
+                   optimizer_kwargs=dict(lr=0.1), dataset="mnist", batch_size=32, seed=seed,
+                   epochs=len(losses) - 1).resolve()
+    run.write_config(dict(spec=spec.to_dict()), resume=False)  # as train_run writes it
     for epoch, loss in enumerate(losses):
         run.log(dict(epoch=epoch, train_loss=loss, train_acc=0.5, test_loss=loss + 0.3,
                      test_acc=0.6 + 0.01 * epoch, steps=10 * epoch, time_s=2.0 * epoch))
@@ -104,11 +107,14 @@ def test_gnrev_run_logs_are_read_with_steps(tmp_path):
     _gnrev_run(tmp_path / "runs" / "sgd", "sgd", 0, [2.0, 1.5, 1.0])
     (tmp_path / "runs" / "gn" / "log.jsonl").open("a").write('{"epoch": 3, "train_lo')  # torn
     rows = lb.summarize(lb.load_results([tmp_path / "runs"]))
-    gn = _row(rows, "exact_gn")
+    gn = _row(rows, "gnrev.exact_gn[")  # rows are named by registry name and options
+    assert gn["optimizer"] == "gnrev.exact_gn[lr=0.1,rank_policy=warn]"
+    assert _row(rows, "gnrev.sgd[")["optimizer"] == "gnrev.sgd[lr=0.1]"
     assert gn["target_loss"] == 1.0 and gn["steps_to_target"] == 10
     assert gn["time_to_target_s"] == 2.0
     assert gn["best_test_acc"] == pytest.approx(0.62)
-    assert gn["problem"] == "mnist (M=64, L=2, bs=32)"
+    assert gn["problem"].startswith("gnrev.mnist (gnrev.revmlp[") and "hidden=64" in gn["problem"]
+    assert gn["problem"].endswith(", bs=32)")
 
 
 @needs_pandas
