@@ -71,6 +71,7 @@ from torch import Tensor, nn
 from torch.func import vjp, vmap
 from torch.nn.functional import linear
 
+from ..compat.backpack import module_extensions
 from ..nn import AdditiveCoupling, RevMLP
 
 __all__ = ["register", "all_extensions", "SUPPORTED_EXTENSIONS", "CouplingLeafExtension",
@@ -95,7 +96,7 @@ def _supported_names() -> str:
 
 def _linear_rule(ext: BackpropExtension) -> ModuleExtension:
     """BackPACK's own module extension for ``nn.Linear`` inside ``ext``."""
-    table = getattr(ext, "_BackpropExtension__module_extensions", {})
+    table = module_extensions(ext)
     rule = table.get(nn.Linear)
     if rule is None or isinstance(rule, CouplingLeafExtension):
         raise NotImplementedError(UNSUPPORTED_MESSAGE.format(ext=type(ext).__name__,

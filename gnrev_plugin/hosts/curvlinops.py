@@ -1,6 +1,6 @@
 """curvlinops adapter: the NME, the NTK and the exact GN step as ``PyTorchLinearOperator`` s.
 
-All three subclass :class:`curvlinops._torch_base.PyTorchLinearOperator` (curvlinops 3.0.1), so they
+All three subclass curvlinops' ``PyTorchLinearOperator`` (:mod:`gnrev_plugin.compat.curvlinops`), so they
 compose with curvlinops' arithmetic (``A + B``, ``c * A``, ``A @ B``), its estimators
 (``hutchinson_trace``, ``hutchinson_diag``, ``xtrace``, ``lanczos_approximate_spectrum``, ...),
 inverses (``CGInverseLinearOperator``) and SciPy (``op.to_scipy()`` + ``scipy.sparse.linalg.eigsh``).
@@ -28,9 +28,9 @@ from typing import Any
 
 import torch
 from curvlinops import JacobianLinearOperator, TransposedJacobianLinearOperator
-from curvlinops._torch_base import PyTorchLinearOperator
 from torch import Tensor, nn
 
+from ..compat.curvlinops import PyTorchLinearOperator
 from ..metrics.hessian import SurrogateNMELinearOperator
 
 __all__ = ["NMELinearOperator", "NTKLinearOperator", "GaussNewtonStepOperator", "to_dense"]

@@ -24,6 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..compat.torch import (
+    DisableTorchFunctionSubclass,
+    functorch_transforms_active,
+    is_functorch_wrapped_tensor,
+)
 from .errors import LossCaptureError
 from .targets import loss_gradient_direction
 
@@ -79,7 +84,7 @@ class _ProbedOutput(torch.Tensor):
             cap = getattr(probe, "_gnrev_capture", None)
             if cap is not None and isinstance(other, torch.Tensor):
                 cap._record_loss(LossCall(kind, other.detach(), dict(kwargs)))
-        with torch._C.DisableTorchFunctionSubclass():
+        with DisableTorchFunctionSubclass():
             return func(*args, **kwargs)
 
 
@@ -105,8 +110,8 @@ class OutputCapture:
     # -- hooks ------------------------------------------------------------------------------
     def _forward_hook(self, module, args, output):
         if (_SUSPENDED or not isinstance(output, torch.Tensor) or not torch.is_grad_enabled()
-                or not output.requires_grad or torch._C._are_functorch_transforms_active()
-                or torch._C._functorch.is_functorch_wrapped_tensor(output) or not args
+                or not output.requires_grad or functorch_transforms_active()
+                or is_functorch_wrapped_tensor(output) or not args
                 or not isinstance(args[0], torch.Tensor)):
             return None
         batch = CapturedBatch(args[0].detach(), output.detach(),
@@ -114,7 +119,7 @@ class OutputCapture:
         self.batch = batch
 
         def grad_hook(g: torch.Tensor) -> None:
-            if _SUSPENDED or torch._C._functorch.is_functorch_wrapped_tensor(g):
+            if _SUSPENDED or is_functorch_wrapped_tensor(g):
                 return  # a batched / internal backward, not the training loop's
             batch.grad = g.detach() if batch.grad is None else batch.grad + g.detach()
 
