@@ -13,7 +13,6 @@ for batches larger than that the block cannot reproduce an arbitrary target on i
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Iterable
 
 import torch
@@ -21,10 +20,9 @@ from torch import nn
 
 from .activations import Activation, get_activation
 from .coupling import AdditiveCoupling, BlockActivations
+from .discovery import find_module_owning
 
 __all__ = ["RevMLP", "PRESETS", "revmlp_from_preset", "find_revmlp_owning"]
-
-_LIVE_MODELS: weakref.WeakSet[RevMLP] = weakref.WeakSet()
 
 
 class RevMLP(nn.Module):
@@ -93,12 +91,6 @@ class RevMLP(nn.Module):
         #: saves anyway).
         self.record_activations = False
         self.last_activations: list[BlockActivations] | None = None
-        _LIVE_MODELS.add(self)
-
-    def __setstate__(self, state: dict) -> None:
-        # copy.deepcopy and unpickling bypass __init__; keep copies discoverable by optimizers.
-        super().__setstate__(state)
-        _LIVE_MODELS.add(self)
 
     # ------------------------------------------------------------------ forward / inverse
     def _flatten(self, x: torch.Tensor) -> torch.Tensor:
@@ -190,7 +182,8 @@ def revmlp_preset_factory(*, in_features: int, num_classes: int, preset: str,
 
 
 def find_revmlp_owning(params: Iterable[torch.Tensor]) -> RevMLP:
-    """Find the live :class:`RevMLP` that owns every tensor in ``params``.
+    """The live :class:`RevMLP` that owns every tensor in ``params``
+    (:func:`gnrev_plugin.nn.discovery.find_module_owning` restricted to RevMLPs).
 
     This is how :class:`~gnrev_plugin.optim.ExactGN` works with runners that hand an optimizer
     only ``model.parameters()``.
@@ -198,10 +191,8 @@ def find_revmlp_owning(params: Iterable[torch.Tensor]) -> RevMLP:
     Raises:
         ValueError: if no live RevMLP owns all of them (or more than one does).
     """
-    ids = {id(p) for p in params}
-    owners = [m for m in list(_LIVE_MODELS) if ids and ids <= {id(p) for p in m.parameters()}]
-    if len(owners) != 1:
-        what = "no RevMLP" if not owners else f"{len(owners)} RevMLPs"
-        raise ValueError(f"{what} own all of the given parameters; ExactGN needs the parameters "
-                         "of one gnrev_plugin.nn.RevMLP (pass model=... to be explicit)")
-    return owners[0]
+    try:
+        return find_module_owning(params, RevMLP, what="RevMLP")
+    except ValueError as err:
+        raise ValueError(f"{err}; ExactGN needs the parameters of one gnrev_plugin.nn.RevMLP "
+                         "(pass model=... to be explicit)") from None

@@ -29,7 +29,6 @@ duplicated samples...), ``"warn"`` takes the least-squares step ``J⁺`` and war
 
 from __future__ import annotations
 
-import gc
 import warnings
 from collections.abc import Callable, Iterable
 
@@ -37,6 +36,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
+from ..nn.discovery import find_module_owning
 from .capture import OutputCapture, suspended
 from .common import apply_update, check_finite, validate_gn_options
 from .errors import RankDeficiencyError
@@ -47,24 +47,6 @@ __all__ = ["DenseGN", "find_module_owning", "JACOBIAN_METHODS"]
 
 JACOBIAN_METHODS = ("auto", "linear", "per_sample", "rows")
 _BATCH_COUPLING = (nn.modules.batchnorm._BatchNorm,)
-
-
-def find_module_owning(params: Iterable[torch.Tensor]) -> nn.Module:
-    """The outermost smallest live ``nn.Module`` whose parameters include all of ``params``."""
-    ids = {id(p) for p in params}
-    with warnings.catch_warnings():  # isinstance() on some deprecated torch objects warns
-        warnings.simplefilter("ignore")
-        live = [m for m in gc.get_objects() if isinstance(m, nn.Module)]
-    cands = [m for m in live if ids <= {id(p) for p in m.parameters()}]
-    if not ids or not cands:
-        raise ValueError("could not find the module owning these parameters; pass model=...")
-    size = min(sum(1 for _ in m.parameters()) for m in cands)
-    smallest = [m for m in cands if sum(1 for _ in m.parameters()) == size]
-    outer = [m for m in smallest
-             if not any(o is not m and any(c is m for c in o.modules()) for o in smallest)]
-    if len(outer) != 1:
-        raise ValueError("several modules own these parameters; pass model=... to DenseGN")
-    return outer[0]
 
 
 class DenseGN(torch.optim.Optimizer):

@@ -1,0 +1,52 @@
+"""How a drop-in optimizer finds the model behind the parameters it was given.
+
+Runners such as DeepOBS and AlgoPerf construct optimizers as ``optimizer_class(model.parameters(),
+**hyperparameters)``. The Gauss-Newton optimizers also need the model (its forward pass, and for
+:class:`~gnrev_plugin.optim.ExactGN` the reversible structure), so when ``model=`` is not passed
+they look it up with :func:`find_module_owning`, the package's one discovery mechanism:
+
+* scan the live ``nn.Module`` objects of class ``cls`` (Python's garbage collector tracks them
+  all, so deep copies, unpickled models and models built by third-party code are found alike);
+* keep those whose parameters include every given parameter;
+* among them take the ones with the fewest parameters, and of those the outermost (a wrapper
+  that adds no parameters, such as ``nn.Sequential(model)`` or DDP's ``.module`` holder, is
+  preferred over the module it wraps, so its forward — the one the training loop calls — is
+  the one the step uses);
+* exactly one must remain, else ``ValueError`` asks for ``model=...``.
+
+Passing ``model=`` explicitly always wins and costs nothing; the registry's runners
+(:func:`gnrev_plugin.build.build_optimizer`) always do.
+"""
+
+from __future__ import annotations
+
+import gc
+import warnings
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+__all__ = ["find_module_owning"]
+
+
+def find_module_owning(params: Iterable[torch.Tensor], cls: type[nn.Module] = nn.Module,
+                       what: str = "module") -> nn.Module:
+    """The outermost smallest live ``cls`` instance whose parameters include all of ``params``
+    (see the module docstring). ``what`` names the model kind in the error message."""
+    ids = {id(p) for p in params}
+    with warnings.catch_warnings():  # isinstance() on some deprecated torch objects warns
+        warnings.simplefilter("ignore")
+        live = [m for m in gc.get_objects() if isinstance(m, cls)]
+    cands = [m for m in live if ids and ids <= {id(p) for p in m.parameters()}]
+    if not cands:
+        raise ValueError(f"no live {what} owns all of the given parameters; pass model=... to "
+                         "the optimizer")
+    size = min(sum(1 for _ in m.parameters()) for m in cands)
+    smallest = [m for m in cands if sum(1 for _ in m.parameters()) == size]
+    outer = [m for m in smallest
+             if not any(o is not m and any(c is m for c in o.modules()) for o in smallest)]
+    if len(outer) != 1:
+        raise ValueError(f"{len(outer)} live {what}s own all of the given parameters; pass "
+                         "model=... to the optimizer")
+    return outer[0]
