@@ -32,12 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
-        try:
-            mod = importlib.import_module(f"gnrev_plugin.commands.{name}")
-        except ModuleNotFoundError as err:  # a command not written yet in this checkout
-            if err.name != f"gnrev_plugin.commands.{name}":
-                raise
-            continue
+        mod = importlib.import_module(f"gnrev_plugin.commands.{name}")
         p = sub.add_parser(mod.NAME, help=mod.HELP, description=mod.HELP)
         mod.add_arguments(p)
         p.set_defaults(_run=mod.run)

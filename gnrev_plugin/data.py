@@ -229,16 +229,11 @@ def load_mnist1d(num_samples: int = 5000, seed: int = 42, train_split: float = 0
     Uses ``mnist1d.data.make_dataset`` with the package's default arguments (40-dimensional
     signals, 10 classes, 4,000 / 1,000 train/test for the default 5,000 samples); nothing is
     downloaded. The package seeds numpy's global RNG; its state is restored afterwards.
-
-    Raises:
-        ImportError: if ``mnist1d`` is not installed (``pip install mnist1d``).
+    (``mnist1d`` is a required dependency, imported here because it is only needed here.)
     """
-    try:
-        from mnist1d.data import get_dataset_args, make_dataset
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("--data mnist1d needs the 'mnist1d' package (pip install "
-                          "'mnist1d>=0.0.2'); it generates the data offline") from err
     import random
+
+    from mnist1d.data import get_dataset_args, make_dataset
 
     args = get_dataset_args()
     args.num_samples, args.seed, args.train_split = num_samples, seed, train_split

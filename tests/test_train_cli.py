@@ -80,22 +80,7 @@ def test_missing_data_dir_is_a_clear_error(tmp_path, capsys):
     assert str(tmp_path / "nowhere") in err
 
 
-def test_missing_mnist1d_package_is_a_clear_error(tmp_path, monkeypatch, capsys):
-    import builtins
-
-    real = builtins.__import__
-
-    def no_mnist1d(name, *args, **kwargs):
-        if name.startswith("mnist1d"):
-            raise ImportError("No module named 'mnist1d'")
-        return real(name, *args, **kwargs)
-    monkeypatch.setattr(builtins, "__import__", no_mnist1d)
-    assert main(["train", "--data", "mnist1d", "--out", str(tmp_path), *SMALL]) == 2
-    assert "pip install 'mnist1d>=0.0.2'" in capsys.readouterr().err
-
-
 def test_train_on_mnist1d(tmp_path):
-    pytest.importorskip("mnist1d", reason="the optional 'mnist1d' package is not installed")
     assert main(["train", "--optimizer", "exact_gn", "--data", "mnist1d", "--out",
                  str(tmp_path), *SMALL, "--epochs", "1"]) == 0
     rows = read_jsonl(tmp_path / "log.jsonl")

@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         return _run(args)
-    except (ImportError, PluginError, KeyError) as err:  # unknown names, missing packages
+    except (PluginError, KeyError) as err:  # unknown names, a plugin that cannot load
         print(f"gnrev train: error: {err}", file=sys.stderr)
         return 2
 
