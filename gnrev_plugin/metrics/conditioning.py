@@ -269,12 +269,22 @@ def deep_linear_gn_rank(widths: Sequence[int], k: int, r: int) -> int:
     return q * (r + k - q)
 
 
+def _sigma_or_zero(s: torch.Tensor, j: int, shape: Sequence[int]) -> float:
+    """``σ_j`` (1-based) of a matrix with singular values ``s``, or 0 when it has fewer than ``j``
+    or ``σ_j ≤ max(shape)·eps·σ_1`` (``torch.linalg.matrix_rank``'s rule): a partial product behind
+    a bottleneck is exactly rank-deficient and its ``σ_j`` is rounding noise, not a bound."""
+    if s.numel() < j or not s[j - 1] > max(shape) * torch.finfo(s.dtype).eps * s[0]:
+        return 0.0
+    return s[j - 1].item()
+
+
 def deep_linear_condition_bounds(Ws: Sequence[torch.Tensor], Sigma: torch.Tensor | None = None
                                  ) -> dict:
     """The convex-combination and loose upper bounds on ``κ(G)`` for a deep linear net.
 
     Returns ``{"convex", "loose", "gammas", "kappa_sigma", "terms"}``; bounds are ``inf`` when
-    every ``σ²_min(W_{<l})σ²_min(W_{>l})`` vanishes (resp. any, for the loose bound).
+    every ``σ²_min(W_{<l})σ²_min(W_{>l})`` vanishes (resp. any, for the loose bound). A ``σ_min``
+    at rounding level (``≤ max(shape)·eps·σ_max``, a product behind a bottleneck) counts as 0.
     """
     before, after = deep_linear_partial_products(Ws)
     d, k = Ws[0].shape[1], Ws[-1].shape[0]
@@ -286,8 +296,7 @@ def deep_linear_condition_bounds(Ws: Sequence[torch.Tensor], Sigma: torch.Tensor
     terms = []
     for b, a in zip(before, after, strict=True):
         sb, sa = torch.linalg.svdvals(b), torch.linalg.svdvals(a)
-        smin_b = sb[d - 1].item() if sb.numel() >= d else 0.0
-        smin_a = sa[k - 1].item() if sa.numel() >= k else 0.0
+        smin_b, smin_a = _sigma_or_zero(sb, d, b.shape), _sigma_or_zero(sa, k, a.shape)
         terms.append(dict(max2=(sb[0] * sa[0]).item() ** 2, min2=(smin_b * smin_a) ** 2))
     den = sum(t["min2"] for t in terms)
     convex = kappa_sigma * sum(t["max2"] for t in terms) / den if den > 0 else math.inf
