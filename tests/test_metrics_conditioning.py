@@ -3,6 +3,7 @@
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 from curvlinops import FisherType, GGNLinearOperator, KFACLinearOperator
@@ -324,3 +325,83 @@ def test_spectrum_lemma_matrix_is_uut():
     Ws = [torch.randn(5, 4, dtype=DT), torch.randn(3, 5, dtype=DT)]
     U = deep_linear_jacobian_factor(Ws)
     assert torch.allclose(spectrum_lemma_matrix(Ws), U @ U.T, atol=1e-12)
+
+
+# ------------------------------------------------------------------- fact 18, exact values
+EPS = np.finfo(np.float64).eps
+
+
+def np_zhao_bounds(Ws, X):
+    """Zhao et al.'s bounds from NumPy singular values of hand-multiplied partial products:
+    ``γ_l = min2_l / Σ min2``, convex ``κ(Σ) Σ max2 / Σ min2``, loose
+    ``κ(Σ) max_l κ²(W_{<l}) κ²(W_{>l})`` with ``σ_min(W_{<l}) := σ_d``, ``σ_min(W_{>l}) := σ_k``,
+    taken as 0 when missing or below ``max(shape)·eps·σ_max`` (``matrix_rank``'s rule: a bottleneck
+    makes the product exactly rank-deficient, its σ_d is rounding noise)."""
+    Ws = [w.numpy() for w in Ws]
+    d, k = Ws[0].shape[1], Ws[-1].shape[0]
+    Xn = X.numpy()
+    ev = np.linalg.eigvalsh(Xn.T @ Xn / len(Xn))
+    kappa_sigma = ev[-1] / ev[0]
+    max2, min2 = [], []
+    for l in range(len(Ws)):
+        before = np.eye(d)
+        for w in Ws[:l]:
+            before = w @ before
+        after = np.eye(k)                     # W_{>l} = W_L ⋯ W_{l+1}
+        for w in reversed(Ws[l + 1:]):
+            after = after @ w
+        sb, sa = np.linalg.svd(before, compute_uv=False), np.linalg.svd(after, compute_uv=False)
+        lo_b = sb[d - 1] if len(sb) >= d and sb[d - 1] > max(before.shape) * EPS * sb[0] else 0.0
+        lo_a = sa[k - 1] if len(sa) >= k and sa[k - 1] > max(after.shape) * EPS * sa[0] else 0.0
+        max2.append((sb[0] * sa[0]) ** 2)
+        min2.append((lo_b * lo_a) ** 2)
+    max2, min2 = np.array(max2), np.array(min2)
+    den = min2.sum()
+    gammas = min2 / den if den > 0 else np.full(len(min2), np.nan)
+    loose = kappa_sigma * max(m / q if q > 0 else np.inf for m, q in zip(max2, min2, strict=True))
+    return dict(kappa_sigma=kappa_sigma, gammas=gammas, loose=loose, max2=max2, min2=min2,
+                convex=kappa_sigma * max2.sum() / den if den > 0 else np.inf)
+
+
+@pytest.mark.parametrize("widths", [[8], [8, 7], [6, 6, 6], [9, 9], [3], [7, 2]])
+def test_fact18_bound_values_on_non_whitened_data(widths):
+    """The exact values of γ_l and both bounds (1e-10 relative), on anisotropic data where
+    κ(Σ) ≫ 1 matters; bottlenecks (width < d) make σ_d(W_{<l}) = 0 and the loose bound infinite."""
+    d, k, n = 5, 3, 24
+    model = deep_linear([d, *widths, k], seed=20 + len(widths) + sum(widths))
+    X, _ = data_for(d, k, n, seed=4, anisotropic=True)
+    Ws = weights(model)
+    want = np_zhao_bounds(Ws, X)
+    assert want["kappa_sigma"] > 10                          # non-whitened: κ(Σ) matters
+    got = deep_linear_condition_bounds(Ws, X.T @ X / n)
+    assert got["kappa_sigma"] == pytest.approx(want["kappa_sigma"], rel=1e-10)
+    np.testing.assert_allclose(got["gammas"], want["gammas"], rtol=1e-10, atol=1e-15)
+    assert got["convex"] == pytest.approx(want["convex"], rel=1e-10)   # also inf == inf
+    np.testing.assert_allclose([t["max2"] for t in got["terms"]], want["max2"], rtol=1e-10)
+    np.testing.assert_allclose([t["min2"] for t in got["terms"]], want["min2"], rtol=1e-10,
+                               atol=1e-300)
+    if min(widths) < d:             # bottleneck: W_{<l} loses rank d after it
+        assert math.isinf(got["loose"]) and math.isinf(want["loose"])
+        assert want["min2"][1:].max() == 0.0
+    else:
+        assert got["loose"] == pytest.approx(want["loose"], rel=1e-10)
+        assert got["convex"] < got["loose"]                  # strictly: the terms differ
+    if want["min2"].min() > 0:      # the convex combination Σ γ_l κ²κ² equals Σ max2 / Σ min2
+        combo = (want["gammas"] * want["max2"] / want["min2"]).sum()
+        assert got["convex"] == pytest.approx(want["kappa_sigma"] * combo, rel=1e-10)
+    if math.isfinite(got["convex"]):   # and κ(G) ≤ convex bound on these data (dense G)
+        rep = gn_condition_number(model, nn.MSELoss(reduction="sum"),
+                                  [(X, torch.zeros(n, k, dtype=DT))], rtol=1e-10)
+        assert rep.kappa <= got["convex"] * (1 + 1e-9)
+
+
+def test_fact18_bounds_without_sigma_and_with_singular_sigma():
+    Ws = weights(deep_linear([4, 6, 3], seed=31))
+    X, _ = data_for(4, 3, 10, seed=31)
+    base = deep_linear_condition_bounds(Ws)
+    assert base["kappa_sigma"] == 1.0
+    scaled = np_zhao_bounds(Ws, X)
+    assert base["convex"] == pytest.approx(scaled["convex"] / scaled["kappa_sigma"], rel=1e-10)
+    singular = deep_linear_condition_bounds(Ws, torch.diag(torch.tensor([1.0, 2.0, 3.0, 0.0],
+                                                                         dtype=DT)))
+    assert math.isinf(singular["kappa_sigma"]) and math.isinf(singular["convex"])
