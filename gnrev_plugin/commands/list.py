@@ -23,16 +23,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="exit with status 1 if a plugin was skipped or an entry fails --check")
 
 
+def _contract(e) -> str:
+    """What a runner needs to know: a metric's protocol, an optimizer's needs, the defaults."""
+    parts = []
+    if e.kind == "metric":
+        parts.append(f"{e.protocol} metric")
+    if e.needs:
+        parts.append("needs " + "+".join(e.needs))
+    if e.defaults:
+        parts.append(" ".join(f"{k}={v}" for k, v in e.defaults.items()))
+    return "; ".join(parts)
+
+
 def run(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():  # the problems are printed below the table instead
         warnings.simplefilter("ignore", PluginWarning)
         reg = discover()
-    headers = ["kind", "name", "description", "target", "distribution"]
+    headers = ["kind", "name", "description", "contract", "target", "distribution"]
     if args.check:
         headers.append("status")
     rows, failed = [], 0
     for e in reg.list(args.kind):
-        row = [e.kind, e.name, e.description, e.target, f"{e.distribution} {e.version}".strip()]
+        row = [e.kind, e.name, e.description, _contract(e), e.target,
+               f"{e.distribution} {e.version}".strip()]
         if args.check:
             try:
                 e.resolve()
