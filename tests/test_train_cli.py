@@ -85,3 +85,33 @@ def test_train_on_mnist1d(tmp_path):
                  str(tmp_path), *SMALL, "--epochs", "1"]) == 0
     rows = read_jsonl(tmp_path / "log.jsonl")
     assert rows[-1]["train_loss"] < rows[0]["train_loss"] and rows[-1]["exact_frac"] == 1.0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--optimizer", "lbfgs"], "no optimizer named 'lbfgs'; known optimizers: gnrev.adam, "
+                               "gnrev.dense_gn, gnrev.exact_gn, gnrev.sgd"),
+    (["--model", "resnet"], "no model named 'resnet'; known models: gnrev.mlp, gnrev.revmlp"),
+    (["--data", "cifar"], "no dataset named 'cifar'; known datasets: gnrev.fashion_mnist"),
+    (["--metric", "linear_cka"], "'gnrev.linear_cka' is a library function, not a run metric"),
+    (["--opt", "momentum=0.9"], "optimizer 'gnrev.exact_gn' rejected its options"),
+    (["--opt", "lr"], "options are KEY=VALUE, got 'lr'"),
+])
+def test_bad_names_and_options_are_clear_errors(tmp_path, capsys, args, message):
+    assert main(["train", "--data", "teacher-student", "--out", str(tmp_path), *SMALL, *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_run_spec_round_trips_and_rejects_unknown_keys():
+    from gnrev_plugin.build import RunSpec
+
+    spec = RunSpec(model="mlp", model_kwargs={"hidden": [4, 4]}, metrics=["cka_to_init"],
+                   dataset_kwargs={"train_size": 64}).resolve()
+    again = RunSpec.from_dict(json.loads(json.dumps(spec.to_dict())))
+    assert again == spec and again.model == "gnrev.mlp" and again.metrics == ["gnrev.cka_to_init"]
+    assert again.model_kwargs == {"hidden": [4, 4], "activation": "relu"}
+    with pytest.raises(ValueError, match=r"unknown run spec keys \['lr'\]"):
+        RunSpec.from_dict({**spec.to_dict(), "lr": 0.1})
+    with pytest.raises(ValueError, match="JSON-serialisable"):
+        RunSpec(optimizer_kwargs={"betas": object()})
+    with pytest.raises(ValueError, match="loss must be one of"):
+        RunSpec(loss="hinge")
