@@ -138,10 +138,12 @@ def test_dropping_the_missing_jacobian_correction_breaks_exactness(monkeypatch):
 
     assert error() <= TOL
 
-    def solve_without_correction(block, acts, sys_f, sys_g, t, w, m_full):
-        t1, t2 = block.split(t)
-        sol_f, sol_g = sys_f.solve(w * t1), sys_g.solve(w * t2)   # m omitted
-        return ri.BlockUpdate(sol_f, HalfLayerSolution(sol_g.weight, sol_g.bias, sol_g.achieved))
+    def solve_without_correction(bs, t, w, m_full, exact_share):
+        t1, t2 = bs.block.split(t)
+        sol_f, sol_g = bs.f.solve(w * t1), bs.g.solve(w * t2)   # m omitted
+        return ri.BlockUpdate(sol_f, HalfLayerSolution(sol_g.weight, sol_g.bias, sol_g.achieved,
+                                                       target=sol_g.target,
+                                                       residual=sol_g.residual))
 
     monkeypatch.setattr(ri, "_solve_block", solve_without_correction)
     assert error() > 1e-2
@@ -349,7 +351,7 @@ def test_construction_errors():
         ExactGN(model.parameters(), loss="hinge")
     with pytest.raises(TypeError, match="RevMLP"):
         ExactGN(nn.Linear(3, 2).parameters(), model=nn.Linear(3, 2))
-    with pytest.raises(ValueError, match="no RevMLP"):
+    with pytest.raises(ValueError, match="no live RevMLP"):
         ExactGN(nn.Linear(3, 2).parameters())
     with pytest.raises(ValueError, match="lr"):
         ExactGN(model.parameters(), lr=-1)

@@ -9,7 +9,7 @@ import torch
 from .errors import NonFiniteError
 from .targets import CE_TARGETS, LOSSES
 
-__all__ = ["validate_gn_options", "check_finite", "apply_update"]
+__all__ = ["validate_gn_options", "check_finite", "check_all_finite", "apply_update"]
 
 
 def validate_gn_options(owner: str, lr: float, loss: str, ce_target: str) -> None:
@@ -29,16 +29,28 @@ def check_finite(name: str, t: torch.Tensor) -> None:
         raise NonFiniteError(f"non-finite {name}; the parameters were not changed")
 
 
+def check_all_finite(named: dict[str, torch.Tensor]) -> None:
+    """Raise :class:`NonFiniteError` naming the first non-finite tensor of ``named``; one host
+    synchronisation for all of them."""
+    if not named:
+        return
+    flags = torch.stack([torch.isfinite(t).all() for t in named.values()]).tolist()
+    for name, ok in zip(named, flags, strict=True):
+        if not ok:
+            raise NonFiniteError(f"non-finite {name}; the parameters were not changed")
+
+
 @torch.no_grad()
 def apply_update(optimizer: torch.optim.Optimizer,
                  pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
     """``θ ← (1 − lr·wd) θ + Δθ`` (decoupled weight decay) for each ``(θ, Δθ)``, counting steps.
 
-    All ``Δθ`` are checked finite first, so a non-finite update changes nothing.
+    All ``Δθ`` are checked finite first (one host synchronisation), so a non-finite update
+    changes nothing.
     """
     pairs = list(pairs)
-    for _, d in pairs:
-        check_finite("Gauss-Newton update", d)
+    if pairs and not bool(torch.stack([torch.isfinite(d).all() for _, d in pairs]).all()):
+        raise NonFiniteError("non-finite Gauss-Newton update; the parameters were not changed")
     group = optimizer.param_groups[0]
     wd = group["weight_decay"]
     for p, d in pairs:

@@ -23,6 +23,13 @@ and the full-rank blocks absorb the rest, so the step stays exact. ``"strict"`` 
 rank-deficient per-layer system; ``"warn"`` warns and takes the least-squares step. The outcome is in
 ``last_step_exact`` and ``last_step_info``. A non-finite loss, target or update raises
 :class:`NonFiniteError`. Parameters are unchanged whenever a step raises.
+
+**Honest flag.** ``last_step_exact`` is ``True`` only when every system of the exact shares meets
+``residual_rtol``, measured a posteriori as ``‖E − AΔ‖/‖E‖`` from the update as applied; a miss
+gets one float64 refinement step, and a block that still misses is handled like a rank-deficient
+one. Bad input (an empty batch, integer or wrong-dtype inputs, out-of-range class indices, inputs
+so large that the Grams overflow) raises a ``ValueError``/:class:`NonFiniteError` before any
+work.
 """
 
 from __future__ import annotations
@@ -34,7 +41,8 @@ import torch
 
 from ..nn.revmlp import RevMLP, find_revmlp_owning
 from .capture import OutputCapture
-from .common import apply_update, check_finite, validate_gn_options
+from .common import apply_update, check_all_finite, validate_gn_options
+from .errors import NonFiniteError
 from .right_inverse import RANK_POLICIES, right_inverse
 from .solvers import SolverConfig
 from .targets import mean_loss, newton_target
@@ -43,10 +51,22 @@ __all__ = ["ExactGN", "exact_gn_direction", "STEP_CONVENTIONS"]
 
 STEP_CONVENTIONS = ("function_space", "reference")
 
+#: Solver defaults live in :class:`~gnrev_plugin.optim.solvers.SolverConfig` (one place).
+_SOLVER = SolverConfig()
+#: Param-group keys that build the :class:`SolverConfig` of a step.
+_SOLVER_KEYS = ("solver", "rtol", "atol", "damping", "rank_rtol", "gram_dtype", "factor_dtype",
+                "residual_rtol")
+
 
 def _recorded_activations(model: RevMLP):
     """The block activations the RevMLP recorded in the forward pass the capture just saw."""
     return model.last_activations
+
+
+def _solver_config(group: dict) -> SolverConfig:
+    return SolverConfig(group["solver"], group["rtol"], group["atol"], group["damping"],
+                        group["rank_rtol"], group["gram_dtype"], group["factor_dtype"],
+                        group["residual_rtol"])
 
 
 def exact_gn_direction(
@@ -54,7 +74,7 @@ def exact_gn_direction(
     x: torch.Tensor,
     target: torch.Tensor,
     *,
-    solver: str = "cholesky",
+    solver: str = _SOLVER.method,
     rank_policy: str = "raise",
     **solver_options,
 ) -> list[torch.Tensor]:
@@ -62,11 +82,12 @@ def exact_gn_direction(
 
     Returns one tensor per entry of ``model.parameters()`` (same order and shapes). This is the
     function-space primitive behind :class:`ExactGN` (which uses ``target = −α ε``).
+    ``solver_options`` are the other fields of :class:`~gnrev_plugin.optim.solvers.SolverConfig`.
     """
     with torch.no_grad():
-        _, acts = model.features_with_activations(x)
+        z, acts = model.features_with_activations(x)
         res = right_inverse(model, acts, target, SolverConfig(solver, **solver_options),
-                            rank_policy=rank_policy)
+                            rank_policy=rank_policy, inputs=x.reshape(x.shape[0], -1))
     return [t for idx in range(len(model.blocks)) for t in res.updates[idx].tensors()]
 
 
@@ -79,12 +100,17 @@ class ExactGN(torch.optim.Optimizer):
         lr: ``α`` (see the step-size conventions).
         loss: ``"mse"`` or ``"cross_entropy"``.
         model: the RevMLP, if it cannot or should not be found from ``params``.
-        solver: ``"cholesky"`` (default), ``"eigh"``, ``"svd"`` or ``"damped"``
-            (:mod:`gnrev_plugin.optim.solvers`).
+        solver: ``"cholesky"`` (default: the structure-aware dispatch), ``"eigh"``, ``"svd"`` or
+            ``"damped"`` (:mod:`gnrev_plugin.optim.solvers`).
         damping: ``λ`` for ``solver="damped"``: ``Λ = (A Aᵀ + λI)⁻¹ E``.
         rtol, atol: singular-value truncation of ``"eigh"``/``"svd"`` (reference: 1e-2, 1e-5).
-        rank_rtol: numerical-rank threshold on Gram eigenvalues/pivots (default ``max(n, 100)·eps``).
+        rank_rtol: numerical-rank threshold on Gram eigenvalues/pivots (default ``max(m, 100)·eps``
+            for an ``m×m`` Gram).
         gram_dtype: dtype to form the Grams in (default: the working dtype).
+        factor_dtype: dtype the Grams are factored and solved in (default float64).
+        residual_rtol: accuracy every exactly solved system must reach, ``‖E − AΔ‖ ≤
+            residual_rtol·‖E‖`` (default 1e-10 in float64, 1e-3 in float32); see
+            ``last_step_exact``.
         ce_target: cross-entropy Newton target, ``"identity"`` (reference default), ``"pinv"``
             (``H⁺g``) or ``"damped"`` (``(H + ce_damping·I)⁻¹g``).
         step_convention: ``"function_space"`` (``α = lr``) or ``"reference"`` (``α = L·lr``).
@@ -92,6 +118,16 @@ class ExactGN(torch.optim.Optimizer):
         rank_policy: ``"raise"``, ``"strict"`` or ``"warn"`` (exactness contract).
         verify: after each step, recompute ``J Δθ`` from ``Δθ`` and record the relative residual
             in ``last_step_info["relative_residual"]`` (costs about one extra forward pass).
+
+    Every option is a hyperparameter of the single param group (``opt.param_groups[0]``), saved
+    and restored by ``state_dict``.
+
+    Attributes:
+        last_step_exact: ``True`` iff the last step took an exact share in at least one block and
+            every solved system of the exact shares met ``residual_rtol``, measured a posteriori
+            from the update as applied (after at most one float64 refinement step).
+        last_step_info: the ranks, solve kinds, residuals and roles of every block
+            (:class:`~gnrev_plugin.optim.right_inverse.BlockReport`), ``alpha``, ``solver``.
     """
 
     def __init__(
@@ -101,12 +137,14 @@ class ExactGN(torch.optim.Optimizer):
         *,
         loss: str = "mse",
         model: RevMLP | None = None,
-        solver: str = "cholesky",
-        damping: float = 0.0,
-        rtol: float = 0.0,
-        atol: float = 0.0,
-        rank_rtol: float | None = None,
-        gram_dtype: torch.dtype | None = None,
+        solver: str = _SOLVER.method,
+        damping: float = _SOLVER.damping,
+        rtol: float = _SOLVER.rtol,
+        atol: float = _SOLVER.atol,
+        rank_rtol: float | None = _SOLVER.rank_rtol,
+        gram_dtype: torch.dtype | None = _SOLVER.gram_dtype,
+        factor_dtype: torch.dtype = _SOLVER.factor_dtype,
+        residual_rtol: float | None = _SOLVER.residual_rtol,
         ce_target: str = "identity",
         ce_damping: float = 1e-3,
         step_convention: str = "function_space",
@@ -122,11 +160,13 @@ class ExactGN(torch.optim.Optimizer):
             raise ValueError(f"unknown rank_policy {rank_policy!r}; choose from {RANK_POLICIES}")
         if not weight_decay >= 0:
             raise ValueError(f"weight_decay must be ≥ 0, got {weight_decay}")
-        SolverConfig(solver, rtol, atol, damping, rank_rtol, gram_dtype)  # validates
         defaults = dict(lr=lr, weight_decay=weight_decay, loss=loss, solver=solver,
                         damping=damping, rtol=rtol, atol=atol, rank_rtol=rank_rtol,
-                        ce_target=ce_target, ce_damping=ce_damping,
-                        step_convention=step_convention, rank_policy=rank_policy)
+                        gram_dtype=gram_dtype, factor_dtype=factor_dtype,
+                        residual_rtol=residual_rtol, ce_target=ce_target, ce_damping=ce_damping,
+                        step_convention=step_convention, rank_policy=rank_policy,
+                        verify=bool(verify))
+        _solver_config(defaults)  # validates
         super().__init__(params, defaults)
         if len(self.param_groups) != 1:
             raise ValueError("ExactGN takes a single parameter group: the step is one joint "
@@ -138,13 +178,27 @@ class ExactGN(torch.optim.Optimizer):
             raise TypeError(f"ExactGN needs a reversible gnrev_plugin.nn.RevMLP, got "
                             f"{type(model).__name__}; for any nn.Module use DenseGN")
         self.model = model
-        self._gram_dtype = gram_dtype
-        self.verify = verify
         self.blocks = self._participating_blocks(model, group_params)
         self._capture = OutputCapture(model, extra=_recorded_activations)
+        self._factor_cache: dict = {}
         model.record_activations = True
         self.last_step_exact: bool | None = None
         self.last_step_info: dict = {}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:      # state dicts saved before an option existed
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+
+    @property
+    def verify(self) -> bool:
+        """Whether each step recomputes ``J Δθ`` (the param group's ``verify``)."""
+        return self.param_groups[0]["verify"]
+
+    @verify.setter
+    def verify(self, value: bool) -> None:
+        self.param_groups[0]["verify"] = bool(value)
 
     @staticmethod
     def _participating_blocks(model: RevMLP, params: list[torch.Tensor]) -> list[int]:
@@ -180,16 +234,20 @@ class ExactGN(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        batch, call = self._capture.consume(self.defaults["loss"])
         group = self.param_groups[0]
+        batch, call = self._capture.consume(group["loss"])
         ls = float(call.options.get("label_smoothing", 0.0) or 0.0)
-        check_finite("model output", batch.output)
+        x = batch.inputs.reshape(batch.inputs.shape[0], -1)
+        self._check_targets(call.target, batch.output.shape)
+        named = {"model output": batch.output}
         if call.target.is_floating_point():
-            check_finite("targets", call.target)
+            named["targets"] = call.target
+        self._check_finite_inputs(x, named)
         eps = newton_target(group["loss"], batch.output, call.target,
                             ce_target=group["ce_target"], ce_damping=group["ce_damping"],
                             label_smoothing=ls)
-        self._apply(batch.extra, eps)
+        check_all_finite({"Newton target": eps})
+        self._apply(batch.extra, eps, x)
         return loss
 
     @torch.no_grad()
@@ -197,17 +255,25 @@ class ExactGN(torch.optim.Optimizer):
         """Explicit fast path: forward without autograd, then the GN step; no parameter backward.
 
         Returns the mean-reduced loss on ``(x, y)`` before the step.
+
+        Raises:
+            ValueError: an empty batch, non-floating or wrong-dtype inputs, wrong shapes, class
+                indices out of range; :class:`NonFiniteError`: non-finite inputs, targets, loss
+                or Newton target, or inputs so large that the Grams overflow. All before any work;
+                the parameters are unchanged.
         """
+        xf = self._check_inputs(x)
         group = self.param_groups[0]
-        z, acts = self.model.features_with_activations(x)
+        out_shape = (xf.shape[0], self.model.num_classes or self.model.in_features)
+        self._check_targets(y, out_shape)
+        self._check_finite_inputs(xf, {"targets": y} if y.is_floating_point() else {})
+        z, acts = self.model.features_with_activations(xf)
         out = z if self.model.readout is None else z @ self.model.readout
         loss = mean_loss(group["loss"], out, y)
-        check_finite("loss", loss)
-        if y.is_floating_point():
-            check_finite("targets", y)
         eps = newton_target(group["loss"], out, y, ce_target=group["ce_target"],
                             ce_damping=group["ce_damping"])
-        self._apply(acts, eps)
+        check_all_finite({"loss": loss, "Newton target": eps})
+        self._apply(acts, eps, xf)
         return loss
 
     def close(self) -> None:
@@ -216,27 +282,94 @@ class ExactGN(torch.optim.Optimizer):
         self.model.record_activations = False
         self.model.last_activations = None
 
+    # -- input validation -------------------------------------------------------------------
+    def _check_inputs(self, x) -> torch.Tensor:
+        """The flattened batch, or a ``TypeError``/``ValueError`` naming what is wrong with it."""
+        m = self.model
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"ExactGN.step_on_batch expects the inputs as a tensor, got "
+                            f"{type(x).__name__}")
+        dtype = m.blocks[0].f.weight.dtype
+        if x.dim() < 2:
+            raise ValueError(f"inputs must be a batch of shape (n, {m.in_features}) or "
+                             f"(n, *image); got shape {tuple(x.shape)}")
+        if x.shape[0] == 0:
+            raise ValueError("empty batch: the inputs have 0 samples; a Gauss-Newton step needs "
+                             "at least one")
+        if not x.is_floating_point() or x.is_complex():
+            raise ValueError(f"inputs must be real floating point like the model ({dtype}), got "
+                             f"{x.dtype}; convert them, e.g. x.to({dtype})")
+        if x.dtype != dtype:
+            raise ValueError(f"inputs are {x.dtype} but the model's parameters are {dtype}; "
+                             f"convert one of them (x.to({dtype}) or model.to({x.dtype}))")
+        if x[0].numel() != m.in_features:
+            raise ValueError(f"the model was built for in_features={m.in_features}, but each "
+                             f"input has {x[0].numel()} features (shape {tuple(x.shape)})")
+        return x.reshape(x.shape[0], -1)
+
+    def _check_targets(self, y, out_shape: tuple[int, int]) -> None:
+        """Shapes, dtypes and class-index range of the targets (``ValueError``/``TypeError``)."""
+        n, c = out_shape
+        if not isinstance(y, torch.Tensor):
+            raise TypeError(f"targets must be a tensor, got {type(y).__name__}")
+        if y.dim() == 0 or y.shape[0] != n:
+            raise ValueError(f"{n} inputs but targets of shape {tuple(y.shape)}")
+        if self.param_groups[0]["loss"] == "mse":
+            if tuple(y.shape) != (n, c) or not y.is_floating_point():
+                raise ValueError(f"MSE targets must be floating point of the output's shape "
+                                 f"({n}, {c}), got {tuple(y.shape)} {y.dtype}")
+            return
+        if y.is_floating_point():
+            if tuple(y.shape) != (n, c):
+                raise ValueError(f"cross-entropy probability targets must have shape ({n}, {c}), "
+                                 f"got {tuple(y.shape)}")
+            return
+        if y.dim() != 1 or y.dtype == torch.bool or y.is_complex():
+            raise ValueError(f"cross-entropy targets must be integer class indices of shape ({n},) "
+                             f"or probabilities of shape ({n}, {c}); got {tuple(y.shape)} {y.dtype}")
+        lo, hi = torch.stack([y.min(), y.max()]).tolist()
+        if lo < 0 or hi >= c:
+            raise ValueError(f"class indices must lie in [0, {c}) for a model with {c} outputs, "
+                             f"got range [{lo}, {hi}]")
+
+    @staticmethod
+    def _check_finite_inputs(x: torch.Tensor, named: dict[str, torch.Tensor]) -> None:
+        """``NonFiniteError`` for non-finite ``x`` or ``named`` tensors, or when the squared row
+        norms of ``x`` overflow its dtype: the Grams ``S Sᵀ`` would too (finite but huge inputs,
+        e.g. 1e30 in float32). One host synchronisation when all is well."""
+        sq = x.square().sum(1)           # non-finite iff x is, or its squares overflow
+        flags = torch.stack([torch.isfinite(t).all() for t in (*named.values(), sq)]).tolist()
+        if all(flags):
+            return
+        check_all_finite(named)
+        check_all_finite({"inputs": x})
+        big = float(x.abs().max())
+        raise NonFiniteError(
+            f"inputs too large for {x.dtype}: their squared norms overflow (max |x| = {big:.1e}), "
+            "so the Gauss-Newton Grams would not be finite. Rescale the inputs; the parameters "
+            "were not changed")
+
     # -- internals --------------------------------------------------------------------------
-    def _apply(self, acts, eps: torch.Tensor) -> None:
-        check_finite("Newton target", eps)
+    def _apply(self, acts, eps: torch.Tensor, inputs: torch.Tensor | None = None) -> None:
         group = self.param_groups[0]
         alpha = group["lr"] * (len(self.blocks) if group["step_convention"] == "reference" else 1)
-        config = SolverConfig(group["solver"], group["rtol"], group["atol"], group["damping"],
-                              group["rank_rtol"], self._gram_dtype)
-        res = right_inverse(self.model, acts, -alpha * eps, config, self.blocks,
-                            group["rank_policy"], verify=self.verify)
+        res = right_inverse(self.model, acts, -alpha * eps, _solver_config(group), self.blocks,
+                            group["rank_policy"], verify=group["verify"], inputs=inputs,
+                            cache=self._factor_cache)
         deltas = [(p, d) for idx in self.blocks
                   for p, d in zip(self.model.blocks[idx].parameters(), res.updates[idx].tensors(),
                                       strict=True)]
         if not res.exact and group["rank_policy"] == "warn":
             warnings.warn("ExactGN step is not exact Gauss-Newton: "
                           + "; ".join(f"block {b.block}: rank(A_f)={b.rank_f}, rank(A_g)="
-                                      f"{b.rank_g} of n={b.n}" for b in res.blocks
-                                      if not b.full_rank)
+                                      f"{b.rank_g} of n={b.n}"
+                                      + ("" if b.accurate else
+                                         f", relative residuals {b.residual_f:.1e} / "
+                                         f"{b.residual_g:.1e} above {res.residual_rtol:.0e}")
+                                      for b in res.blocks
+                                      if not (b.full_rank and b.accurate))
                           + (" (damped solver)" if group["solver"] == "damped" else ""),
                           RuntimeWarning, stacklevel=3)
         apply_update(self, deltas)
         self.last_step_exact = res.exact
         self.last_step_info = {**res.report(), "alpha": alpha, "solver": group["solver"]}
-
-
