@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from gnrev_plugin.experiments import rundir
-from gnrev_plugin.experiments.optimizers import StepResult, reference_lr
+from gnrev_plugin.experiments.exact_gn import reference_lr
 from gnrev_plugin.experiments.plotting import mean_std_curve
-from gnrev_plugin.experiments.report import fmt, mean_std
+from gnrev_plugin.experiments.tables import fmt, mean_std
+from gnrev_plugin.stepping import StepResult
 
 
 def test_atomic_write_leaves_no_temp_files_and_replaces(tmp_path):
@@ -83,11 +84,13 @@ def test_mean_std_and_fmt():
 
 def test_reference_lrs_in_the_function_space_convention():
     assert reference_lr("exact_gn", "full_batch", 2) == 1.0  # α = L · 0.5
-    assert reference_lr("exact_gn", "mini_batch", 2) == pytest.approx(0.2)
+    assert reference_lr("gnrev.exact_gn", "mini_batch", 2) == pytest.approx(0.2)
     assert reference_lr("adam", "mini_batch", 2) == 1e-4
     assert reference_lr("sgd", "full_batch", 6) == 0.1
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="no learning rate"):
         reference_lr("lbfgs", "full_batch", 2)
+    with pytest.raises(ValueError, match="setting"):
+        reference_lr("sgd", "half_batch", 2)
 
 
 def test_percentage_loss_change_sign():
@@ -96,16 +99,25 @@ def test_percentage_loss_change_sign():
 
 
 def test_paper_preset_uses_the_paper_protocol():
-    from gnrev_plugin.experiments.exact_gn_repro import exact_gn_run_configs
+    from gnrev_plugin.defaults import RANK_POLICY
+    from gnrev_plugin.experiments.exact_gn import exact_gn_run_specs
     from gnrev_plugin.experiments.presets import get_preset
 
     p = get_preset("exact-gn", "paper")
-    runs = dict(exact_gn_run_configs(p, "mnist"))
+    runs = {name: (spec, extra) for name, spec, extra in exact_gn_run_specs(p, "mnist")}
     assert len(runs) == 2 * 3 * 3
-    fb, mb = runs["full_batch/exact_gn/seed42"], runs["mini_batch/adam/seed44"]
-    assert (fb["hidden"], fb["blocks"], fb["batch_size"], fb["epochs"]) == (8000, 2, 1024, 100)
-    assert fb["lr"] == 1.0 and fb["linear_first_block"]  # α = L · 0.5
-    assert (mb["batch_size"], mb["epochs"], mb["lr"]) == (1024, 100, 1e-4)
+    (fb, fb_extra), (mb, mb_extra) = runs["full_batch/exact_gn/seed42"], \
+        runs["mini_batch/adam/seed44"]
+    assert (fb.model, fb.optimizer, mb.optimizer) == ("gnrev.revmlp", "gnrev.exact_gn",
+                                                       "gnrev.adam")
+    assert (fb.model_kwargs["hidden"], fb.model_kwargs["num_blocks"], fb.batch_size,
+            fb.epochs) == (8000, 2, 1024, 100)
+    assert fb.model_kwargs["linear_first_block"] and fb.loss == "cross_entropy"
+    assert fb.optimizer_kwargs == {"lr": 1.0, "rank_policy": RANK_POLICY}  # α = L · 0.5
+    assert (mb.batch_size, mb.epochs, mb.optimizer_kwargs["lr"]) == (1024, 100, 1e-4)
+    assert (fb_extra, mb_extra) == ({"setting": "full_batch", "lr_from": "reference"},
+                                    {"setting": "mini_batch", "lr_from": "reference"})
+    assert fb.seed == 42 and mb.seed == 44 and fb.device == "cpu"
     assert p["full_batch"]["subset"] == 1024 and p["mini_batch"]["train_size"] is None
     with pytest.raises(ValueError, match="unknown preset"):
         get_preset("exact-gn", "huge")

@@ -102,25 +102,25 @@ def test_summary_exact_mode_consistent():
     dec = decompose(model, loss_fn, data)
     s = dec.summary(top_k=4)
     H, G, N = dec.dense("hessian"), dec.dense("ggn"), dec.dense("nme")
-    assert s["mode"] == "exact" and s["num_params"] == H.shape[0]
+    assert s.mode == "exact" and s.num_params == H.shape[0]
     for key, M in (("hessian", H), ("ggn", G), ("nme", N)):
-        assert math.isclose(s["trace"][key]["value"], M.trace().item(), rel_tol=1e-12)
+        assert math.isclose(s.trace[key].value, M.trace().item(), rel_tol=1e-12)
         ev = torch.linalg.eigvalsh(M).flip(0)[:4]
-        assert torch.allclose(torch.tensor(s["top_eigenvalues"][key], dtype=DT), ev, atol=1e-12)
-        assert math.isclose(s["frobenius"][key], M.norm().item(), rel_tol=1e-12)
-    assert math.isclose(s["lambda_min_hessian"], torch.linalg.eigvalsh(H)[0].item(),
+        assert torch.allclose(torch.tensor(s.top_eigenvalues[key], dtype=DT), ev, atol=1e-12)
+        assert math.isclose(s.frobenius[key], M.norm().item(), rel_tol=1e-12)
+    assert math.isclose(s.lambda_min_hessian, torch.linalg.eigvalsh(H)[0].item(),
                         rel_tol=1e-10)
-    assert math.isclose(s["ratios"]["nme_fro_over_hessian_fro"], (N.norm() / H.norm()).item(),
+    assert math.isclose(s.ratios.nme_fro_over_hessian_fro, (N.norm() / H.norm()).item(),
                         rel_tol=1e-12)
     # per-block shares: blocks are the three nn.Linear layers; shares of tr(G) sum to 1
-    assert set(s["blocks"]) == {"0", "2", "4"}
-    assert math.isclose(sum(b["share_trace_ggn"] for b in s["blocks"].values()), 1.0,
+    assert set(s.blocks) == {"0", "2", "4"}
+    assert math.isclose(sum(b.share_trace_ggn for b in s.blocks.values()), 1.0,
                         rel_tol=1e-12)
     within = sum(N[list(r)][:, list(r)].pow(2).sum().item() for r in block_index(model))
-    assert math.isclose(s["nme_split"]["within_fro2"], within, rel_tol=1e-12)
-    assert math.isclose(s["nme_split"]["within_fro2"] + s["nme_split"]["cross_fro2"],
+    assert math.isclose(s.nme_split.within_fro2, within, rel_tol=1e-12)
+    assert math.isclose(s.nme_split.within_fro2 + s.nme_split.cross_fro2,
                         N.pow(2).sum().item(), rel_tol=1e-12)
-    assert s["surrogate_check"]["max_abs_diff"] <= 1e-12
+    assert s.surrogate_check.max_abs_diff <= 1e-12
 
 
 def test_summary_estimated_mode_matches_exact_eigs():
@@ -131,14 +131,14 @@ def test_summary_estimated_mode_matches_exact_eigs():
     dec = decompose(model, loss_fn, data)
     s = dec.summary(top_k=3, exact_max_dim=0, num_matvecs=12, per_block=False,
                     trace_estimator="hutchpp")
-    assert s["mode"] == "estimated"
+    assert s.mode == "estimated"
     for key in ("hessian", "ggn", "nme"):
         ev = torch.linalg.eigvalsh(dec.dense(key)).flip(0)[:3]
-        assert torch.allclose(torch.tensor(s["top_eigenvalues"][key], dtype=DT), ev, atol=1e-8)
-        assert s["trace"][key]["estimator"] == "hutchpp"
-        assert s["trace"][key]["num_matvecs"] == 12 * (2 if key == "nme" else 1)
-        assert s["eigs_info"][key]["num_matvecs"] > 0
-    assert math.isclose(s["lambda_min_hessian"],
+        assert torch.allclose(torch.tensor(s.top_eigenvalues[key], dtype=DT), ev, atol=1e-8)
+        assert s.trace[key].estimator == "hutchpp"
+        assert s.trace[key].num_matvecs == 12 * (2 if key == "nme" else 1)
+        assert s.eigs_info[key].num_matvecs > 0
+    assert math.isclose(s.lambda_min_hessian,
                         torch.linalg.eigvalsh(dec.dense("hessian"))[0].item(), abs_tol=1e-8)
 
 
@@ -175,8 +175,8 @@ def test_fact5_6_within_layer_nme_vanishes(act, loss):
     assert N.trace() == 0.0
     assert N.abs().max() > 1e-6                            # cross-layer blocks survive
     s = dec.summary(per_block=True)
-    assert s["trace"]["hessian"]["value"] == pytest.approx(s["trace"]["ggn"]["value"], abs=1e-14)
-    assert s["nme_split"]["within_fro2"] == 0.0
+    assert s.trace["hessian"].value == pytest.approx(s.trace["ggn"].value, abs=1e-14)
+    assert s.nme_split.within_fro2 == 0.0
 
 
 def _backpack_diag_gap(act_cls, seed=6):
@@ -290,6 +290,34 @@ def test_fact12_hutchinson_mean_within_three_standard_errors():
     assert val == pytest.approx(ref, rel=1e-12) and nmv == 4
 
 
+def test_summaries_leave_the_global_rng_alone_and_repeat_per_seed():
+    """No global reseeding: estimate_trace and both summary modes draw from their own seed in a
+    forked RNG state, so the caller's stream is unchanged and equal seeds give equal numbers."""
+    model, data, loss_fn = mlp("gelu", seed=11, widths=(3, 4, 2)), \
+        make_data(11, "mse", n=6, d=3, C=2), nn.MSELoss()
+    dec = decompose(model, loss_fn, data)
+    kw = dict(top_k=1, num_matvecs=6, block_num_matvecs=2, spectral_density=True,
+              density_ncv=8)
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    est = dec.summary(exact_max_dim=0, seed=3, **kw)
+    exact = dec.summary(seed=3, **kw)
+    val, _ = estimate_trace(dec.ggn, "hutchinson", 4, seed=5)
+    assert torch.equal(torch.rand(3), expected)
+    assert (est.mode, exact.mode) == ("estimated", "exact")
+    again = dec.estimated_summary(seed=3, **kw)
+    for field in ("trace", "frobenius", "blocks", "nme_split", "surrogate_check"):
+        assert getattr(again, field) == getattr(est, field), field
+    # (its bounds come from ARPACK, whose start vector is ARPACK's own: equal to rounding)
+    assert again.spectral_density["nme"][1] == pytest.approx(est.spectral_density["nme"][1],
+                                                             rel=1e-9, abs=1e-12)
+    assert dec.exact_summary(seed=3, **{k: v for k, v in kw.items()
+                                        if k in ("top_k", "spectral_density", "density_ncv")}
+                             ).to_dict() == exact.to_dict()
+    assert estimate_trace(dec.ggn, "hutchinson", 4, seed=5)[0] == val
+
+
 def test_decompose_rejects_backpack_extended_model():
     import backpack  # a required dependency
     model = backpack.extend(mlp("relu", seed=0))
@@ -310,10 +338,10 @@ def test_summary_surrogate_nme_and_spectral_density():
                     frobenius=False, nme_operator="surrogate", spectral_density=True,
                     density_ncv=16)
     ev = torch.linalg.eigvalsh(dec.dense("nme"))
-    assert s["top_eigenvalues"]["nme"][0] == pytest.approx(ev[-1].item(), abs=1e-8)
-    assert s["trace"]["nme"]["num_matvecs"] == 6 and math.isnan(s["frobenius"]["nme"])
+    assert s.top_eigenvalues["nme"][0] == pytest.approx(ev[-1].item(), abs=1e-8)
+    assert s.trace["nme"].num_matvecs == 6 and math.isnan(s.frobenius["nme"])
     for key in ("hessian", "ggn", "nme"):
-        grid, dens = (torch.tensor(v, dtype=DT) for v in s["spectral_density"][key])
+        grid, dens = (torch.tensor(v, dtype=DT) for v in s.spectral_density[key])
         assert torch.trapezoid(dens, grid).item() == pytest.approx(1.0, abs=0.05)
         e = torch.linalg.eigvalsh(dec.dense(key))
         assert grid[0] <= e[0] + 1e-8 and grid[-1] >= e[-1] - 1e-8
@@ -330,11 +358,11 @@ def test_decompose_on_revmlp_blocks_are_half_layers():
     nme = nme_surrogate_dense(model, nn.CrossEntropyLoss(), data)
     assert (dec.dense("hessian") - dec.dense("ggn") - nme).abs().max() <= 1e-12
     s = dec.summary(top_k=2)
-    assert sum(b["num_params"] for b in s["blocks"].values()) == dec.num_params
+    assert sum(b.num_params for b in s.blocks.values()) == dec.num_params
     # the last half-layer is linear in its own parameters (nothing follows it but U): no
     # within-block NME; earlier half-layers feed later GELUs, so theirs is nonzero
-    assert s["blocks"]["blocks.1.g"]["nme_within_fro"] == 0.0
-    assert s["blocks"]["blocks.0.f"]["nme_within_fro"] > 1e-6
+    assert s.blocks["blocks.1.g"].nme_within_fro == 0.0
+    assert s.blocks["blocks.0.f"].nme_within_fro > 1e-6
 
 
 def test_metrics_do_not_import_the_optimizer():

@@ -9,7 +9,7 @@ import pytest
 
 from gnrev_plugin.cli import main
 from gnrev_plugin.experiments import training
-from gnrev_plugin.experiments.exact_gn_repro import run_exact_gn
+from gnrev_plugin.experiments.exact_gn import run_exact_gn
 from gnrev_plugin.experiments.rundir import read_jsonl
 
 REAL_MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
@@ -109,13 +109,13 @@ def test_missing_data_dir_names_the_files(tmp_path, capsys):
 
 
 def test_a_crashing_config_keeps_the_other_results(tmp_path, monkeypatch):
-    real = training.make_optimizer
+    real = training.build
 
-    def flaky(name, model, lr, rank_policy="warn"):
-        if name == "sgd":
+    def flaky(spec, **kw):
+        if spec.optimizer == "gnrev.sgd":
             raise RuntimeError("injected failure")
-        return real(name, model, lr, rank_policy)
-    monkeypatch.setattr(training, "make_optimizer", flaky)
+        return real(spec, **kw)
+    monkeypatch.setattr(training, "build", flaky)
     statuses = run_exact_gn(tmp_path, "tiny", data_dir=str(REAL_MNIST), progress=False,
                             preset=TINY)
     by = {s["run"]: s["status"] for s in statuses}

@@ -1,11 +1,13 @@
 """``gnrev reproduce conditioning`` and ``gnrev reproduce nme``: smoke runs whose logs satisfy
 the theory (bounds hold, tr(H) = tr(G) + tr(NME), tr(NME) = 0 for ReLU)."""
 
+import json
 from pathlib import Path
 
 import pytest
 
 from gnrev_plugin.cli import main
+from gnrev_plugin.experiments.conditioning.report import KAPPA
 from gnrev_plugin.experiments.rundir import read_jsonl
 
 REAL_MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
@@ -26,8 +28,12 @@ def test_conditioning_smoke(tmp_path):
     res = read_jsonl(out / "runs/residual/seed0/log.jsonl")
     assert [r["beta"] for r in res] == [0.0, 1.0]
     trn = read_jsonl(out / "runs/training/width8/seed0/log.jsonl")
-    assert [r["epoch"] for r in trn] == [0, 2, 4] and all(r["kappa"] >= 1 for r in trn)
-    assert trn[-1]["loss"] < trn[0]["loss"]
+    assert [r["epoch"] for r in trn] == [0, 2, 4] and all(r[KAPPA] >= 1 for r in trn)
+    assert trn[-1]["train_loss"] < trn[0]["train_loss"]
+    spec = json.loads((out / "runs/training/width8/seed0/config.json").read_text())["spec"]
+    assert (spec["model"], spec["optimizer"], spec["loss"]) == ("gnrev.mlp", "gnrev.sgd", "mse")
+    assert spec["model_kwargs"]["hidden"] == [8] and spec["model_kwargs"]["bias"] is True
+    assert spec["optimizer_kwargs"]["lr"] == pytest.approx(0.1 * 10 / 2)  # η·C/2, MNIST C = 10
     report = (out / "report.md").read_text()
     assert "κ(G)" in report
     assert len(list((out / "figures").glob("*.png"))) == 3
@@ -40,6 +46,9 @@ def test_nme_smoke(tmp_path):
     out = tmp_path / "nme"
     assert main(["reproduce", "nme", "--preset", "smoke", "--out", str(out), "--data-dir",
                  str(REAL_MNIST), "--no-progress"]) == 0
+    spec = json.loads((out / "runs/gelu/seed0/config.json").read_text())["spec"]
+    assert (spec["model"], spec["optimizer"], spec["model_kwargs"]["activation"]) == \
+        ("gnrev.mlp", "gnrev.sgd", "gelu")
     relu = read_jsonl(out / "runs/relu/seed0/log.jsonl")
     gelu = read_jsonl(out / "runs/gelu/seed0/log.jsonl")
     assert [r["epoch"] for r in relu] == [0, 1, 2]

@@ -13,7 +13,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gnrev_plugin.experiments.report import build_report
+    from gnrev_plugin.experiments.catalog import build_report
 
     path = build_report(args.run_dir)
     print(f"wrote {path} and {path.parent / 'figures'}/")

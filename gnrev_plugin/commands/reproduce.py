@@ -11,13 +11,11 @@ NAME = "reproduce"
 HELP = ("reproduce the papers' findings: exact-gn (Buffelli et al.), conditioning (Zhao et al.), "
         "nme (Dauphin et al.); writes JSONL logs, figures and report.md")
 
-EXPERIMENTS = ("exact-gn", "conditioning", "nme")
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from gnrev_plugin.experiments.presets import PRESET_NAMES
+    from gnrev_plugin.experiments.presets import EXPERIMENT_NAMES, PRESET_NAMES
 
-    p.add_argument("experiment", choices=EXPERIMENTS)
+    p.add_argument("experiment", choices=EXPERIMENT_NAMES)
     p.add_argument("--preset", default="quick", choices=PRESET_NAMES,
                    help="quick (≤ 3 min on 2 CPU cores), paper (the papers' sizes), smoke (CI)")
     p.add_argument("--out", default=None,
@@ -30,6 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="directory of MNIST-format IDX files (train-*/t10k-* pairs, or only the "
                         "t10k-* pair, which is then split); default $GNREV_DATA_DIR or "
                         "../shared/data/mnist")
+    p.add_argument("--device", default="cpu",
+                   help="torch device of every run's spec (cpu, cuda, cuda:1, ...); a device "
+                        "this machine lacks fails each run with a clear error")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true", help="hide tqdm bars")
 
@@ -53,16 +54,18 @@ def _run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"--resume: {out} holds no run to resume (no config.json)")
     t0 = time.perf_counter()
     progress = not args.no_progress
-    if args.experiment == "exact-gn":
-        from gnrev_plugin.experiments.exact_gn_repro import run_exact_gn as runner
-    elif args.experiment == "conditioning":
-        from gnrev_plugin.experiments.conditioning_repro import run_conditioning as runner
-    else:
-        from gnrev_plugin.experiments.nme_repro import run_nme as runner
-    print(f"gnrev reproduce {args.experiment}: preset {args.preset}, data {args.data} -> {out}",
-          flush=True)
-    statuses = runner(out, preset_name=args.preset, data=args.data, data_dir=args.data_dir,
-                      resume=args.resume, progress=progress)
+    from gnrev_plugin.experiments.catalog import EXPERIMENTS
+
+    experiment = EXPERIMENTS[args.experiment]
+    try:
+        device = str(torch.device(args.device))
+    except RuntimeError as err:
+        raise ValueError(f"--device {args.device!r} is not a torch device: {err}") from None
+    print(f"gnrev reproduce {args.experiment} ({experiment.paper}): preset {args.preset}, data "
+          f"{args.data}, device {device} -> {out}", flush=True)
+    statuses = experiment.run(out, preset_name=args.preset, data=args.data,
+                              data_dir=args.data_dir, resume=args.resume, progress=progress,
+                              device=device)
     failed = [s for s in statuses if s["status"] != "ok"]
     print(f"wrote {out / 'report.md'} and {out / 'figures'}/ in "
           f"{time.perf_counter() - t0:.0f}s ({len(statuses) - len(failed)} runs ok, "

@@ -1,11 +1,16 @@
 """Experiment runners behind ``gnrev train``, ``gnrev reproduce`` and ``gnrev report``.
 
-Modules: :mod:`.rundir` (run directories, JSONL logs, atomic writes, checkpoints),
-:mod:`.optimizers` (exact GN / Adam / SGD with the reference learning rates),
-:mod:`.training` (the resumable RevMLP training loop), :mod:`.diagnostics` (NTK, CKA and weight
-change against init), :mod:`.sweep` (crash-tolerant sweeps), :mod:`.presets`,
-:mod:`.exact_gn_repro` / :mod:`.exact_gn_report`, :mod:`.conditioning_repro`, :mod:`.nme_repro`,
-:mod:`.whitening`, :mod:`.plotting` and :mod:`.report`.
+Shared modules: :mod:`.rundir` (run directories, JSONL logs, atomic writes, checkpoints),
+:mod:`.training` (the resumable training loop of one :class:`~gnrev_plugin.build.RunSpec`, built
+through the registry), :mod:`.diagnostics` (NTK, CKA and weight change of a RevMLP against init),
+:mod:`.sweep` (crash-tolerant sweeps), :mod:`.presets`, :mod:`.whitening`, :mod:`.plotting` and
+:mod:`.tables` (the reports' shared table helpers), and :mod:`.leaderboard`.
 
-Imports point one way: ``nn``/``optim``/``metrics`` ← ``experiments`` ← ``commands``.
+One sub-package per reproduction, each with a ``run`` and a ``report`` module:
+:mod:`.exact_gn` (Buffelli et al.), :mod:`.conditioning` (Zhao, Singh & Lucchi) and :mod:`.nme`
+(Dauphin, Agarwala & Mobahi). :mod:`.catalog` maps their names to them
+(``EXPERIMENTS = {name: Experiment(run, report)}``) for ``gnrev reproduce`` and ``gnrev report``.
+
+Imports point one way: ``nn``/``optim``/``metrics`` ← ``hosts`` ← ``experiments`` ← ``commands``;
+inside, ``catalog`` → ``<experiment>.run`` → ``<experiment>.report`` → ``tables``/``plotting``.
 """

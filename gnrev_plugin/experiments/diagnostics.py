@@ -39,9 +39,11 @@ class RevMLPDiagnostics:
 
     @classmethod
     def factory(cls, probe_size: int = 128, **flags):
-        """``factory(model_init, dataset, cfg)`` for :func:`~.training.train_run`."""
-        def make(model_init, dataset, cfg):
-            return cls(model_init, dataset.x_train[:probe_size], **flags)
+        """``factory(model_init, dataset, spec)`` for :func:`~.training.train_run`: the probe
+        batch is the first ``probe_size`` training inputs, on the model's device and dtype."""
+        def make(model_init, dataset, spec):
+            p = next(model_init.parameters())
+            return cls(model_init, dataset.x_train[:probe_size].to(p.device, p.dtype), **flags)
         return make
 
     def _ntk(self, model) -> torch.Tensor:
@@ -75,4 +77,7 @@ class RevMLPDiagnostics:
         return {"K_prev": self.K_prev}
 
     def load_state_dict(self, state: dict) -> None:
-        self.K_prev = state["K_prev"]
+        """Restore ``Θ_{t−1}`` (checkpoints are loaded on the CPU; moved to ``Θ₀``'s device)."""
+        K_prev = state["K_prev"]
+        self.K_prev = K_prev.to(self.K0.device) if (K_prev is not None and
+                                                     self.K0 is not None) else K_prev

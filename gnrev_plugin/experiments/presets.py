@@ -6,7 +6,7 @@ reference code. ExactGN keeps the step exact as long as one block's systems have
 (the ReLU block needs ``batch ≤ M + 1``, and in practice ``M`` well above the batch because MNIST's
 constant border pixels make many hidden units always on or always off); the fraction of exact steps
 is logged (``exact_frac``). Learning rates are the reference ones
-(:data:`~gnrev_plugin.experiments.optimizers.REFERENCE_LR`), GN in the ``α = L·lr_ref``
+(:data:`~gnrev_plugin.experiments.exact_gn.run.REFERENCE_LR`), GN in the ``α = L·lr_ref``
 convention.
 
 ``quick`` shrinks the sizes to fit 3 minutes on 2 CPU cores: width 1024, a full batch of the first
@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import copy
 
-__all__ = ["EXACT_GN_PRESETS", "CONDITIONING_PRESETS", "NME_PRESETS", "get_preset", "PRESET_NAMES"]
+__all__ = ["EXACT_GN_PRESETS", "CONDITIONING_PRESETS", "NME_PRESETS", "get_preset", "PRESET_NAMES",
+           "EXPERIMENT_NAMES"]
 
 PRESET_NAMES = ("quick", "paper", "smoke")
 
@@ -88,6 +89,10 @@ NME_PRESETS: dict[str, dict] = {
 }
 
 _ALL = {"exact-gn": EXACT_GN_PRESETS, "conditioning": CONDITIONING_PRESETS, "nme": NME_PRESETS}
+
+#: The experiments of ``gnrev reproduce`` (the keys of
+#: :data:`~gnrev_plugin.experiments.catalog.EXPERIMENTS`, which imports their code).
+EXPERIMENT_NAMES = tuple(_ALL)
 
 
 def get_preset(experiment: str, name: str) -> dict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from gnrev_plugin import data as gdata
+from gnrev_plugin.build import load_data
 
 __all__ = ["pca_whiten", "whitened_inputs"]
 
@@ -29,8 +29,9 @@ def pca_whiten(X: torch.Tensor, dim: int, whiten: bool = True) -> torch.Tensor:
 def whitened_inputs(data: str, data_dir: str | None, num_samples: int, dim: int,
                     whiten: bool = True) -> tuple[torch.Tensor, torch.Tensor, int, str]:
     """The first ``num_samples`` training images of ``data`` reduced to ``dim`` PCA components
-    (whitened on those samples). Returns ``(X, y, num_classes, description)``."""
-    ds = gdata.load_dataset(data, data_dir=data_dir)
+    (whitened on those samples), loaded through the registry (``data`` is a registered dataset
+    name; the ``gnrev.`` prefix is optional). Returns ``(X, y, num_classes, description)``."""
+    ds = load_data(data, {} if data_dir is None else {"data_dir": str(data_dir)})
     if num_samples > len(ds.y_train):
         raise ValueError(f"{data} has only {len(ds.y_train)} training samples, "
                          f"{num_samples} requested")

@@ -1,4 +1,9 @@
-"""Figures and ``report.md`` of ``gnrev reproduce exact-gn``, from the run logs only."""
+"""Figures and ``report.md`` of ``gnrev reproduce exact-gn``, from the run logs only.
+
+Runs are grouped by their ``setting`` and by the short registry name of their optimizer
+(``short_name(spec.optimizer)``: ``exact_gn``, ``adam``, ``sgd`` or a third-party name), both read
+from each run's ``config.json``.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +12,10 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from .plotting import COLORS, LABELS, new_figure, plot_mean_std, save
-from .report import collect_runs, failures_section, fmt, mean_std, write_report
+from gnrev_plugin.build import short_name
+
+from ..plotting import COLORS, LABELS, new_figure, plot_mean_std, save
+from ..tables import collect_runs, failures_section, fmt, mean_std, spec_of, write_report
 
 __all__ = ["build_exact_gn_report"]
 
@@ -18,9 +25,10 @@ SETTING_TITLES = {"full_batch": "full batch", "mini_batch": "mini-batch"}
 def _group(runs: list[dict]) -> dict[tuple[str, str], list[list[dict]]]:
     groups: dict[tuple[str, str], list[list[dict]]] = {}
     for r in runs:
-        c = r["config"] or {}
+        setting = (r["config"] or {}).get("setting")
+        optimizer = short_name(spec_of(r).get("optimizer", ""))
         if r["rows"]:
-            groups.setdefault((c.get("setting"), c.get("optimizer")), []).append(r["rows"])
+            groups.setdefault((setting, optimizer), []).append(r["rows"])
     return groups
 
 
@@ -193,7 +201,37 @@ def _findings(summaries: dict) -> str:
     return "\n".join(lines)
 
 
+def _lr_summary(runs: list[dict]) -> str:
+    """``full_batch: exact GN 1, Adam 0.0001, ...; mini_batch: ...`` from the recorded specs."""
+    lrs: dict[str, dict[str, set]] = {}
+    for r in runs:
+        spec = spec_of(r)
+        setting = (r["config"] or {}).get("setting")
+        if spec and setting:
+            opt = short_name(spec["optimizer"])
+            lrs.setdefault(setting, {}).setdefault(opt, set()).add(
+                spec["optimizer_kwargs"].get("lr"))
+    parts = []
+    for setting in (s for s in SETTING_TITLES if s in lrs):
+        opts = lrs[setting]
+        order = _optimizers(dict.fromkeys((setting, o) for o in opts), setting)
+        parts.append(f"{SETTING_TITLES[setting]} " + ", ".join(
+            f"{LABELS.get(o, o)} " + "/".join(f"{v:g}" if isinstance(v, (int, float)) else str(v)
+                                             for v in sorted(opts[o], key=str))
+            for o in order))
+    return "; ".join(parts) or "–"
+
+
+def _rank_policies(runs: list[dict]) -> str:
+    """The ``rank_policy`` values recorded in the specs of optimizers that take one."""
+    policies = sorted({str(spec_of(r)["optimizer_kwargs"]["rank_policy"]) for r in runs
+                       if "rank_policy" in spec_of(r).get("optimizer_kwargs", {})})
+    return ", ".join(f"`{p}`" for p in policies) or "–"
+
+
 def build_exact_gn_report(out: Path, cfg: dict) -> Path:
+    """Rebuild ``OUT/report.md`` and ``OUT/figures/*.png`` from the logs; ``cfg`` is the
+    sweep's ``config.json``."""
     runs = collect_runs(out)
     groups = _group(runs)
     figures = make_figures(out, groups)
@@ -215,10 +253,10 @@ init std 1e-3, fixed orthonormal readout; cross-entropy loss for every optimizer
 epochs (one step each). Mini-batch: batch {mb.get('batch_size')}, {mb.get('epochs')} epochs.
 
 **Step-size convention.** Exact GN's `lr` is the function-space step α (J Δθ = −α ε,
-ε = softmax(F) − onehot(y), the reference's `use_identity` target). The reference code's learning
-rates are translated by α = L · lr_ref: full batch α = {2 * 0.5 if preset.get('blocks') == 2
-else 'L·0.5'}, mini-batch α = {0.1 * (preset.get('blocks') or 0):g}. Adam 1e-4 and SGD 0.1 as in
-the reference configs (no momentum, no weight decay). The per-batch loss change is
+ε = softmax(F) − onehot(y), the reference's `use_identity` target); the reference code's learning
+rates are translated by α = L · lr_ref, Adam's and SGD's are used as released (no momentum, no
+weight decay). Learning rates of these runs (from their specs): {_lr_summary(runs)}. GN rank
+policy: {_rank_policies(runs)}. The per-batch loss change is
 100 (ℓ_B(θ_{{t+1}}) − ℓ_B(θ_t)) / ℓ_B(θ_t) on the batch just stepped on. NTK: structured
 empirical NTK of the logits on the first {preset.get('probe_size')} training images; similarity
 = uncentred Frobenius alignment with the NTK at init; velocity = 1 − alignment between

@@ -1,21 +1,24 @@
-"""``report.md`` and figures of a reproduction directory, rebuilt from its logs alone.
+"""Shared table helpers of the reproduction reports: read a reproduction's runs back from their
+logs, summarise over seeds and write ``report.md``.
 
-:func:`build_report` reads ``OUT/config.json`` (which experiment) and dispatches to the
-experiment's report builder; nothing is recomputed from models.
+Every experiment's ``report`` module builds its tables and figures from these and from
+:mod:`.plotting`; nothing is recomputed from models. The per-experiment dispatch
+(``{name: Experiment}``) and :func:`~gnrev_plugin.experiments.catalog.build_report` live in
+:mod:`.catalog`.
 """
 
 from __future__ import annotations
 
-import json
 import math
+from collections.abc import Iterable
 from pathlib import Path
 
 from tabulate import tabulate
 
-from .rundir import RunDir, atomic_write_text, read_jsonl
+from .rundir import RunDir, atomic_write_text
 from .sweep import sweep_status
 
-__all__ = ["build_report", "collect_runs", "fmt", "mean_std", "failures_section", "write_report"]
+__all__ = ["collect_runs", "fmt", "mean_std", "failures_section", "write_report", "spec_of"]
 
 
 def collect_runs(out: Path) -> list[dict]:
@@ -31,7 +34,15 @@ def collect_runs(out: Path) -> list[dict]:
     return runs
 
 
-def mean_std(values) -> tuple[float, float, int]:
+def spec_of(run: dict) -> dict:
+    """The resolved run spec (:class:`~gnrev_plugin.build.RunSpec` as a dict) a run recorded in
+    its ``config.json`` (``{}`` when the run has none)."""
+    return (run.get("config") or {}).get("spec") or {}
+
+
+def mean_std(values: Iterable) -> tuple[float, float, int]:
+    """``(m, s, n)``: mean ``m = Σ v / n`` and population standard deviation
+    ``s = (Σ (v − m)² / n)^{1/2}`` over the ``n`` finite values (``None``/NaN skipped)."""
     vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
     if not vals:
         return math.nan, math.nan, 0
@@ -52,6 +63,7 @@ def fmt(m: float, s: float | None = None, n: int = 1, digits: int = 4, pct: bool
 
 
 def failures_section(out: Path) -> str:
+    """The report's "Failed runs" section (empty when every run in ``sweep.jsonl`` is ok)."""
     failed = [r for r in sweep_status(out).values() if r["status"] != "ok"]
     if not failed:
         return ""
@@ -62,29 +74,7 @@ def failures_section(out: Path) -> str:
 
 
 def write_report(out: Path, text: str) -> Path:
+    """Write ``OUT/report.md`` atomically and return its path."""
     path = Path(out) / "report.md"
     atomic_write_text(path, text)
     return path
-
-
-def build_report(out: str | Path) -> Path:
-    """Rebuild ``OUT/report.md`` and ``OUT/figures/*.png`` from the logs."""
-    out = Path(out)
-    cfg_path = out / RunDir.CONFIG
-    if not cfg_path.exists():
-        raise FileNotFoundError(f"{out} is not a reproduction directory (no config.json)")
-    cfg = json.loads(cfg_path.read_text())
-    exp = cfg.get("experiment")
-    if exp == "exact-gn":
-        from .exact_gn_report import build_exact_gn_report as builder
-    elif exp == "conditioning":
-        from .conditioning_repro import build_conditioning_report as builder
-    elif exp == "nme":
-        from .nme_repro import build_nme_report as builder
-    else:
-        raise ValueError(f"{cfg_path} names an unknown experiment {exp!r}")
-    return builder(out, cfg)
-
-
-def read_rows(path: Path) -> list[dict]:
-    return read_jsonl(path)
