@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import re
 from collections import defaultdict
@@ -44,6 +43,7 @@ from pathlib import Path
 from tabulate import tabulate
 
 from gnrev_plugin.hosts.benchopt.results import read_benchopt
+from gnrev_plugin.hosts.deepobs.results import read_deepobs  # re-exported; reader beside writer
 from gnrev_plugin.results import Curve, Point, finite_or_none
 
 from .rundir import read_runs
@@ -60,40 +60,6 @@ METRICS = ("problem", "optimizer", "runs", "best_test_acc", "best_test_loss", "f
 
 
 _num = finite_or_none
-
-
-def _deepobs_optimizer(data: dict) -> str:
-    hps = data.get("optimizer_hyperparams") or {}
-    inner = ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
-                     for k, v in sorted(hps.items()))
-    return f"{data['optimizer_name']}[{inner}]" if inner else str(data["optimizer_name"])
-
-
-def _deepobs_curve(path: Path) -> Curve | None:
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    if not isinstance(data, dict) or not {"testproblem", "optimizer_name",
-                                          "train_losses"} <= set(data):
-        return None
-    train = data.get("train_losses") or []
-    test = data.get("test_losses") or [None] * len(train)
-    acc = data.get("test_accuracies") or [None] * len(train)
-    problem = f"{data['testproblem']} (bs={data.get('batch_size')})"
-    curve = Curve("deepobs", problem, _deepobs_optimizer(data), str(data.get("random_seed")))
-    for epoch, (tr, te, ac) in enumerate(zip(train, test, acc, strict=False)):
-        curve.points.append(Point(epoch=epoch, train_loss=_num(tr), test_loss=_num(te),
-                                  test_acc=_num(ac)))
-    return curve
-
-
-def read_deepobs(folder: str | Path) -> list[Curve]:
-    """Curves of every DeepOBS result JSON under ``folder`` (or of one JSON file); JSON files
-    without DeepOBS's keys are ignored."""
-    folder = Path(folder)
-    files = [folder] if folder.is_file() else sorted(folder.rglob("*.json"))
-    return [c for c in map(_deepobs_curve, files) if c is not None]
 
 
 def load_results(paths: Iterable[str | Path]) -> list[Curve]:

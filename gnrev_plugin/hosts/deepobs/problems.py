@@ -1,47 +1,38 @@
-"""DeepOBS adapter: RevMLP test problems, a StandardRunner-style loop and DeepOBS's result layout.
+"""DeepOBS test problems: gnrev's registry models on local data, and DeepOBS's own MNIST problems
+on a local IDX folder.
 
-DeepOBS (Schneider, Balles & Hennig, ICLR 2019) benchmarks optimizers on *test problems* through a
-*runner* that writes one JSON file per run. Its PyTorch API does not install cleanly on current
-stacks (the PyPI wheel imports TensorFlow at package import), so this module does not import
-``deepobs``; it implements the documented interfaces so that
-
-* the test problems ``mnist_revmlp``, ``fmnist_revmlp`` and ``cifar10_revmlp`` (the reversible MLP
-  of Buffelli et al. 2024 on flattened images, cross-entropy on ``F = X^(L) U``) work with DeepOBS's
-  own runners (:func:`register_with_deepobs`) and with :class:`StandardRunner` here;
-* :class:`ExactGN` is a drop-in ``optimizer_class``: the standard loop
-  ``opt.zero_grad(); loss, acc = tproblem.get_batch_loss_and_accuracy(); loss.backward();
-  opt.step()`` takes exact Gauss-Newton steps ``J Δθ = −α ε`` on each mini-batch;
-* results land in DeepOBS's folder and JSON layout::
-
-      <output_dir>/<testproblem>/<optimizer class name>/
-          num_epochs__<E>__batch_size__<B>[__weight_decay__<wd>]__<hp>__<value>.../
-              random_seed__<seed>__<YYYY-mm-dd-HH-MM-SS>.json
-
-  with keys ``testproblem, batch_size, num_epochs, random_seed, weight_decay, optimizer_name,
-  optimizer_hyperparams, training_params, train_losses, valid_losses, test_losses,
-  minibatch_train_losses, train_accuracies, valid_accuracies, test_accuracies``; the per-epoch
-  lists hold ``num_epochs + 1`` values (evaluation before each epoch and after the last), so
-  ``deepobs.analyzer`` and the published DeepOBS baselines read them alongside.
-
-Evaluation follows DeepOBS: each phase's loss and accuracy is the mean over its mini-batches of
-size ``batch_size`` (``drop_last=True``); the validation set is held out of the training split and
-``train_eval`` is a random subset of the training split of the same size.
-
-Data (nothing is downloaded): MNIST and Fashion-MNIST from MNIST-format IDX files
-(:func:`gnrev_plugin.data.load_idx_dataset`), CIFAR-10 from its python pickles
-(``data_batch_1..5``, ``test_batch``). Directories: :func:`set_data_dir`, else
+**gnrev's problems** (``mnist_revmlp``, ``fmnist_revmlp``, ``cifar10_revmlp``) follow DeepOBS's
+PyTorch ``TestProblem`` interface (:class:`RegistryTestProblem`) and need no DeepOBS install. Their
+network is built by :func:`gnrev_plugin.build.build_model` from a registry name (``gnrev.revmlp``
+by default) with the entry's registered defaults (:mod:`gnrev_plugin.defaults`); a problem only
+states what differs from them (``cifar10_revmlp``: ``num_blocks = 6``, the paper's CIFAR-10
+depth). The model is seeded by ``torch.initial_seed()``, i.e. by the ``random_seed`` the runner
+gave ``torch.manual_seed`` before ``set_up()``, so a problem's network for seed ``s`` is the one
+``gnrev train --seed s`` builds. Data (nothing is downloaded): MNIST and Fashion-MNIST through the
+registry datasets ``gnrev.mnist`` / ``gnrev.fashion_mnist`` (:func:`gnrev_plugin.build.load_data`),
+CIFAR-10 from its python pickles (:func:`load_cifar10`). Directories: :func:`set_data_dir`, else
 ``$GNREV_DATA_DIR`` / ``../shared/data/mnist`` for MNIST, ``$GNREV_FMNIST_DIR`` and
 ``$GNREV_CIFAR10_DIR``.
+
+**DeepOBS's own MNIST problems on local files** (need ``deepobs``): torchvision's ``MNIST`` reads
+raw IDX files from ``<data_dir>/MNIST/raw/``. :func:`prepare_mnist_data_dir` writes them from
+gnrev's MNIST folder. With only the ``t10k`` pair (10,000 images), it uses gnrev's own split
+(:func:`gnrev_plugin.data.load_idx_dataset`): the *training* files hold the first 8,000 ``t10k``
+images and the *test* files the last 2,000. DeepOBS's MNIST problems hold out
+``train_eval_size = 10,000`` training images for validation, more than these 8,000, which would
+leave no training batch; :func:`local_mnist_problem` therefore makes ``<name>_t10k``: DeepOBS's
+class unchanged (network, initialisation, loss, data pipeline) except ``train_eval_size`` (2,000
+by default: 6,000 training and 2,000 validation images). It is filed under its own name so its
+results are never mistaken for the published full-MNIST baselines. With the full MNIST files
+(``train`` + ``t10k`` pairs) the folder is written unchanged and DeepOBS's unmodified problems
+(``mnist_logreg``, ``mnist_mlp``) run on it.
 """
 
 from __future__ import annotations
 
-import json
+import gzip
 import os
 import pickle
-import random
-import sys
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -51,36 +42,32 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
-from gnrev_plugin.data import Dataset, load_idx_dataset
-from gnrev_plugin.nn import RevMLP
-from gnrev_plugin.optim import ExactGN as _ExactGN
+from gnrev_plugin.build import build_model, load_data
+from gnrev_plugin.data import (
+    Dataset,
+    default_data_dir,
+    find_idx_files,
+    load_idx_dataset,
+    pad_to_multiple,
+    read_idx,
+)
+from gnrev_plugin.plugins import get_registry
+
+from . import compat
 
 __all__ = [
-    "TEST_PROBLEMS", "ExactGN", "TensorDataSet", "RevMLPTestProblem", "mnist_revmlp",
-    "fmnist_revmlp", "cifar10_revmlp", "make_test_problem", "set_data_dir", "load_cifar10",
-    "StandardRunner", "float2str", "run_folder_name", "register_with_deepobs", "RESULT_KEYS",
+    "TEST_PROBLEMS", "TensorDataSet", "RegistryTestProblem", "mnist_revmlp", "fmnist_revmlp",
+    "cifar10_revmlp", "make_test_problem", "set_data_dir", "load_cifar10",
+    "register_with_deepobs", "write_idx", "prepare_mnist_data_dir", "local_mnist_problem",
+    "LOCAL_MNIST_PROBLEMS", "register_local_mnist_problems", "CIFAR10_MEAN", "CIFAR10_STD",
 ]
-
-#: Keys of a DeepOBS result JSON for a classification problem, in DeepOBS's order.
-RESULT_KEYS = (
-    "testproblem", "batch_size", "num_epochs", "random_seed", "weight_decay", "optimizer_name",
-    "optimizer_hyperparams", "training_params", "train_losses", "valid_losses", "test_losses",
-    "minibatch_train_losses", "train_accuracies", "valid_accuracies", "test_accuracies",
-)
 
 _DATA_DIRS: dict[str, Path | None] = {"mnist": None, "fmnist": None, "cifar10": None}
 _ENV = {"fmnist": "GNREV_FMNIST_DIR", "cifar10": "GNREV_CIFAR10_DIR"}
+#: data-set key of a problem → the registry dataset that loads it (CIFAR-10 is read here).
+_REGISTRY_DATASETS = {"mnist": "gnrev.mnist", "fmnist": "gnrev.fashion_mnist"}
 CIFAR10_MEAN = (0.49139968, 0.48215827, 0.44653124)
 CIFAR10_STD = (0.24703233, 0.24348505, 0.26158768)
-
-
-class ExactGN(_ExactGN):
-    """:class:`gnrev_plugin.optim.ExactGN` with ``loss="cross_entropy"`` by default, the loss of
-    every DeepOBS classification problem, so ``ExactGN(params, lr=α)`` is a complete
-    ``optimizer_class`` and DeepOBS records ``optimizer_name = "ExactGN"``."""
-
-    def __init__(self, params, lr: float = 1.0, loss: str = "cross_entropy", **kwargs) -> None:
-        super().__init__(params, lr=lr, loss=loss, **kwargs)
 
 
 def set_data_dir(dataset: str, path: str | Path | None) -> None:
@@ -188,8 +175,9 @@ class TensorDataSet:
 
 
 # ---------------------------------------------------------------------------------- problems
-class RevMLPTestProblem:
-    """A DeepOBS ``TestProblem``: a :class:`~gnrev_plugin.nn.RevMLP` classifier on a data set.
+class RegistryTestProblem:
+    """A DeepOBS ``TestProblem``: a registry model (default ``gnrev.revmlp``) classifying a data set
+    with cross-entropy.
 
     Interface (DeepOBS's): ``TestProblem(batch_size, weight_decay=None)``, ``set_up()`` creating
     ``data``, ``loss_function`` (a class called as ``loss_function(reduction=...)``), ``net`` and
@@ -199,20 +187,17 @@ class RevMLPTestProblem:
     end) and ``get_batch_loss_and_accuracy_func(...)`` (a closure on one fixed batch);
     ``get_regularization_loss()``, ``get_regularization_groups()``.
 
-    The paper's setting has no weight decay, so ``weight_decay`` is ignored with a warning (as
-    DeepOBS's ``mnist_mlp`` does). Class attributes set the architecture (paper: ``hidden =
-    8000``, 2 blocks for MNIST, 6 for CIFAR-10, linear first block, ``init_std = 1e-3``) and
-    ``train_size`` / ``test_size`` can shrink the data; :func:`make_test_problem` makes such
-    variants.
+    Class attributes: ``dataset`` (``"mnist"``, ``"fmnist"``, ``"cifar10"``); ``model`` (a
+    registry name) and ``model_kwargs`` (only what differs from the entry's registered defaults);
+    ``train_size`` / ``test_size`` / ``train_eval_size`` to shrink the data;
+    ``default_batch_size`` / ``default_num_epochs`` (DeepOBS's defaults for MNIST problems).
+    :func:`make_test_problem` makes variants. The paper's setting has no weight decay, so
+    ``weight_decay`` is ignored with a warning, as DeepOBS's ``mnist_mlp`` does.
     """
 
     dataset = "mnist"
-    in_features = 784
-    num_classes = 10
-    hidden = 8000
-    num_blocks = 2
-    linear_first_block = True
-    init_std = 1e-3
+    model = "gnrev.revmlp"
+    model_kwargs: dict = {}
     train_size: int | None = None
     test_size: int | None = None
     train_eval_size: int | None = None
@@ -236,25 +221,26 @@ class RevMLPTestProblem:
 
     # -- set-up ---------------------------------------------------------------------------
     def load_data(self) -> Dataset:
+        """The problem's data, padded to the model entry's ``input_multiple``."""
+        multiple = get_registry().entry("model", get_registry().resolve_name(
+            "model", self.model)).input_multiple
         if self.dataset == "cifar10":
-            return load_cifar10(_data_dir("cifar10"), self.train_size, self.test_size)
-        normalization = "mnist" if self.dataset == "mnist" else "standardize"
-        return load_idx_dataset(_data_dir(self.dataset), normalization=normalization,
-                                train_size=self.train_size, test_size=self.test_size,
-                                name=self.dataset)
+            return pad_to_multiple(load_cifar10(_data_dir("cifar10"), self.train_size,
+                                                self.test_size), multiple)
+        kwargs = {"data_dir": _data_dir(self.dataset), "train_size": self.train_size,
+                  "test_size": self.test_size}
+        return load_data(_REGISTRY_DATASETS[self.dataset], kwargs, input_multiple=multiple)
 
     def set_up(self) -> None:
+        """Load the data, build ``net`` with :func:`~gnrev_plugin.build.build_model` (seeded by
+        ``torch.initial_seed()``) and the cross-entropy loss."""
         ds = self.load_data()
-        if ds.in_features != self.in_features:
-            raise ValueError(f"{type(self).__name__} expects d={self.in_features} inputs, the "
-                             f"data has d={ds.in_features}")
         self.data = TensorDataSet(self._batch_size, ds.x_train, ds.y_train, ds.x_test,
                                   ds.y_test, self.train_eval_size)
         self.loss_function = nn.CrossEntropyLoss
-        self.net = RevMLP(in_features=self.in_features, hidden=self.hidden,
-                          num_blocks=self.num_blocks, num_classes=self.num_classes,
-                          linear_first_block=self.linear_first_block,
-                          init_std=self.init_std).to(self._device)
+        self.net = build_model(self.model, self.model_kwargs, in_features=ds.in_features,
+                               num_classes=ds.num_classes, seed=torch.initial_seed(),
+                               device=self._device)
         self.regularization_groups = self.get_regularization_groups()
 
     # -- phases ---------------------------------------------------------------------------
@@ -324,238 +310,133 @@ class RevMLPTestProblem:
         return 0.5 * sum(norms)
 
 
-class mnist_revmlp(RevMLPTestProblem):  # noqa: N801 - DeepOBS names problems in lower case
-    """RevMLP on MNIST (paper preset: d = 784, M = 8000, L = 2, linear first block)."""
+class mnist_revmlp(RegistryTestProblem):  # noqa: N801 - DeepOBS names problems in lower case
+    """RevMLP on MNIST (registry defaults: linear first block, ``init_std = 1e-3``)."""
 
-    dataset, in_features, num_blocks = "mnist", 784, 2
+    dataset = "mnist"
 
 
-class fmnist_revmlp(RevMLPTestProblem):  # noqa: N801
+class fmnist_revmlp(RegistryTestProblem):  # noqa: N801
     """RevMLP on Fashion-MNIST (IDX files; standardised with the training set's statistics)."""
 
-    dataset, in_features, num_blocks = "fmnist", 784, 2
+    dataset = "fmnist"
 
 
-class cifar10_revmlp(RevMLPTestProblem):  # noqa: N801
-    """RevMLP on flattened CIFAR-10 (paper preset: d = 3072, M = 8000, L = 6)."""
+class cifar10_revmlp(RegistryTestProblem):  # noqa: N801
+    """RevMLP on flattened CIFAR-10 (``d = 3072``) with the paper's CIFAR-10 depth, 6 blocks."""
 
-    dataset, in_features, num_blocks = "cifar10", 3072, 6
+    dataset = "cifar10"
+    model_kwargs = {"num_blocks": 6}
 
 
 #: Test problem name → class.
-TEST_PROBLEMS: dict[str, type[RevMLPTestProblem]] = {
+TEST_PROBLEMS: dict[str, type[RegistryTestProblem]] = {
     "mnist_revmlp": mnist_revmlp, "fmnist_revmlp": fmnist_revmlp,
     "cifar10_revmlp": cifar10_revmlp,
 }
 
 
-def make_test_problem(name: str, **attributes) -> type[RevMLPTestProblem]:
-    """A variant of test problem ``name`` with class attributes overridden (e.g. ``hidden=64,
-    train_size=1000``); it keeps the name, so results file under the same test problem."""
+def make_test_problem(name: str, model_kwargs: dict | None = None,
+                      **attributes) -> type[RegistryTestProblem]:
+    """A variant of test problem ``name``: ``model_kwargs`` update the problem's own (e.g.
+    ``{"hidden": 64}``), ``attributes`` override class attributes (``train_size=1000``,
+    ``model="toy.tiny_mlp"``, ...). It keeps the name, so results file under the same problem."""
     if name not in TEST_PROBLEMS:
         raise ValueError(f"unknown test problem {name!r}; known: {', '.join(TEST_PROBLEMS)}")
     base = TEST_PROBLEMS[name]
-    unknown = [k for k in attributes if not hasattr(base, k)]
+    unknown = [k for k in attributes if k == "model_kwargs" or not hasattr(base, k)]
     if unknown:
-        raise ValueError(f"unknown test problem attributes {unknown}")
+        raise ValueError(f"unknown test problem attributes {unknown} (model options go in "
+                         "model_kwargs)")
+    same_model = attributes.get("model", base.model) == base.model  # else base options drop
+    attributes["model_kwargs"] = {**(base.model_kwargs if same_model else {}),
+                                  **(model_kwargs or {})}
     return type(name, (base,), dict(attributes, __module__=__name__))
 
 
 def register_with_deepobs(problems: dict[str, type] | None = None) -> None:
-    """Make the problems known to an installed DeepOBS: add them to
-    ``deepobs.pytorch.testproblems`` (so its runners accept ``testproblem="mnist_revmlp"``), their
-    default batch size / epochs to ``deepobs.config``, and the display name ``"RevMLP"`` to its
-    naming table (which ``deepobs.analyzer`` needs). Needs ``deepobs`` importable."""
-    from deepobs import config  # noqa: PLC0415 - optional host
-    from deepobs.pytorch import testproblems  # noqa: PLC0415
-
+    """Make gnrev's problems known to an installed DeepOBS (its runners then accept
+    ``testproblem="mnist_revmlp"``), with their default batch size and epochs and the display
+    name ``"RevMLP"`` that ``deepobs.analyzer`` needs (:func:`compat.register_test_problem`)."""
     for name, cls in (problems or TEST_PROBLEMS).items():
-        setattr(testproblems, name, cls)
-        config.DEFAULT_TEST_PROBLEMS_SETTINGS[name] = {
-            "batch_size": cls.default_batch_size, "num_epochs": cls.default_num_epochs}
-    config.TP_NAMING["revmlp"] = "RevMLP"
+        compat.register_test_problem(name, cls, batch_size=cls.default_batch_size,
+                                     num_epochs=cls.default_num_epochs,
+                                     display_name="RevMLP")
 
 
-# ---------------------------------------------------------------------------------- runner
-def float2str(x: float) -> str:
-    """DeepOBS's float format in folder names: 10-digit scientific, trailing zeros of the
-    mantissa stripped (``0.01 → "1.e-02"``, ``0.125 → "1.25e-01"``)."""
-    mantissa, exponent = f"{x:.10e}".split("e")
-    return mantissa.rstrip("0") + "e" + exponent
+# ---------------------------------------------------------------------------------- local MNIST
+def write_idx(path: str | Path, array: np.ndarray) -> Path:
+    """Write ``array`` (``uint8``) as an IDX file, gzipped if ``path`` ends in ``.gz``; the inverse
+    of :func:`gnrev_plugin.data.read_idx` for ``uint8`` data."""
+    path = Path(path)
+    array = np.ascontiguousarray(array)
+    if array.dtype != np.uint8:
+        raise ValueError(f"write_idx writes uint8 arrays, got {array.dtype}")
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(s).to_bytes(4, "big")
+                                                         for s in array.shape)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "wb") as fh:
+        fh.write(header + array.tobytes())
+    return path
 
 
-def _fmt(v) -> str:
-    return float2str(v) if isinstance(v, float) else str(v)
+def prepare_mnist_data_dir(dest: str | Path, source: str | Path | None = None) -> Path:
+    """Lay out ``dest/MNIST/raw/`` as torchvision's ``MNIST`` (hence DeepOBS) reads it, from gnrev's
+    MNIST folder ``source`` (default :func:`gnrev_plugin.data.default_data_dir`); returns ``dest``,
+    the ``data_dir`` to give DeepOBS.
 
-
-def run_folder_name(num_epochs: int, batch_size: int, weight_decay: float | None,
-                    hyperparams: dict, training_params: dict | None = None) -> str:
-    """``num_epochs__E__batch_size__B[__weight_decay__wd]`` then ``__name__value`` for each
-    hyperparameter and each non-``None`` training parameter, both sorted by name."""
-    name = f"num_epochs__{num_epochs}__batch_size__{batch_size}"
-    if weight_decay is not None:
-        name += f"__weight_decay__{float2str(weight_decay)}"
-    for k, v in sorted(hyperparams.items()):
-        name += f"__{k}__{_fmt(v)}"
-    for k, v in sorted((training_params or {}).items()):
-        if v is not None:
-            name += f"__{k}__{_fmt(v)}"
-    return name
-
-
-class StandardRunner:
-    """DeepOBS's ``StandardRunner`` protocol without DeepOBS.
-
-    ``StandardRunner(optimizer_class, hyperparameter_names)`` with ``hyperparameter_names =
-    {name: {"type": T, "default": v (optional)}}``; :meth:`run` seeds ``random``, numpy and
-    torch with ``random_seed``, builds the test problem, trains for ``num_epochs`` with
-    ``opt = optimizer_class(tproblem.net.parameters(), **hyperparams)`` in the unmodified loop
-    ``zero_grad → get_batch_loss_and_accuracy → backward → step``, evaluates train_eval / valid /
-    test before every epoch and after the last, logs every ``train_log_interval``-th mini-batch
-    loss, and writes the JSON (unless ``no_logs``). Arguments are explicit (no ``sys.argv``).
+    With ``train`` and ``t10k`` pairs in ``source`` both are written unchanged. With the ``t10k``
+    pair alone, the split is gnrev's (:func:`~gnrev_plugin.data.load_idx_dataset`): training files
+    = the first 8,000 ``t10k`` images, test files = the last 2,000. The files are uncompressed
+    (torchvision checks for ``train-images-idx3-ubyte`` etc.), so DeepOBS never tries to download.
     """
+    source = Path(source) if source is not None else default_data_dir()
+    pairs = find_idx_files(source)
+    raw = Path(dest) / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    any_pair = pairs.get("t10k") or pairs["train"]
+    image_shape = read_idx(any_pair[0]).shape[1:]
+    ds = load_idx_dataset(source, normalization="none")  # gnrev's split; pixels / 255
+    for prefix, x, y in (("train", ds.x_train, ds.y_train), ("t10k", ds.x_test, ds.y_test)):
+        pixels = (x * 255.0).round().to(torch.uint8).numpy().reshape(-1, *image_shape)
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", pixels)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", y.numpy().astype(np.uint8))
+    return Path(dest)
 
-    def __init__(self, optimizer_class: type, hyperparameter_names: dict[str, dict]) -> None:
-        self._optimizer_class = optimizer_class
-        self._optimizer_name = optimizer_class.__name__
-        self._hyperparameter_names = hyperparameter_names
 
-    def _resolve_hyperparams(self, hyperparams: dict | None) -> dict:
-        hyperparams = dict(hyperparams or {})
-        unknown = set(hyperparams) - set(self._hyperparameter_names)
-        if unknown:
-            raise ValueError(f"hyperparameters {sorted(unknown)} are not declared in "
-                             "hyperparameter_names")
-        for name, spec in self._hyperparameter_names.items():
-            if name in hyperparams:
-                hyperparams[name] = spec["type"](hyperparams[name])
-            elif "default" in spec:
-                hyperparams[name] = spec["default"]
-            else:
-                raise ValueError(f"hyperparameter {name!r} of {self._optimizer_name} has no "
-                                 "default; pass it in hyperparams")
-        return hyperparams
+#: DeepOBS's MNIST problems that :func:`local_mnist_problem` adapts, with their display names.
+LOCAL_MNIST_PROBLEMS = {"mnist_logreg": "Log. Reg.", "mnist_mlp": "MLP"}
 
-    @staticmethod
-    def create_testproblem(testproblem: str | type, batch_size: int,
-                           weight_decay: float | None, random_seed: int):
-        random.seed(random_seed)
-        np.random.seed(random_seed)
-        torch.manual_seed(random_seed)
-        cls = TEST_PROBLEMS[testproblem] if isinstance(testproblem, str) else testproblem
-        tproblem = cls(batch_size) if weight_decay is None else cls(batch_size, weight_decay)
-        tproblem.set_up()
-        return tproblem
 
-    @staticmethod
-    def evaluate(tproblem, phase: str) -> tuple[float, float]:
-        """Mean loss and accuracy over the phase's batches (``TRAIN``/``VALID``/``TEST``)."""
-        {"TRAIN": tproblem.train_eval_init_op, "VALID": tproblem.valid_init_op,
-         "TEST": tproblem.test_init_op}[phase]()
-        loss, accuracy, count = 0.0, 0.0, 0
-        while True:
-            try:
-                batch_loss, batch_accuracy = tproblem.get_batch_loss_and_accuracy()
-            except StopIteration:
-                break
-            loss += batch_loss.item()
-            accuracy += batch_accuracy
-            count += 1
-        return loss / count, accuracy / count
+def local_mnist_problem(name: str = "mnist_logreg", train_eval_size: int = 2000) -> type:
+    """DeepOBS's test problem ``name`` (``mnist_logreg`` or ``mnist_mlp``) with
+    ``train_eval_size`` validation images instead of 10,000, named ``<name>_t10k`` (module
+    docstring). Everything else is DeepOBS's own ``set_up``. Needs ``deepobs``."""
+    if name not in LOCAL_MNIST_PROBLEMS:
+        raise ValueError(f"local MNIST problems: {', '.join(LOCAL_MNIST_PROBLEMS)}; got {name!r}")
+    base = getattr(compat.import_deepobs().pytorch.testproblems, name)
 
-    def training(self, tproblem, hyperparams: dict, num_epochs: int, print_train_iter: bool,
-                 train_log_interval: int) -> dict:
-        opt = self._optimizer_class(tproblem.net.parameters(), **hyperparams)
-        logs = {k: [] for k in ("train_losses", "valid_losses", "test_losses",
-                                "minibatch_train_losses", "train_accuracies",
-                                "valid_accuracies", "test_accuracies")}
-        for epoch in range(num_epochs + 1):
-            for phase, key in (("TRAIN", "train"), ("VALID", "valid"), ("TEST", "test")):
-                loss, acc = self.evaluate(tproblem, phase)
-                logs[f"{key}_losses"].append(loss)
-                logs[f"{key}_accuracies"].append(acc)
-            if epoch == num_epochs:
-                break
-            tproblem.train_init_op()
-            batch_count, finite = 0, True
-            while True:
-                try:
-                    opt.zero_grad()
-                    batch_loss, _ = tproblem.get_batch_loss_and_accuracy()
-                    batch_loss.backward()
-                    opt.step()
-                except StopIteration:
-                    break
-                except FloatingPointError as err:  # gnrev's NonFiniteError: nothing was changed
-                    warnings.warn(f"non-finite step in epoch {epoch}: {err}", RuntimeWarning)
-                    finite = False
-                    break
-                if batch_count % train_log_interval == 0:
-                    logs["minibatch_train_losses"].append(batch_loss.item())
-                    if print_train_iter:
-                        print(f"Epoch {epoch}, step {batch_count}: loss {batch_loss.item():g}")
-                batch_count += 1
-            if not finite or not np.isfinite(batch_loss.item()):
-                self._abort(epoch, num_epochs, logs)
-                break
-        return logs
+    def set_up(self) -> None:
+        with compat.mnist_train_eval_size(base, self.train_eval_size):
+            base.set_up(self)
 
-    @staticmethod
-    def _abort(epoch: int, num_epochs: int, logs: dict) -> None:
-        """DeepOBS's abort routine: pad the remaining epochs with the initial values."""
-        warnings.warn(f"Breaking from run after epoch {epoch} (loss is NaN or Inf); the "
-                      "remaining epochs are filled with the initial values.", RuntimeWarning)
-        for _ in range(epoch, num_epochs):
-            for values in logs.values():
-                if values:
-                    values.append(values[0])
+    doc = (f"DeepOBS's ``{name}`` on the local ``t10k`` split: ``train_eval_size = "
+           f"{train_eval_size}`` (DeepOBS: 10,000); network, loss and data pipeline are "
+           "DeepOBS's.")
+    return type(f"{name}_t10k", (base,), {"set_up": set_up, "train_eval_size": train_eval_size,
+                                          "__doc__": doc, "__module__": __name__})
 
-    def run(self, testproblem: str | type, hyperparams: dict | None = None,
-            batch_size: int | None = None, num_epochs: int | None = None,
-            random_seed: int = 42, data_dir: str | Path | None = None,
-            output_dir: str | Path = "./results", weight_decay: float | None = None,
-            no_logs: bool = False, train_log_interval: int = 10,
-            print_train_iter: bool = False, tb_log: bool = False, tb_log_dir: str = "none",
-            skip_if_exists: bool = False, **training_params) -> dict | None:
-        """Train and return DeepOBS's output dict; write it as JSON under ``output_dir``.
 
-        With ``skip_if_exists`` a run whose ``random_seed__<seed>__*.json`` already exists in its
-        settings folder is not repeated (``None`` is returned), as in DeepOBS. TensorBoard
-        logging (``tb_log``) is not supported.
-        """
-        if tb_log:
-            raise ValueError("tb_log is not supported by gnrev's StandardRunner")
-        del tb_log_dir
-        if training_params:
-            raise ValueError(f"StandardRunner takes no training parameters, got "
-                             f"{sorted(training_params)}")
-        cls = TEST_PROBLEMS[testproblem] if isinstance(testproblem, str) else testproblem
-        name = cls.__name__
-        hyperparams = self._resolve_hyperparams(hyperparams)
-        batch_size = int(batch_size or cls.default_batch_size)
-        num_epochs = int(num_epochs if num_epochs is not None else cls.default_num_epochs)
-        if data_dir is not None:
-            set_data_dir(cls.dataset, data_dir)
-        folder = Path(output_dir) / name / self._optimizer_name / run_folder_name(
-            num_epochs, batch_size, weight_decay, hyperparams)
-        if skip_if_exists and folder.is_dir() and any(folder.glob(f"random_seed__{random_seed}__*.json")):
-            print(f"found output for this run in {folder}; skipping it", file=sys.stderr)
-            return None
-        file_name = f"random_seed__{random_seed}__{time.strftime('%Y-%m-%d-%H-%M-%S')}.json"
-        tproblem = self.create_testproblem(cls, batch_size, weight_decay, random_seed)
-        logs = self.training(tproblem, dict(hyperparams), num_epochs, print_train_iter,
-                             train_log_interval)
-        if all(a == 0 for a in logs["test_accuracies"]):  # a problem without accuracies
-            for key in ("train_accuracies", "valid_accuracies", "test_accuracies"):
-                del logs[key]
-        output = {"testproblem": name, "batch_size": batch_size, "num_epochs": num_epochs,
-                  "random_seed": random_seed, "weight_decay": weight_decay,
-                  "optimizer_name": self._optimizer_name, "optimizer_hyperparams": hyperparams,
-                  "training_params": {}, **logs}
-        if not no_logs:
-            folder.mkdir(parents=True, exist_ok=True)
-            with open(folder / file_name, "w") as fh:
-                json.dump(output, fh, indent=4)
-            output_path = folder / file_name
-            print(f"wrote {output_path}", file=sys.stderr)
-        return output
+def register_local_mnist_problems(train_eval_size: int = 2000) -> dict[str, type]:
+    """Register ``mnist_logreg_t10k`` and ``mnist_mlp_t10k`` with DeepOBS (DeepOBS's default batch
+    size and epochs of the originals) and return them by name."""
+    dob = compat.import_deepobs()
+    out = {}
+    for name, display in LOCAL_MNIST_PROBLEMS.items():
+        cls = local_mnist_problem(name, train_eval_size)
+        settings = dob.config.get_testproblem_default_setting(name)
+        compat.register_test_problem(cls.__name__, cls, batch_size=settings["batch_size"],
+                                     num_epochs=settings["num_epochs"],
+                                     display_name=f"{display} (t10k split)")
+        out[cls.__name__] = cls
+    return out
