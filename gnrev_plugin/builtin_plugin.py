@@ -11,7 +11,9 @@ Registered names (see ``gnrev list``):
   :data:`~gnrev_plugin.nn.PRESETS`), ``gnrev.mlp`` (:class:`~gnrev_plugin.nn.MLP`);
 * optimizers: ``gnrev.exact_gn`` (:class:`~gnrev_plugin.optim.ExactGN`), ``gnrev.dense_gn``
   (:class:`~gnrev_plugin.optim.DenseGN`), both needing the model and the loss, and the
-  baselines ``gnrev.sgd``/``gnrev.adam`` (``torch.optim``);
+  baselines ``gnrev.sgd``/``gnrev.adam`` (``torch.optim``), and the sharpness regularisers
+  ``gnrev.sam``, ``gnrev.psam``, ``gnrev.weight_noise``, ``gnrev.hessian_trace_penalty``,
+  ``gnrev.gn_trace_penalty`` (:mod:`gnrev_plugin.optim.sharpness`, wrapping a base optimizer);
 * run metrics (logged every epoch, :mod:`gnrev_plugin.metrics.run_metrics`):
   ``gnrev.ntk_similarity_to_init``, ``gnrev.cka_to_init``, ``gnrev.weight_cosine_to_init``,
   ``gnrev.weight_norm_ratio_to_init``, ``gnrev.gn_condition_number_on_batch``,
@@ -43,6 +45,15 @@ OPTIMIZERS = {
                        "dense-Jacobian (damped) Gauss-Newton for any nn.Module", ("model", "loss")),
     "gnrev.sgd": ("torch.optim:SGD", "baseline: torch.optim.SGD", ()),
     "gnrev.adam": ("torch.optim:Adam", "baseline: torch.optim.Adam", ()),
+    "gnrev.sam": ("gnrev_plugin.optim:SAM", "SAM: base step on ∇L(θ + ρĝ)", ("model", "loss")),
+    "gnrev.psam": ("gnrev_plugin.optim:PSAM", "penalty SAM: ∇L + ρHĝ (one HVP)",
+                   ("model", "loss")),
+    "gnrev.weight_noise": ("gnrev_plugin.optim:WeightNoise",
+                           "weight noise: ∇L(θ + ε), ε ~ N(0, σ²I)", ("model", "loss")),
+    "gnrev.hessian_trace_penalty": ("gnrev_plugin.optim:HessianTracePenalty",
+                                    "L + (σ²/2) tr H, Hutchinson", ("model", "loss")),
+    "gnrev.gn_trace_penalty": ("gnrev_plugin.optim:GNTracePenalty",
+                               "L + (σ²/2) tr G, sampled labels", ("model", "loss")),
 }
 RUN_METRICS = {
     "gnrev.ntk_similarity_to_init": ("gnrev_plugin.metrics:ntk_similarity_to_init",

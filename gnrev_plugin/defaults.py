@@ -17,6 +17,12 @@ Choices, and why:
   update, records ``last_step_exact = False`` and the runners log the fraction of exact steps.
   (The optimizer classes themselves default to ``"raise"`` for direct use.)
 * ``gnrev.sgd``: the reference's ``lr = 0.1``; ``gnrev.adam``: torch's ``lr = 1e-3``.
+* sharpness regularisers (``gnrev.sam`` ... ``gnrev.gn_trace_penalty``): base ``gnrev.sgd`` with
+  its ``lr = 0.1`` (a wrapper passes base options through to the shared param groups);
+  ``ρ = 0.05`` (Foret et al.'s SAM default); ``σ² = 1e-4`` (weight noise of
+  standard deviation 0.01); one noise draw / Hutchinson probe / sampled label per step (the
+  paper's); ``seed = 0`` for the methods' own generators, so a run is reproducible (the
+  experiments pass the run's seed).
 """
 
 from __future__ import annotations
@@ -40,6 +46,15 @@ OPTIMIZER_DEFAULTS: dict[str, dict] = {
     "gnrev.dense_gn": dict(lr=0.2, rank_policy=RANK_POLICY),
     "gnrev.sgd": dict(lr=0.1),
     "gnrev.adam": dict(lr=1e-3),
+    "gnrev.sam": dict(rho=0.05, base="gnrev.sgd", lr=0.1, ablate_nme=False),
+    "gnrev.psam": dict(rho=0.05, base="gnrev.sgd", lr=0.1, ablate_nme=False),
+    "gnrev.weight_noise": dict(sigma2=1e-4, samples=1, base="gnrev.sgd", lr=0.1,
+                               ablate_nme=False, seed=0),
+    "gnrev.hessian_trace_penalty": dict(sigma2=1e-4, samples=1, probes="gaussian",
+                                        base="gnrev.sgd", lr=0.1,
+                                        ablate_nme=False, seed=0),
+    "gnrev.gn_trace_penalty": dict(sigma2=1e-4, samples=1, base="gnrev.sgd",
+                                   lr=0.1, ablate_nme=False, seed=0),
 }
 
 #: Defaults of a run (:class:`gnrev_plugin.build.RunSpec`): what ``gnrev train`` runs with no
