@@ -1,5 +1,7 @@
 """Run-directory plumbing: atomic writes, torn JSONL lines, config checks on resume, plotting
-helpers, reference learning rates and the per-batch loss change."""
+helpers, reference learning rates, the per-batch loss change, and exact resume of
+:func:`~gnrev_plugin.experiments.training.train_run` after a crash at each point of an epoch's
+bookkeeping (in the middle of the log write, after the log row, after the checkpoint)."""
 
 import json
 import math
@@ -8,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from gnrev_plugin.experiments import rundir
+from gnrev_plugin.build import RunSpec, load_data
+from gnrev_plugin.experiments import rundir, training
+from gnrev_plugin.experiments.diagnostics import RevMLPDiagnostics
 from gnrev_plugin.experiments.exact_gn import reference_lr
 from gnrev_plugin.experiments.plotting import mean_std_curve
 from gnrev_plugin.experiments.tables import fmt, mean_std
@@ -121,3 +125,120 @@ def test_paper_preset_uses_the_paper_protocol():
     assert p["full_batch"]["subset"] == 1024 and p["mini_batch"]["train_size"] is None
     with pytest.raises(ValueError, match="unknown preset"):
         get_preset("exact-gn", "huge")
+
+
+
+def test_exact_gn_runs_any_registered_optimizer_by_name():
+    """An optimizer outside the paper's three runs at its registered default lr and is named by
+    its registry name; a preset lr overrides; an unknown name fails before any work, listing the
+    registered optimizers."""
+    from gnrev_plugin.defaults import OPTIMIZER_DEFAULTS
+    from gnrev_plugin.experiments.exact_gn import exact_gn_run_specs
+    from gnrev_plugin.experiments.presets import get_preset
+    from gnrev_plugin.plugins import UnknownNameError
+
+    p = dict(get_preset("exact-gn", "smoke"), optimizers=["gnrev.dense_gn", "sgd"],
+             lr={"mini_batch": {"sgd": 0.05}})
+    runs = {name: (spec, extra) for name, spec, extra in exact_gn_run_specs(p, "mnist", "cpu")}
+    assert sorted(runs) == ["full_batch/dense_gn/seed0", "full_batch/sgd/seed0",
+                            "mini_batch/dense_gn/seed0", "mini_batch/sgd/seed0"]
+    spec, extra = runs["mini_batch/dense_gn/seed0"]
+    assert spec.optimizer_kwargs == OPTIMIZER_DEFAULTS["gnrev.dense_gn"]
+    assert extra["lr_from"] == "registered default"
+    assert runs["mini_batch/sgd/seed0"][0].optimizer_kwargs["lr"] == 0.05
+    assert runs["mini_batch/sgd/seed0"][1]["lr_from"] == "preset"
+    assert runs["full_batch/sgd/seed0"][0].optimizer_kwargs["lr"] == 0.1
+    with pytest.raises(UnknownNameError, match="gnrev.exact_gn"):
+        exact_gn_run_specs(dict(p, optimizers=["lbfgs"]), "mnist")
+
+
+def test_the_catalog_dispatches_every_experiment_of_the_command_line(tmp_path):
+    from gnrev_plugin.experiments.catalog import EXPERIMENTS, build_report
+    from gnrev_plugin.experiments.presets import EXPERIMENT_NAMES
+
+    assert tuple(EXPERIMENTS) == EXPERIMENT_NAMES
+    rundir.RunDir(tmp_path).write_config({"experiment": "sharpness"}, resume=False)
+    with pytest.raises(ValueError, match="unknown experiment 'sharpness'; known: exact-gn"):
+        build_report(tmp_path)
+
+# ------------------------------------------------------------------ crash injection and resume
+CRASH_EPOCH = 2
+CRASH_POINTS = ("mid_log_write", "after_log", "after_checkpoint")
+
+
+def _resume_problem():
+    """A tiny, file-free run with every kind of state a resume must restore: Adam's moments, the
+    NTK-velocity diagnostic's previous kernel, a run metric against the initial model."""
+    ds = load_data("teacher_student", dict(n_train=48, n_test=32, in_features=8, num_classes=4,
+                                           teacher_hidden=16, seed=3), input_multiple=2)
+    spec = RunSpec(model="revmlp", model_kwargs=dict(hidden=16, num_blocks=2),
+                   optimizer="adam", optimizer_kwargs=dict(lr=0.02), dataset="teacher_student",
+                   metrics=["weight_cosine_to_init"], seed=5, epochs=4, batch_size=16,
+                   probe_size=8)
+    return ds, spec
+
+
+def _train(path, resume=False):
+    ds, spec = _resume_problem()
+    return training.train_run(spec, ds, rundir.RunDir(path), resume=resume, progress=False,
+                              diagnostics_factory=RevMLPDiagnostics.factory(8))
+
+
+def _log_without_times(path):
+    return [{k: v for k, v in r.items() if k != "time_s"}
+            for r in rundir.read_jsonl(path / rundir.RunDir.LOG)]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    path = tmp_path_factory.mktemp("resume") / "full"
+    _train(path)
+    return path
+
+
+@pytest.mark.parametrize("point", CRASH_POINTS)
+def test_a_crash_then_resume_logs_exactly_what_an_uninterrupted_run_logs(point, uninterrupted,
+                                                                         tmp_path, monkeypatch):
+    """Kill the run at epoch 2 (a torn half-written log row; a complete row but no checkpoint;
+    row and checkpoint written), resume, and compare every logged value but ``time_s`` and the
+    final weights with the uninterrupted run."""
+    out = tmp_path / "cut"
+
+    def crash(run, epoch, row):
+        if epoch == CRASH_EPOCH:
+            raise training.RunInterrupted(f"killed {point}")
+
+    if point == "mid_log_write":
+        real_log = rundir.RunDir.log
+
+        def torn_log(self, row, name=None):
+            if row.get("epoch") == CRASH_EPOCH:
+                with open(self.file(name or self.LOG), "a") as fh:
+                    fh.write('{"epoch": 2, "train_lo')             # the write is cut short
+                raise training.RunInterrupted("killed mid-write")
+            return real_log(self, row, name)
+        monkeypatch.setattr(rundir.RunDir, "log", torn_log)
+    else:
+        monkeypatch.setattr(training, "_after_log_hook" if point == "after_log"
+                            else "_after_epoch_hook", crash)
+    with pytest.raises(training.RunInterrupted):
+        _train(out)
+    monkeypatch.undo()
+
+    # the crash left the state it simulates
+    ckpt = rundir.RunDir(out).load_checkpoint()
+    logged = [r["epoch"] for r in rundir.read_jsonl(out / rundir.RunDir.LOG)]
+    assert ckpt["epoch"] == (CRASH_EPOCH if point == "after_checkpoint" else CRASH_EPOCH - 1)
+    assert logged == list(range(CRASH_EPOCH + (point != "mid_log_write")))
+    assert not rundir.RunDir(out).done
+
+    result = _train(out, resume=True)
+    assert _log_without_times(out) == _log_without_times(uninterrupted)
+    lines = (out / rundir.RunDir.LOG).read_text().splitlines()
+    assert len(lines) == 5 and all(json.loads(line) for line in lines)   # no torn row left
+    final, ref = rundir.RunDir(out).load_checkpoint(), rundir.RunDir(uninterrupted).load_checkpoint()
+    assert final["epoch"] == ref["epoch"] == 4
+    for k, v in ref["model"].items():
+        assert torch.equal(final["model"][k], v), k
+    assert {k: v for k, v in result["final"].items() if k != "time_s"} == \
+        _log_without_times(uninterrupted)[-1]

@@ -6,8 +6,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from gnrev_plugin.cli import main
+from gnrev_plugin.defaults import RANK_POLICY
 from gnrev_plugin.experiments import training
 from gnrev_plugin.experiments.exact_gn import run_exact_gn
 from gnrev_plugin.experiments.rundir import read_jsonl
@@ -52,12 +54,25 @@ def test_exact_gn_smoke_writes_logs_figures_report(exact_gn_smoke):
             pytest.approx(1.0)
         assert (out / Path(name).parent / "result.json").exists()
         assert json.loads((out / Path(name).parent / "config.json").read_text())
+    for setting in ("full_batch", "mini_batch"):      # each run records its resolved spec
+        for opt, lr in (("exact_gn", 1.0 if setting == "full_batch" else 0.2), ("adam", 1e-4),
+                        ("sgd", 0.1)):
+            cfg = json.loads((out / f"runs/{setting}/{opt}/seed0/config.json").read_text())
+            spec = cfg["spec"]
+            assert (cfg["setting"], spec["model"], spec["optimizer"], spec["device"]) == \
+                (setting, "gnrev.revmlp", f"gnrev.{opt}", "cpu")
+            assert spec["optimizer_kwargs"]["lr"] == pytest.approx(lr)
+            assert spec["model_kwargs"]["linear_first_block"] is True
+    gn_spec = json.loads((out / "runs/mini_batch/exact_gn/seed0/config.json").read_text())["spec"]
+    assert gn_spec["optimizer_kwargs"]["rank_policy"] == RANK_POLICY
     gn_fb = logs["runs/full_batch/exact_gn/seed0/log.jsonl"]
     assert gn_fb[-1]["train_loss"] < gn_fb[0]["train_loss"]
     figs = sorted((out / "figures").glob("*.png"))
     assert len(figs) == 6 and all(f.read_bytes()[:8] == PNG for f in figs)
     report = (out / "report.md").read_text()
     assert "Final numbers" in report and "| exact GN" in report and "fig4_ntk.png" in report
+    assert "mini-batch exact GN 0.2, Adam 0.0001, SGD 0.1" in report
+    assert f"GN rank policy: `{RANK_POLICY}`" in report
     assert all(r["status"] == "ok" for r in read_jsonl(out / "sweep.jsonl"))
 
 
@@ -134,3 +149,18 @@ def test_exact_gn_accepts_mnist1d(tmp_path):
     assert all(s["status"] == "ok" for s in statuses)
     assert json.loads((tmp_path / "config.json").read_text())["data"] == "mnist1d"
     assert (tmp_path / "report.md").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_device_reaches_every_spec_and_a_missing_gpu_is_a_clear_error(tmp_path):
+    statuses = run_exact_gn(tmp_path, "tiny", data_dir=str(REAL_MNIST), progress=False,
+                            preset=dict(TINY, optimizers=["sgd"]), device="cuda")
+    assert [s["status"] for s in statuses] == ["failed", "failed"]
+    assert all("device 'cuda' requested, but torch.cuda.is_available() is False" in s["error"]
+               for s in statuses)
+
+
+def test_a_malformed_device_is_refused(tmp_path, capsys):
+    assert main(["reproduce", "exact-gn", "--preset", "smoke", "--out", str(tmp_path / "o"),
+                 "--device", "gpu", "--no-progress"]) == 2
+    assert "--device 'gpu' is not a torch device" in capsys.readouterr().err

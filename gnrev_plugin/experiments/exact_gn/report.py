@@ -255,8 +255,8 @@ epochs (one step each). Mini-batch: batch {mb.get('batch_size')}, {mb.get('epoch
 **Step-size convention.** Exact GN's `lr` is the function-space step α (J Δθ = −α ε,
 ε = softmax(F) − onehot(y), the reference's `use_identity` target); the reference code's learning
 rates are translated by α = L · lr_ref, Adam's and SGD's are used as released (no momentum, no
-weight decay). Learning rates of these runs (from their specs): {_lr_summary(runs)}. GN rank
-policy: {_rank_policies(runs)}. The per-batch loss change is
+weight decay). Learning rates of these runs (from their specs): {_lr_summary(runs)}.
+GN rank policy: {_rank_policies(runs)}. The per-batch loss change is
 100 (ℓ_B(θ_{{t+1}}) − ℓ_B(θ_t)) / ℓ_B(θ_t) on the batch just stepped on. NTK: structured
 empirical NTK of the logits on the first {preset.get('probe_size')} training images; similarity
 = uncentred Frobenius alignment with the NTK at init; velocity = 1 − alignment between
