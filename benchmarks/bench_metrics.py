@@ -80,16 +80,16 @@ def bench_decompose(n: int, C: int, d: int, M: int, L: int, num_matvecs: int) ->
                                          eigsh_tol=1e-4))
     rows = []
     for key in ("hessian", "ggn", "nme"):
-        rows.append([key, f"{per_mv[key] * 1e3:.1f}", f"{s['trace'][key]['value']:.4g}",
-                     f"{s['trace'][key]['estimator']}({s['trace'][key]['num_matvecs']})",
-                     ", ".join(f"{e:.3g}" for e in s["top_eigenvalues"][key]),
-                     s["eigs_info"][key]["num_matvecs"], s["eigs_info"][key]["converged"]])
+        rows.append([key, f"{per_mv[key] * 1e3:.1f}", f"{s.trace[key].value:.4g}",
+                     f"{s.trace[key].estimator}({s.trace[key].num_matvecs})",
+                     ", ".join(f"{e:.3g}" for e in s.top_eigenvalues[key]),
+                     s.eigs_info[key].num_matvecs, s.eigs_info[key].converged])
     info = dict(P=P, n=n, C=C, d=d, M=M, L=L, t_build=t_build, t_summary=t_sum,
-                lambda_min=s["lambda_min_hessian"],
-                lambda_min_mv=s["eigs_info"]["hessian_min"]["num_matvecs"],
+                lambda_min=s.lambda_min_hessian,
+                lambda_min_mv=s.eigs_info["hessian_min"].num_matvecs,
                 surrogate_mv_ms=per_mv["nme_surrogate"] * 1e3,
-                surrogate_rel=s["surrogate_check"]["relative"],
-                ratios=s["ratios"])
+                surrogate_rel=s.surrogate_check.relative,
+                ratios=s.ratios)
     return rows, info
 
 
