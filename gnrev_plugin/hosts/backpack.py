@@ -2,6 +2,12 @@
 
 Usage (copy-paste)::
 
+    from gnrev_plugin.hosts.backpack import enable
+    enable()          # every BackPACK extension instance, anywhere (Cockpit's too), now handles
+                      # AdditiveCoupling/RevMLP; disable() undoes it
+
+or, per instance::
+
     from backpack import backpack, extend
     from backpack.extensions import BatchGrad, DiagGGNExact, KFAC
     from gnrev_plugin.hosts.backpack import register
@@ -33,19 +39,39 @@ its quantity from **BackPACK's own nn.Linear rule** of the same extension, evalu
 (scaling, savefields, subsampling) are BackPACK's. ``V_X`` is stored for the block input, so
 blocks compose with any BackPACK-supported module before them.
 
-``DiagHessian``/``BatchDiagHessian`` need the block's second derivatives in its inputs and in
-each single parameter to vanish, which holds for ``σ'' = 0`` (ReLU, identity): then
-``∂²Y/∂X² = 0`` and ``∂²Y/∂θ_i² = 0`` (Y is linear in each of ``W_f``, ``b_f``, ``W_g``, ``b_g`` alone,
-up to ReLU kinks), and the diagonal Hessian is the backpropagated factor lists' diagonal. Other
-activations raise ``NotImplementedError`` naming the extension; so does ``KFRA`` (its
-batch-averaged backpropagation has no transposed-Jacobian form here), and :func:`register`
-refuses extensions that have no ``nn.Linear`` rule (e.g. the ``curvmatprod`` ones).
+``DiagHessian``/``BatchDiagHessian`` backpropagate BackPACK's signed lists of square-root
+factors of the per-sample loss Hessian ``H_n = Σ_i ε_i S_i[:, n]ᵀ S_i[:, n]``. The block is linear
+in each single parameter, so ``∂²L/∂W_{ab}² = Σ_n s_n[b]² (H_{u,n})_{aa}`` needs the Hessian
+``H_u`` in each inner output ``u``; it is the pulled-back output Hessian plus, for every
+half-layer ``h = Z C`` after ``u`` with ``σ'' ≠ 0``, the residual ``C diag(σ''(h) ⊙ ∂L/∂s) Cᵀ`` in
+that half-layer's input ``Z`` (``∂L/∂s = (∂L/∂u) W``). For a block: the ``g`` residual sits at
+``Y1`` (it enters ``H_{u_f}`` and the block input), the ``f`` residual at ``X2`` (block input
+only). Each residual is added as two factors ``√(±r)_+ ⊙ C`` (``[M, N, d/2]``, signs ``±1``), and a
+list with more columns than twice the feature width is compressed exactly, per sample, by
+``eigh`` of ``Σ_i ε_i S_iᵀ S_i`` (``docs/hosts/backpack.md`` has the derivation). With ``σ'' = 0``
+(ReLU, identity) there is no residual. ``DiagHessian − DiagGGNExact`` is then exactly the
+diagonal of the NME, ``diag(H − G)``, carried by the ``σ''`` terms.
+
+``KFRA`` raises ``NotImplementedError`` naming the extension (its batch-averaged
+backpropagation has no transposed-Jacobian form here), and :func:`register` refuses extensions
+that have no ``nn.Linear`` rule (e.g. the ``curvmatprod`` ones).
+
+Process-wide set-up. :func:`enable` makes *every* BackPACK extension instance, including the ones
+a tool such as Cockpit creates internally, use :class:`CouplingLeafExtension` for
+:class:`AdditiveCoupling`/:class:`RevMLP` (unless the instance has its own entry for them), and
+runs BackPACK's ``extension_hook`` (Cockpit's per-parameter hooks) on the inner ``nn.Linear`` s of
+a leaf instead of on the leaf itself. :func:`disable` undoes both. Both are idempotent and
+guarded by a lock.
 
 Never hand an ``extend``-ed module or loss to curvlinops (functorch cannot trace BackPACK's
 backward hooks): extend a ``copy.deepcopy`` of the model.
 """
 
 from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from backpack.extensions import (
@@ -68,14 +94,16 @@ from backpack.extensions import (
 from backpack.extensions.backprop_extension import BackpropExtension
 from backpack.extensions.module_extension import ModuleExtension
 from torch import Tensor, nn
-from torch.func import vjp, vmap
+from torch.func import grad, vjp, vmap
 from torch.nn.functional import linear
 
+from ..compat import backpack as _compat
 from ..compat.backpack import module_extensions
 from ..nn import AdditiveCoupling, RevMLP
+from ..nn.coupling import CouplingFunction
 
-__all__ = ["register", "all_extensions", "SUPPORTED_EXTENSIONS", "CouplingLeafExtension",
-           "UNSUPPORTED_MESSAGE"]
+__all__ = ["register", "all_extensions", "enable", "disable", "is_enabled", "enabled",
+           "SUPPORTED_EXTENSIONS", "CouplingLeafExtension", "UNSUPPORTED_MESSAGE"]
 
 #: Extensions :func:`register` accepts (all of BackPACK's with an ``nn.Linear`` rule and a
 #: transposed-Jacobian backpropagation).
@@ -84,7 +112,8 @@ SUPPORTED_EXTENSIONS: tuple[type[BackpropExtension], ...] = (
     DiagGGNExact, DiagGGNMC, BatchDiagGGNExact, BatchDiagGGNMC, SqrtGGNExact, SqrtGGNMC,
     KFAC, KFLR, DiagHessian, BatchDiagHessian,
 )
-_NEEDS_ZERO_CURVATURE = (DiagHessian, BatchDiagHessian)
+_DIAG_HESSIAN = (DiagHessian, BatchDiagHessian)
+#: Activations with ``σ'' = 0`` (almost everywhere): no second-derivative residual.
 _ZERO_CURVATURE_ACTIVATIONS = ("relu", "identity")
 UNSUPPORTED_MESSAGE = ("{ext} is not supported on gnrev's AdditiveCoupling/RevMLP leaf modules; "
                        "supported: {supported}")
@@ -151,6 +180,77 @@ def _map(q, fn):
     return fn(q)
 
 
+# ------------------------------------------------------------------------------ DiagHessian
+def second_derivative(fn: CouplingFunction, h: Tensor) -> Tensor | None:
+    """``σ''(h)`` of the half-layer's activation, elementwise, by ``torch.func`` (``grad`` of
+    ``grad`` of ``σ`` on every scalar); ``None`` for ``σ'' = 0`` (ReLU, identity).
+
+    Differentiating the forward ``σ`` itself (not its stored ``σ'``) keeps the result the exact
+    second derivative of what the block computes (e.g. softplus's linear branch above its
+    threshold has ``σ'' = 0``).
+    """
+    act = fn.activation
+    if act.is_linear or act.name in _ZERO_CURVATURE_ACTIVATIONS:
+        return None
+    flat = h.reshape(-1)
+    return vmap(grad(grad(lambda t: act(t))))(flat).reshape(h.shape)
+
+
+def residual_factors(fn: CouplingFunction, z: Tensor, grad_u: Tensor) -> list[tuple[Tensor, float]]:
+    """Signed square-root factors of the half-layer's second-derivative term in its input ``Z``.
+
+    For ``u = σ(Z C) Wᵀ + b`` and the loss gradient ``γ = ∂L/∂u`` (``[N, d/2]``), the term is,
+    per sample ``n``, ``R_n = Σ_a γ_{n,a} ∇²_Z u_{n,a} = C diag(r_n) Cᵀ`` with
+    ``r_n = σ''(h_n) ⊙ (γ_n W)`` (``h = Z C``, ``γ W = ∂L/∂s``). It is returned as
+    ``[(P, +1), (Q, −1)]`` with ``P[m, n] = √max(r_{n,m}, 0) C[:, m]`` and
+    ``Q[m, n] = √max(−r_{n,m}, 0) C[:, m]`` (``[M, N, d/2]``), so that
+    ``R_n = P[:, n]ᵀ P[:, n] − Q[:, n]ᵀ Q[:, n]``; ``[]`` when ``σ'' = 0``.
+    """
+    C = fn.projection
+    s2 = second_derivative(fn, z @ C)
+    if s2 is None:
+        return []
+    r = s2 * (grad_u @ fn.linear.weight.detach())                     # [N, M]
+    return [(torch.einsum("nm,jm->mnj", (sign * r).clamp(min=0).sqrt(), C), sign)
+            for sign in (1.0, -1.0)]
+
+
+def _dense_per_sample(bp: dict) -> Tensor:
+    """``H_n = Σ_i ε_i S_i[:, n]ᵀ S_i[:, n]`` for all ``n``: ``[N, w, w]``."""
+    mats = [m.flatten(2) for m in bp["matrices"]]
+    return sum(sign * torch.einsum("kni,knj->nij", m, m)
+               for m, sign in zip(mats, bp["signs"], strict=True))
+
+
+def compress(bp: dict) -> dict:
+    """The same per-sample Hessians ``H_n`` with at most twice the feature width ``w`` columns.
+
+    When the lists hold more than ``2w`` columns in all, ``H_n = Q_n Λ_n Q_nᵀ`` (``eigh``, per
+    sample) is refactored as ``[(Q_n √Λ_n⁺, +1), (Q_n √Λ_n⁻, −1)]`` (``[w, N, *features]``
+    each); otherwise ``bp`` is returned unchanged. Exact up to ``eigh``'s rounding (backward
+    stable: ``‖Q Λ Qᵀ − H‖ = O(ε‖H‖)``).
+    """
+    mats = bp["matrices"]
+    if not mats:
+        return bp
+    shape = mats[0].shape[1:]                                          # (N, *features)
+    width = mats[0][0, 0].numel()
+    if sum(m.shape[0] for m in mats) <= 2 * width:
+        return bp
+    H = _dense_per_sample(bp)
+    lam, Q = torch.linalg.eigh(0.5 * (H + H.mT))                       # [N, w], [N, w, w]
+    out = []
+    for sign in (1.0, -1.0):
+        root = (sign * lam).clamp(min=0).sqrt()                        # [N, w]
+        out.append(torch.einsum("nik,nk->kni", Q, root).reshape(width, *shape))
+    return {"matrices": out, "signs": [1.0, -1.0]}
+
+
+def _extend(bp: dict, factors: list[tuple[Tensor, float]]) -> dict:
+    return {"matrices": [*bp["matrices"], *(m for m, _ in factors)],
+            "signs": [*bp["signs"], *(s for _, s in factors)]}
+
+
 # ------------------------------------------------------------------------------ module extension
 class CouplingLeafExtension(ModuleExtension):
     """One BackPACK module extension for :class:`AdditiveCoupling` and :class:`RevMLP` leaves.
@@ -158,7 +258,9 @@ class CouplingLeafExtension(ModuleExtension):
     It replaces :meth:`ModuleExtension.__call__`: fetch the quantity BackPACK stored for the
     leaf's output, pull it back block by block (the readout ``U`` first, for a RevMLP),
     evaluate the extension's own ``nn.Linear`` rule on every inner layer and store the result on
-    its parameters, then store the quantity for the leaf's input.
+    its parameters, then store the quantity for the leaf's input. For ``DiagHessian`` and
+    ``BatchDiagHessian`` the pulled-back factor lists gain the ``σ''`` residuals of
+    :func:`residual_factors` and are kept short by :func:`compress`.
     """
 
     def __init__(self) -> None:
@@ -173,7 +275,7 @@ class CouplingLeafExtension(ModuleExtension):
         return [module], x
 
     @staticmethod
-    def _check(ext: BackpropExtension, blocks: list[AdditiveCoupling], x: Tensor) -> None:
+    def _check(ext: BackpropExtension, x: Tensor) -> None:
         name = type(ext).__name__
         if x.dim() != 2:
             raise NotImplementedError(f"{name} on AdditiveCoupling supports inputs (N, d) only, "
@@ -181,19 +283,10 @@ class CouplingLeafExtension(ModuleExtension):
         if isinstance(ext, KFRA):
             raise NotImplementedError(UNSUPPORTED_MESSAGE.format(ext=name,
                                                                  supported=_supported_names()))
-        if isinstance(ext, _NEEDS_ZERO_CURVATURE):
-            for b in blocks:
-                for h in (b.f, b.g):
-                    if h.activation.name not in _ZERO_CURVATURE_ACTIVATIONS:
-                        raise NotImplementedError(
-                            f"{name} on AdditiveCoupling needs σ'' = 0 (activations "
-                            f"{', '.join(_ZERO_CURVATURE_ACTIVATIONS)}); this block uses "
-                            f"{h.activation.name!r}, whose second-derivative terms it would "
-                            "drop. Use curvlinops' HessianLinearOperator instead.")
 
     def __call__(self, ext: BackpropExtension, module: nn.Module, g_inp, g_out) -> None:
         blocks, x = self._blocks_and_input(module)
-        self._check(ext, blocks, x)
+        self._check(ext, x)
         rule = _linear_rule(ext)
         second_order = ext.expects_backpropagation_quantities()
         sub = ext.get_subsampling()
@@ -227,11 +320,11 @@ class CouplingLeafExtension(ModuleExtension):
             g_f, g_g, grad_out = _Pullback(b, xin)(grad_out)
             bp_f = bp_g = None
             if bp is not None:
-                pull = _Pullback(b, xin if sub is None else xin[sub])
+                xs = xin if sub is None else xin[sub]
+                pull = _Pullback(b, xs)
                 if isinstance(bp, dict):  # DiagHessian: signed lists of square-root factors
-                    trips, signs = [pull(m) for m in bp["matrices"]], bp["signs"]
-                    bp_f, bp_g, bp = ({"matrices": [t[i] for t in trips], "signs": list(signs)}
-                                      for i in range(3))
+                    bp_f, bp_g, bp = self._pull_diag_hessian(b, xs, inputs[idx + 1], pull, bp,
+                                                             g_f, g_g, sub)
                 else:
                     bp_f, bp_g, bp = pull(bp)
             for (lin, s, u), gu, bu in zip(ios[idx], (g_f, g_g), (bp_f, bp_g), strict=True):
@@ -243,6 +336,45 @@ class CouplingLeafExtension(ModuleExtension):
                       else v.reshape(*v.shape[:-2], len(sub), *shape[1:]))
             ext.saved_quantities.save_quantity(module.input0.data_ptr(), bp,
                                                ext.accumulate_backpropagated_quantities)
+
+    @staticmethod
+    def _pull_diag_hessian(block: AdditiveCoupling, xs: Tensor, y: Tensor, pull: _Pullback,
+                           bp: dict, g_f: Tensor, g_g: Tensor, sub) -> tuple[dict, dict, dict]:
+        """Pull DiagHessian's signed lists back through one block, adding the ``σ''`` residuals.
+
+        ``bp`` holds factors of the output Hessian ``H_Y``. Returned: the lists for ``u_f``,
+        ``u_g`` and the block input ``X``:
+
+        * ``H_{u_g} = [H_Y]_{Y2 Y2}``;
+        * ``H_{u_f} = J_{Y,u_f}ᵀ H_Y J_{Y,u_f} + R_g`` with ``R_g`` the ``g`` residual at ``Y1``
+          (:func:`residual_factors` with ``γ = ∂L/∂u_g``); a factor ``F`` at ``Y1`` pulls back
+          exactly like the output factor ``[F, 0]`` (it reaches ``u_f`` and ``X`` through ``Y1``
+          and nothing reaches ``u_g``);
+        * ``H_X = J_Xᵀ H_Y J_X + [R_g pulled back to X] + [0, R_f]`` with ``R_f`` the ``f``
+          residual at ``X2`` (``γ = ∂L/∂u_f``).
+        """
+        half = block.half
+        y1 = block.split(y if sub is None else y[sub])[0]
+        x2 = block.split(xs)[1]
+        gf, gg = (g_f, g_g) if sub is None else (g_f[sub], g_g[sub])
+        res_g = residual_factors(block.g, y1, gg)
+        res_f = residual_factors(block.f, x2, gf)
+        lists: list[list[Tensor]] = [[], [], []]
+        signs: list[list[float]] = [[], [], []]
+        for m, sign in zip(bp["matrices"], bp["signs"], strict=True):
+            for i, t in enumerate(pull(m)):
+                lists[i].append(t)
+                signs[i].append(sign)
+        for F, sign in res_g:                                  # at Y1: reaches u_f and X
+            F_u, _, F_x = pull(torch.cat([F, F.new_zeros(F.shape)], dim=-1))
+            for i, t in ((0, F_u), (2, F_x)):
+                lists[i].append(t)
+                signs[i].append(sign)
+        for F, sign in res_f:                                  # at X2: reaches X only
+            lists[2].append(torch.cat([F.new_zeros(*F.shape[:-1], half), F], dim=-1))
+            signs[2].append(sign)
+        return tuple(compress({"matrices": lst, "signs": sg})
+                     for lst, sg in zip(lists, signs, strict=True))
 
     @staticmethod
     def _apply_linear_rule(rule: ModuleExtension, ext: BackpropExtension, lin: nn.Linear,
@@ -292,7 +424,7 @@ def all_extensions(first_order: bool = True, second_order: bool = True,
 
     ``with backpack(*all_extensions()):`` computes ``grad_batch``, ``batch_l2``,
     ``sum_grad_squared``, ``variance``, ``diag_ggn_exact``, ``diag_ggn_mc``, ``sqrt_ggn_exact``,
-    ``kfac`` and ``kflr`` (plus ``diag_h`` with ``diag_hessian=True``, ReLU/identity blocks).
+    ``kfac`` and ``kflr`` (plus ``diag_h`` with ``diag_hessian=True``).
     """
     exts: list[BackpropExtension] = []
     if first_order:
@@ -303,3 +435,95 @@ def all_extensions(first_order: bool = True, second_order: bool = True,
     if diag_hessian:
         exts.append(DiagHessian())
     return list(register(*exts))
+
+
+# ------------------------------------------------------------------------------ process-wide
+_LEAF_CLASSES = (AdditiveCoupling, RevMLP)
+_STATE_LOCK = threading.Lock()
+_uninstallers: list[Callable[[], None]] = []
+_FALLBACK_LEAF = CouplingLeafExtension()
+
+
+def _fallback(ext: BackpropExtension, module: nn.Module) -> ModuleExtension | None:
+    """The leaf rule for a gnrev leaf module; ``None`` (BackPACK decides) for anything else, and
+    for an extension gnrev cannot support whose fail mode is not ``"ERROR"`` (it keeps warning
+    or skipping as it did before :func:`enable`)."""
+    if not isinstance(module, _LEAF_CLASSES):
+        return None
+    supported = isinstance(ext, SUPPORTED_EXTENSIONS) and not isinstance(ext, KFRA)
+    if not supported and _compat.fail_mode(ext) != "ERROR":
+        return None
+    return _FALLBACK_LEAF  # raises NotImplementedError naming an unsupported extension
+
+
+def _inner_parameter_modules(module: nn.Module) -> Iterator[nn.Module]:
+    """The childless modules with parameters inside a gnrev leaf (its inner ``nn.Linear`` s)."""
+    for m in module.modules():
+        if m is not module and not any(True for _ in m.children()) \
+                and any(True for _ in m.parameters(recurse=False)):
+            yield m
+
+
+def _dispatch_hook(hook: Callable[[nn.Module], None]) -> Callable[[nn.Module], None]:
+    """BackPACK's ``extension_hook``, run on the inner ``nn.Linear`` s of a gnrev leaf (whose
+    quantities the leaf extension stored) instead of on the leaf; unchanged on other modules.
+    Cockpit's hooks skip modules with children, so without this they would never see the
+    RevMLP's parameters."""
+    def dispatched(module: nn.Module) -> None:
+        if isinstance(module, _LEAF_CLASSES):
+            for inner in _inner_parameter_modules(module):
+                hook(inner)
+        else:
+            hook(module)
+    return dispatched
+
+
+def enable() -> None:
+    """Make every BackPACK extension instance handle gnrev's leaf modules, process-wide.
+
+    After ``enable()``, any ``BackpropExtension`` instance, created before or after and by any
+    tool (Cockpit builds its own), runs :class:`CouplingLeafExtension` on
+    :class:`~gnrev_plugin.nn.AdditiveCoupling` and :class:`~gnrev_plugin.nn.RevMLP` modules
+    unless the instance has its own entry for them (``set_module_extension`` or
+    :func:`register` win), and BackPACK's ``extension_hook`` runs on the leaves' inner
+    ``nn.Linear`` s. Unsupported extensions whose fail mode is ``"ERROR"`` raise
+    ``NotImplementedError`` naming them; with ``"WARNING"``/``"SILENT"`` they behave as before.
+
+    Idempotent (a second call does nothing) and thread-safe (a lock guards the switch); one
+    :func:`disable` undoes it. The state is per process.
+
+    Raises:
+        RuntimeError: if the installed BackPACK lacks the structures this relies on
+            (:func:`gnrev_plugin.compat.backpack.check_version`).
+    """
+    with _STATE_LOCK:
+        if _uninstallers:
+            return
+        _compat.check_version()
+        _uninstallers.append(_compat.install_module_extension_fallback(_fallback))
+        _uninstallers.append(_compat.install_extension_hook_wrapper(_dispatch_hook))
+
+
+def disable() -> None:
+    """Undo :func:`enable` (idempotent; instances set up with :func:`register` keep their
+    entries)."""
+    with _STATE_LOCK:
+        while _uninstallers:
+            _uninstallers.pop()()
+
+
+def is_enabled() -> bool:
+    """Whether :func:`enable` is in effect."""
+    return bool(_uninstallers)
+
+
+@contextmanager
+def enabled() -> Iterator[None]:
+    """``with enabled():`` — :func:`enable` for the body, then back to the previous state."""
+    was = is_enabled()
+    enable()
+    try:
+        yield
+    finally:
+        if not was:
+            disable()
