@@ -80,7 +80,7 @@ where the batch and the loss are taken from the forward/backward just run (the p
 
     def closure():
         opt.zero_grad(); loss = crit(model(x), y); loss.backward(); return loss
-    loss = closure(); opt.step(closure)          # SAM re-evaluates ∇L at θ + ε through it
+    loss = opt.step(closure)      # SAM: ∇L at θ, then at θ + ε, through the closure
 """
 
 from __future__ import annotations
@@ -281,8 +281,8 @@ class SharpnessOptimizer(torch.optim.Optimizer):
         base_kwargs.update(base_options)
         super().__init__(params, defaults)
         self.loss_kind = loss
-        self.base_name = base if isinstance(base, str) else f"{base.__module__}.{base.__qualname__}"
         self.base_optimizer = _build_base(base, self.param_groups, base_kwargs)
+        self.base_name = base if isinstance(base, str) else f"{base.__module__}.{base.__qualname__}"
         self.param_groups = self.base_optimizer.param_groups
         params_all = [p for g in self.param_groups for p in g["params"]]
         self.model = model if model is not None else find_module_owning(params_all)
@@ -561,10 +561,10 @@ class SAM(_Ascent):
         model, loss: the model and ``"cross_entropy"``/``"mse"`` (runners pass both).
 
     ``step(closure)`` with the usual SAM closure (zero grads, forward, backward, return loss)
-    works for any loss: it uses ``p.grad`` already present as ``∇L(θ)`` (or calls the closure
-    first when there is none), evaluates the closure at ``θ + ε``, restores ``θ`` and steps the
-    base; it returns the loss at ``θ`` when it evaluated it, else ``None``. Without a closure
-    it is the drop-in step on the captured batch (module docstring).
+    works for any loss: it calls the closure at ``θ`` (for ``∇L(θ)``; gradients already present
+    are ignored) and at ``θ + ε``, restores ``θ`` and steps the base from ``∇L(θ + ε)``; it
+    returns the loss at ``θ``. Without a closure it is the drop-in step on the captured batch
+    (module docstring).
     """
 
     def _direction(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, Params]:
@@ -586,10 +586,10 @@ class SAM(_Ascent):
                              "closure; call step() after loss.backward() (drop-in) or "
                              "step_on_batch(x, y)")
         params = self._params()
-        loss = None
-        if all(p.grad is None for p in params):
-            with torch.enable_grad():
-                loss = closure()
+        for p in params:
+            p.grad = None
+        with torch.enable_grad():
+            loss = closure()
         g = {self._names[id(p)]: (p.grad if p.grad is not None else torch.zeros_like(p))
              for p in params}
         eps, gnorm = self._ascent(g)
