@@ -29,6 +29,8 @@ duplicated samples...), ``"warn"`` takes the least-squares step ``J⁺`` and war
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from collections.abc import Callable, Iterable
 
@@ -47,6 +49,20 @@ __all__ = ["DenseGN", "find_module_owning", "JACOBIAN_METHODS"]
 
 JACOBIAN_METHODS = ("auto", "linear", "per_sample", "rows")
 _BATCH_COUPLING = (nn.modules.batchnorm._BatchNorm,)
+#: Frames in these folders are this package's optimizers or torch (``torch.no_grad`` and
+#: ``Optimizer.step`` wrappers); a warning skips them to point at the caller.
+_INTERNAL_DIRS = (os.path.dirname(os.path.abspath(__file__)) + os.sep,
+                  os.path.dirname(os.path.abspath(torch.__file__)) + os.sep)
+
+
+def _caller_stacklevel() -> int:
+    """``stacklevel`` for ``warnings.warn`` called by the function calling this: the first frame
+    outside gnrev's optimizers and torch, i.e. the caller's ``opt.step()`` line, however many
+    wrappers sit between (their number changes with the torch version)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 class DenseGN(torch.optim.Optimizer):
@@ -264,7 +280,8 @@ class DenseGN(torch.optim.Optimizer):
         deltas = apply_jt(lam.to(out.dtype))
         if not system.exact and group["rank_policy"] == "warn":
             warnings.warn(f"DenseGN step is not exact Gauss-Newton (rank {system.rank} of "
-                          f"{system.n}, damping {group['damping']})", RuntimeWarning, stacklevel=3)
+                          f"{system.n}, damping {group['damping']})", RuntimeWarning,
+                          stacklevel=_caller_stacklevel())
         apply_update(self, zip(self.params, deltas, strict=True))
         self.last_step_exact = system.exact
         self.last_step_info = {"exact": system.exact, "rank": system.rank, "n_outputs": system.n,
