@@ -333,6 +333,10 @@ def test_every_algoperf_workload_has_a_batch_size_or_a_reason():
         "librispeech_conformer": 256, "librispeech_deepspeech": 256, "ogbg": 512, "wmt": 128,
         "mnist": 16, "wmt_glu_tanh": 128}
     assert ap.get_batch_size("cifar", optimizer="sgd") == 128
+    # needs=("model", "loss") does not make an optimizer Gauss-Newton: SAM gets the references
+    assert get_registry().entry("optimizer", "gnrev.sam").needs == ("model", "loss")
+    assert not ap.is_gauss_newton("gnrev.sam")
+    assert ap.get_batch_size("imagenet_resnet", optimizer="gnrev.sam") == 1024
     assert ap.get_batch_size("mnist") == ap.GN_BATCH_SIZES["mnist"]  # default: gnrev.dense_gn
     with pytest.raises(ValueError, match="unknown AlgoPerf workload 'imagenet'.*imagenet_vit"):
         ap.get_batch_size("imagenet")

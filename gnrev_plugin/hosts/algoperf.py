@@ -12,11 +12,11 @@ bound to one registry name (``gnrev algoperf export DIR --optimizer NAME``).
 ``gnrev.exact_gn`` when the model is a :class:`~gnrev_plugin.nn.RevMLP`, or any registered name:
 ``gnrev.adam``, a plugin's ``toy.sign_sgd``). Options: the entry's registered defaults, then the
 export's fixed ``optimizer_kwargs`` (``--opt K=V``), then AlgoPerf's tuned ``learning_rate`` as
-``lr``. An optimizer that declares ``needs=("model", "loss")`` — the Gauss-Newton family, see
-:mod:`gnrev_plugin.hookspecs` — gets the network and the loss name (``workload.loss_type``:
-softmax cross-entropy or MSE); a ``DistributedDataParallel`` / ``DataParallel`` model (anything
-wrapping the network as ``.module``) gives it the inner network, while the training step still
-runs the wrapper.
+``lr``. An optimizer that declares ``needs=("model", "loss")`` (:mod:`gnrev_plugin.hookspecs`:
+the Gauss-Newton optimizers, the sharpness wrappers, a plugin's) gets the network and the loss
+name (``workload.loss_type``: softmax cross-entropy or MSE); a ``DistributedDataParallel`` /
+``DataParallel`` model (anything wrapping the network as ``.module``) gives it the inner network,
+while the training step still runs the wrapper.
 
 **One update** on the batch ``B``:
 
@@ -27,8 +27,8 @@ runs the wrapper.
 3. ``optimizer.step()``. A Gauss-Newton step reads the model output ``F`` and the loss applied to
    it from that same forward/backward: ``J Δθ = −α ε`` (``α = learning_rate``; ``ε = softmax(F) −
    Y`` for cross-entropy, ``F − Y`` for MSE). Masked batches (``batch["weights"]``) are passed to
-   ``loss_fn`` for other optimizers and refused for Gauss-Newton (its target would include the
-   masked examples).
+   ``loss_fn``, except for an optimizer that needs the loss: it applies the loss by name to the
+   whole captured batch (the GN target, SAM's second pass), so it refuses them.
 
 **Checkpoints.** AlgoPerf's PyTorch checkpointing calls ``state_dict()`` on every value of
 ``optimizer_state`` when saving and ``load_state_dict()`` on every value when restoring
@@ -37,8 +37,8 @@ runs the wrapper.
 name and loss and refuses to restore a checkpoint of another optimizer.
 
 **Batch sizes.** :func:`get_batch_size` knows every AlgoPerf workload name
-(:data:`WORKLOADS`): AlgoPerf's reference batch sizes for torch.optim-style optimizers, and for
-the Gauss-Newton family :data:`GN_BATCH_SIZES` or a ``ValueError`` that says why GN cannot run
+(:data:`WORKLOADS`): AlgoPerf's reference batch sizes, and for the Gauss-Newton optimizers
+(:data:`GAUSS_NEWTON`) :data:`GN_BATCH_SIZES` or a ``ValueError`` that says why GN cannot run
 there (:data:`GN_UNSUPPORTED`).
 """
 
@@ -57,7 +57,7 @@ from gnrev_plugin.build import build_optimizer
 from gnrev_plugin.plugins import Registry, get_registry
 
 __all__ = [
-    "DEFAULT_OPTIMIZER", "WORKLOADS", "REFERENCE_BATCH_SIZES", "GN_BATCH_SIZES",
+    "DEFAULT_OPTIMIZER", "GAUSS_NEWTON", "WORKLOADS", "REFERENCE_BATCH_SIZES", "GN_BATCH_SIZES",
     "GN_UNSUPPORTED", "get_batch_size", "is_gauss_newton", "tuning_search_space",
     "init_optimizer_state", "update_params", "prepare_for_eval", "data_selection",
     "export_submission", "ForwardPassMode", "loss_kind", "unwrap_model", "SubmissionState",
@@ -65,6 +65,10 @@ __all__ = [
 
 #: The optimizer of a submission unless another registry name is given.
 DEFAULT_OPTIMIZER = "gnrev.dense_gn"
+#: The registered optimizers whose batch size is bounded by the Gauss-Newton output-space system
+#: (:data:`GN_BATCH_SIZES`, :data:`GN_UNSUPPORTED`). ``needs=("model", "loss")`` alone does not
+#: say this: the sharpness wrappers declare it too.
+GAUSS_NEWTON = ("gnrev.exact_gn", "gnrev.dense_gn")
 
 #: Every workload name of AlgoPerf's registry (``algoperf/workloads/workloads.py``, checked at
 #: commit 2c90454 of github.com/mlcommons/algorithmic-efficiency) → its base workload.
@@ -152,11 +156,8 @@ def _registry(registry: Registry | None) -> Registry:
 
 
 def is_gauss_newton(optimizer: str, registry: Registry | None = None) -> bool:
-    """Whether registered ``optimizer`` is of the Gauss-Newton family: it declares
-    ``needs=("model", "loss")`` (:mod:`gnrev_plugin.hookspecs`)."""
-    reg = _registry(registry)
-    return {"model", "loss"} <= set(reg.entry("optimizer", reg.resolve_name(
-        "optimizer", optimizer)).needs)
+    """Whether registered ``optimizer`` is one of :data:`GAUSS_NEWTON`."""
+    return _registry(registry).resolve_name("optimizer", optimizer) in GAUSS_NEWTON
 
 
 def loss_kind(loss_type: Any) -> str:
@@ -217,15 +218,15 @@ def tuning_search_space(optimizer: str = DEFAULT_OPTIMIZER,
 
 
 class SubmissionState:
-    """The ``optimizer_state`` entry that records which registered optimizer (and loss) the
-    submission runs; it checkpoints like the optimizer (``state_dict`` / ``load_state_dict``)."""
+    """The ``optimizer_state`` entry that records which registered optimizer the submission runs,
+    its loss, and whether the optimizer takes the loss by name (``needs`` ``"loss"``); it
+    checkpoints like the optimizer (``state_dict`` / ``load_state_dict``)."""
 
-    def __init__(self, optimizer: str, loss: str, gauss_newton: bool) -> None:
-        self.optimizer, self.loss, self.gauss_newton = optimizer, loss, bool(gauss_newton)
+    def __init__(self, optimizer: str, loss: str, needs_loss: bool) -> None:
+        self.optimizer, self.loss, self.needs_loss = optimizer, loss, bool(needs_loss)
 
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer, "loss": self.loss,
-                "gauss_newton": self.gauss_newton}
+        return {"optimizer": self.optimizer, "loss": self.loss, "needs_loss": self.needs_loss}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore; a checkpoint of another optimizer or loss is a ``ValueError``."""
@@ -261,7 +262,7 @@ def init_optimizer_state(workload, model_params: nn.Module, model_state, hyperpa
     model = unwrap_model(model_params) if "model" in needs else model_params
     opt = build_optimizer(name, model, kwargs, loss=kind, registry=reg)
     return {"optimizer": opt,
-            "submission": SubmissionState(name, kind, is_gauss_newton(name, reg))}
+            "submission": SubmissionState(name, kind, "loss" in needs)}
 
 
 def update_params(workload, current_param_container: nn.Module, current_params_types,
@@ -272,13 +273,14 @@ def update_params(workload, current_param_container: nn.Module, current_params_t
     ``(optimizer_state, model, new_model_state)``."""
     del current_params_types, eval_results, global_step, train_state
     info: SubmissionState = optimizer_state["submission"]
-    if info.gauss_newton and loss_type is not None and loss_kind(loss_type) != info.loss:
+    if info.needs_loss and loss_type is not None and loss_kind(loss_type) != info.loss:
         raise ValueError(f"loss_type {loss_type} differs from the optimizer's {info.loss!r}")
     weights = batch.get("weights")
     masked = weights is not None and not bool(torch.all(weights == 1))
-    if masked and info.gauss_newton:
-        raise ValueError("masked training batches (batch['weights'] ≠ 1) are not supported by "
-                         "the Gauss-Newton step: its target would include the masked examples")
+    if masked and info.needs_loss:
+        raise ValueError(f"masked training batches (batch['weights'] ≠ 1) are not supported by "
+                         f"{info.optimizer}: it applies the {info.loss} loss to the whole batch "
+                         "itself (a Gauss-Newton target would include the masked examples)")
     model = current_param_container
     model.train()
     opt = optimizer_state["optimizer"]

@@ -5,9 +5,10 @@ and a DeepOBS-protocol runner for machines without DeepOBS.
   called as ``optimizer_class(params, **hyperparams)`` whose ``__name__`` is the registry name, so
   DeepOBS files and names results by it. Calling it builds the optimizer through
   :func:`gnrev_plugin.build.build_optimizer`: the entry's registered defaults are filled in, and
-  an optimizer that declares ``needs=("model", "loss")`` (the Gauss-Newton family) gets the
-  network and the loss name. DeepOBS hands over only ``tproblem.net.parameters()``; the network
-  owning them is found with the package's one discovery mechanism
+  an optimizer that declares ``needs=("model", "loss")`` (the Gauss-Newton optimizers, the
+  sharpness wrappers) gets the network and the loss name. DeepOBS hands over only
+  ``tproblem.net.parameters()``; the network owning them is found with the package's one
+  discovery mechanism
   (:func:`gnrev_plugin.nn.discovery.find_module_owning`, a scan of the live ``nn.Module``
   objects for the smallest, then outermost, one owning these parameters).
 * :func:`hyperparameter_names` declares every registered default of the optimizer (typed, with
