@@ -43,7 +43,7 @@ from ..nn.revmlp import RevMLP, find_revmlp_owning
 from .capture import OutputCapture
 from .common import apply_update, check_all_finite, validate_gn_options
 from .errors import NonFiniteError
-from .right_inverse import RANK_POLICIES, right_inverse
+from .right_inverse import RANK_POLICIES, right_inverse, step_forward
 from .solvers import SolverConfig
 from .targets import mean_loss, newton_target
 
@@ -254,6 +254,10 @@ class ExactGN(torch.optim.Optimizer):
     def step_on_batch(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Explicit fast path: forward without autograd, then the GN step; no parameter backward.
 
+        A linear block is evaluated as ``Y1 = X1 + X2 (C_f W_fᵀ) + b_f`` (two ``(d/2)²M`` products
+        instead of four ``n(d/2)M`` ones; its ``n×M`` features are never needed), so with a linear
+        block the update agrees with the drop-in path's to rounding rather than bitwise.
+
         Returns the mean-reduced loss on ``(x, y)`` before the step.
 
         Raises:
@@ -267,7 +271,7 @@ class ExactGN(torch.optim.Optimizer):
         out_shape = (xf.shape[0], self.model.num_classes or self.model.in_features)
         self._check_targets(y, out_shape)
         self._check_finite_inputs(xf, {"targets": y} if y.is_floating_point() else {})
-        z, acts = self.model.features_with_activations(xf)
+        z, acts = step_forward(self.model, xf)
         out = z if self.model.readout is None else z @ self.model.readout
         loss = mean_loss(group["loss"], out, y)
         eps = newton_target(group["loss"], out, y, ce_target=group["ce_target"],

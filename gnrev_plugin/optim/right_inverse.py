@@ -49,7 +49,7 @@ from .solvers import (
 )
 
 __all__ = ["BlockUpdate", "BlockReport", "RightInverseResult", "right_inverse",
-           "pull_back_readout", "RANK_POLICIES"]
+           "pull_back_readout", "step_forward", "LinearBlockActivations", "RANK_POLICIES"]
 
 RANK_POLICIES = ("raise", "strict", "warn")
 
@@ -142,49 +142,105 @@ def _jvp(fn: CouplingFunction, h: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     return t @ fn.linear.weight.mT
 
 
+class LinearBlockActivations:
+    """A linear block's activations (``σ`` = identity in both halves) from the cheap forward
+    ``Y1 = X1 + X2 P_f + b_f``, ``Y2 = X2 + Y1 P_g + b_g`` with ``P = C Wᵀ`` (``(d/2)×(d/2)``).
+
+    Its GN systems factor through ``[X2 L_C, 1]`` and ``[Y1 L_C, 1]`` and its input JVPs are
+    ``V P``, so the ``n×M`` features ``h = s = X C`` are formed only on demand (verification, the
+    ``svd`` solver, a projection without full row rank).
+    """
+
+    def __init__(self, block: AdditiveCoupling, x2: torch.Tensor, y1: torch.Tensor,
+                 P_f: torch.Tensor, P_g: torch.Tensor) -> None:
+        self.block, self.x2, self.y1, self.P_f, self.P_g = block, x2, y1, P_f, P_g
+        self._h_f = self._h_g = None
+
+    @property
+    def h_f(self) -> torch.Tensor:
+        if self._h_f is None:
+            self._h_f = self.x2 @ self.block.f.projection
+        return self._h_f
+
+    @property
+    def h_g(self) -> torch.Tensor:
+        if self._h_g is None:
+            self._h_g = self.y1 @ self.block.g.projection
+        return self._h_g
+
+    s_f = h_f
+    s_g = h_g
+
+
+def is_linear_block(block: AdditiveCoupling) -> bool:
+    return block.f.activation.is_linear and block.g.activation.is_linear
+
+
+def linear_block_forward(block: AdditiveCoupling, z: torch.Tensor
+                         ) -> tuple[torch.Tensor, LinearBlockActivations]:
+    """``[Y1, Y2]`` of a linear block through ``P_f = C_f W_fᵀ``, ``P_g = C_g W_gᵀ``: two
+    ``(d/2)²M`` products instead of four ``n (d/2) M`` ones."""
+    P_f = block.f.projection @ block.f.weight.mT
+    P_g = block.g.projection @ block.g.weight.mT
+    x1, x2 = block.split(z)
+    y1 = torch.addmm(block.f.bias, x2, P_f).add_(x1)
+    y2 = torch.addmm(block.g.bias, y1, P_g).add_(x2)
+    return torch.cat([y1, y2], dim=-1), LinearBlockActivations(block, x2, y1, P_f, P_g)
+
+
+def step_forward(model: RevMLP, x: torch.Tensor) -> tuple[torch.Tensor, list]:
+    """``X^(L)`` and per-block activations for the explicit step: linear blocks through
+    :func:`linear_block_forward`, the others through their ``forward_with_activations``."""
+    z = x.reshape(x.shape[0], -1)
+    acts = []
+    for block in model.blocks:
+        if is_linear_block(block):
+            z, a = linear_block_forward(block, z)
+        else:
+            z, a = block.forward_with_activations(z)
+        acts.append(a)
+    return z, acts
+
+
 class _BlockSystems:
     """The two factored systems of one block and its input-Jacobian products.
 
     For a linear block ``J_f[V] = V P_f`` with ``P_f = C_f W_fᵀ`` (``(d/2)×(d/2)``), built once per
-    step; otherwise the block's own ``jvp_input``.
+    step, and the systems factor through ``[X L_C, 1]``; otherwise the block's own features and
+    ``(σ' ⊙ (V C)) Wᵀ``.
     """
 
-    def __init__(self, model: RevMLP, idx: int, acts: BlockActivations, config: SolverConfig,
+    def __init__(self, model: RevMLP, idx: int, acts, config: SolverConfig,
                  inputs: torch.Tensor | None, cache: dict | None) -> None:
         block: AdditiveCoupling = model.blocks[idx]
-        self.block, self.acts = block, acts
-        lin_f, lin_g = block.f.activation.is_linear, block.g.activation.is_linear
+        self.block = block
         self.P_f = self.P_g = None
-        factor_f = factor_g = None
-        k = block.half
-        wdt = acts.s_f.dtype
-        structured = config.method != "svd"
-        if lin_g:
-            self.P_g = block.g.projection @ block.g.weight.mT
-        if lin_f and (lin_g or idx == 0):
-            self.P_f = block.f.projection @ block.f.weight.mT
-        if structured and lin_f and 2 * k <= block.f.projection.shape[1]:
-            fac = projection_factor(block.f.projection, wdt, cache)
-            if fac is not None:
+        linear = is_linear_block(block)
+        if linear and not isinstance(acts, LinearBlockActivations) and idx == 0 \
+                and inputs is not None:
+            acts = linear_block_forward(block, inputs)[1]     # X2, Y1 of the recorded batch
+        self.acts = acts
+        factors = [None, None]
+        if linear:
+            if isinstance(acts, LinearBlockActivations):
+                self.P_f, self.P_g = acts.P_f, acts.P_g
+                inner = (acts.x2, acts.y1)
+            else:
+                self.P_f = block.f.projection @ block.f.weight.mT
+                self.P_g = block.g.projection @ block.g.weight.mT
+                inner = (None, None)
+            k = block.half
+            for j, (fn, h) in enumerate(((block.f, "h_f"), (block.g, "h_g"))):
+                if config.method == "svd" or 2 * k > fn.projection.shape[1]:
+                    continue
+                fac = projection_factor(fn.projection, fn.weight.dtype, cache)
+                if fac is None:
+                    continue
                 L, Q = fac
-                if idx == 0 and inputs is not None:
-                    core = block.split(inputs)[1] @ L                     # X̃ = X2 L_C
-                else:
-                    core = acts.h_f @ Q.mT                               # X̃ = h Q_Cᵀ
-                factor_f = LinearFactor(core, Q)
-        if structured and lin_g and 2 * k <= block.g.projection.shape[1]:
-            fac = projection_factor(block.g.projection, wdt, cache)
-            if fac is not None:
-                L, Q = fac
-                if idx == 0 and inputs is not None and self.P_f is not None:
-                    x1, x2 = block.split(inputs)
-                    y1 = torch.addmm(block.f.bias, x2, self.P_f).add_(x1)  # Y1 = X1 + X2 P_f + b_f
-                    core = y1 @ L
-                else:
-                    core = acts.h_g @ Q.mT
-                factor_g = LinearFactor(core, Q)
-        self.f = factor_half_layer(acts.s_f, config, factor_f)
-        self.g = factor_half_layer(acts.s_g, config, factor_g)
+                core = inner[j] @ L if inner[j] is not None else getattr(acts, h) @ Q.mT
+                factors[j] = LinearFactor(core, Q)                 # X̃ = X L_C  (= h Q_Cᵀ)
+        self.f = factor_half_layer(None if factors[0] else acts.s_f, config, factors[0])
+        self.g = factor_half_layer(None if factors[1] else acts.s_g, config, factors[1])
 
     @property
     def full_rank(self) -> bool:
@@ -251,9 +307,13 @@ class _GenericJac:
         self.block, self.acts = block, acts
 
     def jvp_f(self, v):
+        if isinstance(self.acts, LinearBlockActivations):
+            return v @ self.acts.P_f
         return _jvp(self.block.f, self.acts.h_f, v)
 
     def jvp_g(self, v):
+        if isinstance(self.acts, LinearBlockActivations):
+            return v @ self.acts.P_g
         return _jvp(self.block.g, self.acts.h_g, v)
 
     def jvp_input(self, v):

@@ -445,17 +445,22 @@ class HalfLayerSystem:
         No jitter is ever added: a singular Gram is reported rank-deficient instead.
     """
 
-    def __init__(self, features: torch.Tensor, config: SolverConfig,
+    def __init__(self, features: torch.Tensor | None, config: SolverConfig,
                  linear: LinearFactor | None = None) -> None:
+        if features is None and (linear is None or config.method == "svd"):
+            raise ValueError("HalfLayerSystem needs the features S unless a linear factor is "
+                             "given (and the solver is not 'svd')")
         self.S = features
         self.config = config
-        self.n = n = features.shape[0]
         self.linear = linear if config.method != "svd" else None
+        ref = features if features is not None else linear.core
+        self.n = n = ref.shape[0]
+        self.dtype = ref.dtype
         self._svd = None
         self._gram = None
-        gram_dtype = config.gram_dtype or features.dtype
+        gram_dtype = config.gram_dtype or self.dtype
         self.residual_rtol = (config.residual_rtol if config.residual_rtol is not None
-                              else default_residual_rtol(features.dtype))
+                              else default_residual_rtol(self.dtype))
         if config.method == "svd":
             rank_rtol = config.rank_rtol
             self.kind = self.gram_method = "svd"
@@ -493,7 +498,7 @@ class HalfLayerSystem:
             delta = Vh.mT @ coef                      # (M+1) × k
             weight, bias = delta[:-1].mT, delta[-1]
             return self._finish(E, weight, bias, weight)
-        wdt = self.S.dtype
+        wdt = self.dtype
         if self.side == "dual":
             lam = self._gram.solve(E).to(wdt)
             coef, bias = _with_ones_t(self.core, lam)
@@ -532,7 +537,7 @@ class HalfLayerSystem:
         else:
             dv = self._gram.solve(torch.cat([core.mT @ r, r.sum(0, keepdim=True)])).to(f64)
             dcoef, dbias = dv[:-1].mT, dv[-1]
-        wdt = self.S.dtype
+        wdt = self.dtype
         out = self._finish(sol.target, (coef + dcoef).to(wdt), (bias + dbias).to(wdt))
         out.refined = True
         return out
