@@ -17,6 +17,7 @@ from .conditioning import build_conditioning_report, run_conditioning
 from .exact_gn import build_exact_gn_report, run_exact_gn
 from .nme import build_nme_report, run_nme
 from .rundir import RunDir
+from .sharpness import build_sharpness_report, run_sharpness
 
 __all__ = ["Experiment", "EXPERIMENTS", "build_report"]
 
@@ -41,6 +42,8 @@ EXPERIMENTS: dict[str, Experiment] = {
                    build_conditioning_report),
         Experiment("nme", "Dauphin, Agarwala & Mobahi, NeurIPS 2024", run_nme,
                    build_nme_report),
+        Experiment("sharpness", "Dauphin, Agarwala & Mobahi, NeurIPS 2024", run_sharpness,
+                   build_sharpness_report),
     )
 }
 
