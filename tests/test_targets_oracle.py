@@ -138,7 +138,8 @@ def test_soft_targets_encoding_and_dtype():
     assert soft_targets(y, 3).dtype == torch.float32
     assert torch.equal(soft_targets(y, 3), torch.eye(3)[[2, 0, 1]])
     P = torch.tensor([[0.25, 0.75], [1.0, 0.0]], dtype=DT)
-    assert torch.equal(soft_targets(P, 2, dtype=torch.float32), P.float())
+    soft = soft_targets(P, 2, dtype=torch.float32)
+    assert soft.dtype == torch.float32 and torch.equal(soft, P.float())
 
 
 def test_invalid_inputs_are_refused_with_the_reason():
@@ -147,7 +148,8 @@ def test_invalid_inputs_are_refused_with_the_reason():
         newton_target("cross_entropy", F_, torch.tensor([0, 1, 3, 2]))
     with pytest.raises(ValueError, match=r"range \[-1, 1\]"):
         newton_target("cross_entropy", F_, torch.tensor([0, 1, -1, 1]))
-    with pytest.raises(ValueError, match=r"probabilities of shape \(n, 3\); got \(4, 2\)"):
+    with pytest.raises(ValueError, match=r"^cross-entropy targets must be class indices of shape "
+                       r"\(n,\) \(integer\) or probabilities of shape \(n, 3\); got \(4, 2\)"):
         newton_target("cross_entropy", F_, torch.rand(4, 2, dtype=DT))
     with pytest.raises(ValueError, match="integer"):
         newton_target("cross_entropy", F_, y.double())          # 1-D float: not class indices
@@ -200,3 +202,35 @@ def test_exact_gn_drop_in_uses_the_recorded_label_smoothing():
     opt.step()
     eps = oracle_ce_target(F0, y, "pinv", smoothing=0.2)
     assert rel(J @ (flat_params(model) - before), -0.3 * eps.reshape(-1)) <= 1e-8
+
+
+def test_results_keep_the_output_dtype():
+    """A float64 target does not promote a float32 model's target, direction or loss (and the
+    values are those of the target cast to float32)."""
+    g = torch.Generator().manual_seed(12)
+    F32 = torch.randn(4, 3, generator=g)
+    Y64 = torch.randn(4, 3, generator=g, dtype=DT)
+    P64 = torch.softmax(torch.randn(4, 3, generator=g, dtype=DT), 1)
+    for got in (newton_target("mse", F32, Y64), loss_gradient_direction("mse", F32, Y64)):
+        assert got.dtype == torch.float32 and torch.equal(got, F32 - Y64.float())
+    assert mean_loss("mse", F32, Y64).dtype == torch.float32
+    assert mean_loss("cross_entropy", F32, P64).dtype == torch.float32
+    assert float(mean_loss("mse", F32, Y64)) == pytest.approx(
+        float(((F32 - Y64.float()) ** 2).mean()), rel=1e-6)
+    want = -(P64.float() * torch.log_softmax(F32, 1)).sum(1).mean()
+    assert float(mean_loss("cross_entropy", F32, P64)) == pytest.approx(float(want), rel=1e-6)
+    for kind in ("identity", "pinv", "damped"):
+        assert newton_target("cross_entropy", F32, P64, ce_target=kind).dtype == torch.float32
+
+
+def test_documented_defaults():
+    """ce_target='identity', ce_damping=1e-3, no label smoothing (module docstring)."""
+    F_, y = draw(4, 3, 13, scale=1.0)
+    assert torch.equal(newton_target("cross_entropy", F_, y),
+                       newton_target("cross_entropy", F_, y, ce_target="identity"))
+    assert_rows_close(newton_target("cross_entropy", F_, y, ce_target="damped"),
+                      oracle_ce_target(F_, y, "damped", lam=1e-3))
+    assert_rows_close(loss_gradient_direction("cross_entropy", F_, y),
+                      oracle_ce_target(F_, y, "identity", smoothing=0.0))
+    assert_rows_close(newton_target("cross_entropy", F_, y),
+                      oracle_ce_target(F_, y, "identity", smoothing=0.0))
