@@ -533,6 +533,9 @@ def test_registered_optimizers_on_quadratic_deep(toy_registry, tmp_path):
     folders = sorted(p.relative_to(out_dir).parts[:2] for p in _json_files(out_dir))
     assert folders == [("quadratic_deep", "gnrev.adam"), ("quadratic_deep", "gnrev.sgd"),
                        ("quadratic_deep", "toy.sign_sgd")]
+    # one problem for all: DeepOBS draws its rotation from a module-level RNG that each set_up
+    # advances; the adapter resets it, so every run starts from the same loss
+    assert len({out["train_losses"][0] for out in results.values()}) == 1
     for name, out in results.items():
         assert out["optimizer_name"] == dob.deepobs_optimizer_class(name).registry_name
         assert "test_accuracies" not in out  # DeepOBS drops them for quadratic_deep
@@ -547,9 +550,11 @@ def test_registered_optimizers_on_quadratic_deep(toy_registry, tmp_path):
 
 
 @needs_real_mnist
-def test_dense_gn_and_toy_on_deepobs_mnist_logreg_with_local_idx_files(toy_registry, tmp_path):
+def test_registered_optimizers_on_deepobs_mnist_logreg_with_local_idx_files(toy_registry,
+                                                                             tmp_path):
     """DeepOBS's own mnist_logreg (P = 7850: DenseGN's n·C = 320 ≤ P) on the real MNIST t10k
-    images laid out for torchvision; one epoch each on DeepOBS's runner."""
+    images laid out for torchvision; one epoch each of DenseGN, the toy plugin's optimizer, Adam
+    and SGD on DeepOBS's runner, filed by registry name."""
     deepobs = require_deepobs()
     data = dob.prepare_mnist_data_dir(tmp_path / "data", REAL_MNIST)
     problems = dob.register_local_mnist_problems()
@@ -557,10 +562,13 @@ def test_dense_gn_and_toy_on_deepobs_mnist_logreg_with_local_idx_files(toy_regis
     assert issubclass(problems["mnist_logreg_t10k"], deepobs.pytorch.testproblems.mnist_logreg)
     results = {}
     with one_thread():
-        for name, hps in (("dense_gn", {}), ("toy.sign_sgd", {"lr": 1e-3})):
+        for name, hps in (("dense_gn", {}), ("toy.sign_sgd", {"lr": 1e-3}), ("adam", {}),
+                          ("sgd", {"lr": 0.1})):
             results[name] = dob.run_deepobs(name, "mnist_logreg_t10k", hps, batch_size=32,
                                             num_epochs=1, random_seed=42,
                                             output_dir=tmp_path / "res", data_dir=data)
+    assert sorted(p.relative_to(tmp_path / "res").parts[1] for p in _json_files(
+        tmp_path / "res")) == ["gnrev.adam", "gnrev.dense_gn", "gnrev.sgd", "toy.sign_sgd"]
     gn = results["dense_gn"]
     assert gn["optimizer_name"] == "gnrev.dense_gn"
     assert gn["optimizer_hyperparams"] == OPTIMIZER_DEFAULTS["gnrev.dense_gn"]

@@ -26,6 +26,12 @@ Checked against **deepobs 1.1.2** (the PyPI wheel of 2019-10; ``deepobs/version.
 5. **train_eval_size of the MNIST problems** (:func:`mnist_train_eval_size`). ``mnist_logreg`` and
    ``mnist_mlp`` call the module-global ``mnist(batch_size)`` of their own module in ``set_up``,
    always with DeepOBS's ``train_eval_size = 10,000``.
+6. **quadratic_deep's rotation** (:func:`fresh_quadratic_deep`). ``quadratic_deep.set_up`` draws
+   its Hessian's eigenvectors from the module-level ``rng = np.random.RandomState(42)`` of
+   ``deepobs/pytorch/testproblems/quadratic_deep.py``, which every ``set_up`` advances: in one
+   process the second run would train on a different quadratic. The module's ``rng`` is reset
+   before each run, so every run sees the problem a fresh DeepOBS process builds (the one of the
+   published baselines).
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ import warnings
 from collections.abc import Iterator
 
 __all__ = ["CHECKED_VERSION", "import_deepobs", "plain_argv", "register_test_problem",
-           "mnist_train_eval_size"]
+           "mnist_train_eval_size", "fresh_quadratic_deep"]
 
 #: The DeepOBS release this module was checked against.
 CHECKED_VERSION = "1.1.2"
@@ -126,3 +132,12 @@ def mnist_train_eval_size(problem_cls: type, train_eval_size: int) -> Iterator[N
         yield
     finally:
         module.mnist = original
+
+
+def fresh_quadratic_deep() -> None:
+    """Reset ``quadratic_deep``'s module-level rotation RNG to DeepOBS's ``RandomState(42)``
+    (item 6)."""
+    import numpy as np  # noqa: PLC0415
+
+    import_deepobs()
+    sys.modules["deepobs.pytorch.testproblems.quadratic_deep"].rng = np.random.RandomState(42)

@@ -145,6 +145,7 @@ def run_deepobs(optimizer: str, testproblem: str, hyperparams: dict | None = Non
     cls = deepobs_optimizer_class(optimizer, loss=loss, registry=registry)
     names = hyperparameter_names(cls.registry_name, hyperparams, registry)
     runner = dob.pytorch.runners.StandardRunner(cls, names)
+    compat.fresh_quadratic_deep()  # the same quadratic in every run of the process
     with compat.plain_argv():
         return runner.run(testproblem=testproblem, hyperparams=dict(hyperparams or {}),
                           batch_size=batch_size, num_epochs=num_epochs, random_seed=random_seed,
