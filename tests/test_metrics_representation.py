@@ -134,8 +134,14 @@ def test_revmlp_representations_match_forward():
     # hooks on the blocks agree with the block entries
     hooked = capture_representations(model, X, ["blocks.0", "blocks.1"])
     assert torch.allclose(hooked["blocks.1"], blocks["blocks.1"])
-    sims = cka_by_layer(reps, revmlp_representations(copy.deepcopy(model), X))
-    assert all(v == pytest.approx(1.0, abs=1e-12) for v in sims.values())
+    # CKA between two different models, layer by layer, against the Gram-formula oracle
+    other = RevMLP(6, 8, 2, num_classes=3, seed=2, init_std=0.3).to(DT)
+    reps_b = revmlp_representations(other, X)
+    sims = cka_by_layer(reps, reps_b)
+    assert list(sims) == list(reps)
+    for name, v in sims.items():
+        assert v == pytest.approx(gram_cka_oracle(reps[name], reps_b[name]), rel=1e-9, abs=1e-12)
+    assert min(v for k, v in sims.items() if k != "input") < 1 - 1e-6
 
 
 # ------------------------------------------------------------------- training metrics
