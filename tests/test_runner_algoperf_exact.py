@@ -54,15 +54,18 @@ def revmlp(seed, lin=False):
                   seed=seed).double()
 
 
-def one_update(model, batch, loss_type, hps):
+def one_update(model, batch, loss_type, hps, optimizer="gnrev.exact_gn"):
     workload = Workload(loss_type)
-    state = ap.init_optimizer_state(workload, model, None, hps, rng=None)
+    state = ap.init_optimizer_state(workload, model, None, hps, rng=None, optimizer=optimizer)
+    assert type(state["optimizer"]).__name__ == {"gnrev.exact_gn": "ExactGN",
+                                                  "gnrev.dense_gn": "DenseGN"}[optimizer]
     ap.update_params(workload, model, None, None, hps, batch, loss_type, state, [], 0, None)
 
 
+@pytest.mark.parametrize("optimizer", ["gnrev.exact_gn", "gnrev.dense_gn"])
 @pytest.mark.parametrize("smoothing", [0.0, 0.2])
 @pytest.mark.parametrize("lin,n", [(False, 5), (True, 7)])
-def test_cross_entropy_update_is_exact_gauss_newton(smoothing, lin, n):
+def test_cross_entropy_update_is_exact_gauss_newton(smoothing, lin, n, optimizer):
     """``lin``: a linear first block with n = 7 > d/2 + 1 (rank-deficient, redistributed)."""
     alpha = 0.3
     model = revmlp(seed=3 + lin, lin=lin)
@@ -72,7 +75,7 @@ def test_cross_entropy_update_is_exact_gauss_newton(smoothing, lin, n):
     eps = oracle_ce_target(F0, y, "identity", smoothing=smoothing)
     before = flat_params(model)
     one_update(model, {"inputs": x, "targets": y}, LossType.SOFTMAX_CROSS_ENTROPY,
-               {"learning_rate": alpha, "label_smoothing": smoothing})
+               {"learning_rate": alpha, "label_smoothing": smoothing}, optimizer)
     assert rel(J @ (flat_params(model) - before), -alpha * eps.reshape(-1)) <= 1e-9
 
 
