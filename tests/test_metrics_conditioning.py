@@ -150,6 +150,12 @@ def test_condition_report_sensitivity():
     by_tol = {r["rtol"]: (r["rank"], r["kappa"]) for r in rep.rtol_sensitivity}
     assert by_tol[1e-2] == (3, pytest.approx(10.0))
     assert by_tol[1e-14] == (4, pytest.approx(1e4))      # 1e-14 < 1e-14 · λ_1
+    d = rep.as_dict()
+    assert d == dict(kappa=rep.kappa, rank=4, lambda_max=10.0, lambda_min_nonzero=1e-3, rtol=1e-6,
+                     side="matrix", gap=rep.gap, rank_sensitivity=rep.rank_sensitivity,
+                     rtol_sensitivity=rep.rtol_sensitivity)
+    assert d["kappa"] == pytest.approx(1e4) and d["gap"] == pytest.approx(1e11)
+    assert len(d["rank_sensitivity"]) == 5 and len(d["rtol_sensitivity"]) == 7
     with pytest.raises(ValueError):
         condition_number_from_eigenvalues(torch.zeros(3))
 
