@@ -492,3 +492,25 @@ def test_real_mnist_batch_linear_block_rank_from_the_data_and_exact_step():
     b0 = opt.last_step_info["blocks"][0]
     rank_x2 = unambiguous_rank(design(x[:, 32:]))
     assert b0["rank_f"] == rank_x2 < 33 and b0["kind_f"] == "linear primal + qrcp"
+
+
+def test_host_synchronisations_do_not_grow_with_the_number_of_systems(monkeypatch):
+    """Every host synchronisation of a step (``tolist``/``item``/``bool``/``float``/``int`` of a
+    tensor) is counted: one per check (inputs, loss, Gram classification, residuals, update),
+    not one per system, so four blocks cost no more than two."""
+    calls = []
+    for name in ("tolist", "item", "__bool__", "__float__", "__int__", "__index__"):
+        method = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name,
+                            lambda self, *a, _m=method, **k: calls.append(1) or _m(self, *a, **k))
+    counts = []
+    for L in (2, 4):
+        m = RevMLP(64, 128, L, 10, seed=0)                 # linear first block
+        x, y = torch.randn(40, 64, generator=gen(0)), torch.randint(0, 10, (40,), generator=gen(1))
+        opt = ExactGN(m.parameters(), lr=0.5, loss="cross_entropy")
+        opt.step_on_batch(x, y)
+        calls.clear()
+        opt.step_on_batch(x, y)
+        assert opt.last_step_exact is True
+        counts.append(len(calls))
+    assert counts[0] == counts[1] <= 7

@@ -238,11 +238,11 @@ class ExactGN(torch.optim.Optimizer):
         batch, call = self._capture.consume(group["loss"])
         ls = float(call.options.get("label_smoothing", 0.0) or 0.0)
         x = batch.inputs.reshape(batch.inputs.shape[0], -1)
-        self._check_targets(call.target, batch.output.shape)
+        labels = self._check_targets(call.target, batch.output.shape)
         named = {"model output": batch.output}
         if call.target.is_floating_point():
             named["targets"] = call.target
-        self._check_finite_inputs(x, named)
+        self._check_values(x, named, labels, batch.output.shape[1])
         eps = newton_target(group["loss"], batch.output, call.target,
                             ce_target=group["ce_target"], ce_damping=group["ce_damping"],
                             label_smoothing=ls)
@@ -269,8 +269,9 @@ class ExactGN(torch.optim.Optimizer):
         xf = self._check_inputs(x)
         group = self.param_groups[0]
         out_shape = (xf.shape[0], self.model.num_classes or self.model.in_features)
-        self._check_targets(y, out_shape)
-        self._check_finite_inputs(xf, {"targets": y} if y.is_floating_point() else {})
+        labels = self._check_targets(y, out_shape)
+        self._check_values(xf, {"targets": y} if y.is_floating_point() else {}, labels,
+                           out_shape[1])
         z, acts = step_forward(self.model, xf)
         out = z if self.model.readout is None else z @ self.model.readout
         loss = mean_loss(group["loss"], out, y)
@@ -311,8 +312,9 @@ class ExactGN(torch.optim.Optimizer):
                              f"input has {x[0].numel()} features (shape {tuple(x.shape)})")
         return x.reshape(x.shape[0], -1)
 
-    def _check_targets(self, y, out_shape: tuple[int, int]) -> None:
-        """Shapes, dtypes and class-index range of the targets (``ValueError``/``TypeError``)."""
+    def _check_targets(self, y, out_shape: tuple[int, int]) -> torch.Tensor | None:
+        """Shapes and dtypes of the targets (``ValueError``/``TypeError``); returns integer class
+        indices, whose range :meth:`_check_values` checks."""
         n, c = out_shape
         if not isinstance(y, torch.Tensor):
             raise TypeError(f"targets must be a tensor, got {type(y).__name__}")
@@ -322,36 +324,41 @@ class ExactGN(torch.optim.Optimizer):
             if tuple(y.shape) != (n, c) or not y.is_floating_point():
                 raise ValueError(f"MSE targets must be floating point of the output's shape "
                                  f"({n}, {c}), got {tuple(y.shape)} {y.dtype}")
-            return
+            return None
         if y.is_floating_point():
             if tuple(y.shape) != (n, c):
                 raise ValueError(f"cross-entropy probability targets must have shape ({n}, {c}), "
                                  f"got {tuple(y.shape)}")
-            return
+            return None
         if y.dim() != 1 or y.dtype == torch.bool or y.is_complex():
             raise ValueError(f"cross-entropy targets must be integer class indices of shape ({n},) "
                              f"or probabilities of shape ({n}, {c}); got {tuple(y.shape)} {y.dtype}")
-        lo, hi = torch.stack([y.min(), y.max()]).tolist()
-        if lo < 0 or hi >= c:
-            raise ValueError(f"class indices must lie in [0, {c}) for a model with {c} outputs, "
-                             f"got range [{lo}, {hi}]")
+        return y
 
     @staticmethod
-    def _check_finite_inputs(x: torch.Tensor, named: dict[str, torch.Tensor]) -> None:
-        """``NonFiniteError`` for non-finite ``x`` or ``named`` tensors, or when the squared row
-        norms of ``x`` overflow its dtype: the Grams ``S Sᵀ`` would too (finite but huge inputs,
-        e.g. 1e30 in float32). One host synchronisation when all is well."""
+    def _check_values(x: torch.Tensor, named: dict[str, torch.Tensor],
+                      labels: torch.Tensor | None, c: int) -> None:
+        """One host synchronisation for all value checks before any work: ``NonFiniteError``
+        for non-finite ``x`` or ``named`` tensors, or when the squared row norms of ``x`` overflow
+        its dtype (the Grams ``S Sᵀ`` would too: finite but huge inputs, e.g. 1e30 in float32);
+        ``ValueError`` for class indices outside ``[0, c)``."""
         sq = x.square().sum(1)           # non-finite iff x is, or its squares overflow
-        flags = torch.stack([torch.isfinite(t).all() for t in (*named.values(), sq)]).tolist()
-        if all(flags):
+        flags = [torch.isfinite(t).all() for t in (*named.values(), sq)]
+        if labels is not None:
+            flags += [labels.min() >= 0, labels.max() < c]
+        if all(torch.stack(flags).tolist()):
             return
         check_all_finite(named)
         check_all_finite({"inputs": x})
-        big = float(x.abs().max())
-        raise NonFiniteError(
-            f"inputs too large for {x.dtype}: their squared norms overflow (max |x| = {big:.1e}), "
-            "so the Gauss-Newton Grams would not be finite. Rescale the inputs; the parameters "
-            "were not changed")
+        if not bool(torch.isfinite(sq).all()):
+            big = float(x.abs().max())
+            raise NonFiniteError(
+                f"inputs too large for {x.dtype}: their squared norms overflow (max |x| = "
+                f"{big:.1e}), so the Gauss-Newton Grams would not be finite. Rescale the inputs; "
+                "the parameters were not changed")
+        lo, hi = int(labels.min()), int(labels.max())
+        raise ValueError(f"class indices must lie in [0, {c}) for a model with {c} outputs, "
+                         f"got range [{lo}, {hi}]")
 
     # -- internals --------------------------------------------------------------------------
     def _apply(self, acts, eps: torch.Tensor, inputs: torch.Tensor | None = None) -> None:

@@ -264,8 +264,10 @@ class _BlockSystems:
                 L, Q = fac
                 core = inner[j] @ L if inner[j] is not None else getattr(acts, h) @ Q.mT
                 factors[j] = LinearFactor(core, Q)                 # X̃ = X L_C  (= h Q_Cᵀ)
-        self.f = factor_half_layer(None if factors[0] else acts.s_f, config, factors[0])
-        self.g = factor_half_layer(None if factors[1] else acts.s_g, config, factors[1])
+        self.f = factor_half_layer(None if factors[0] else acts.s_f, config, factors[0],
+                                   defer=True)
+        self.g = factor_half_layer(None if factors[1] else acts.s_g, config, factors[1],
+                                   defer=True)
         self.jvp_f = _HalfJac(block.f, None if linear else acts.h_f, self.P_f)
         self.jvp_g = _HalfJac(block.g, None if linear else acts.h_g, self.P_g)
 
@@ -415,6 +417,11 @@ def right_inverse(
         raise ValueError("no block participates in the step")
     E = pull_back_readout(model, target, cache)
     systems = {i: _BlockSystems(model, i, acts[i], config, inputs, cache) for i in P}
+    pending = [s for i in P for s in (systems[i].f, systems[i].g) if s.pending is not None]
+    if pending:                                  # one host synchronisation classifies them all
+        for s, flags in zip(pending, torch.stack([s.pending for s in pending]).tolist(),
+                            strict=True):
+            s.resolve(*flags)
     jacs = [systems[i] if i in systems else _GenericJac(b, acts[i])   # frozen blocks pass
             for i, b in enumerate(model.blocks)]                      # tangents through
     n = target.shape[0]
@@ -456,8 +463,7 @@ def right_inverse(
                 Ub = _readout_pinv(model, cache)[:, :half].to(Z.dtype)
                 m_top = m_top - jacs[-1].jvp_g.low_rank(Z, Ub)
             updates = {**ls, **_sweep(jacs, E_rem, full, 1.0 / len(full), True, m_top)[0]}
-        refined = _check_accuracy(systems, updates, full)
-        failing = {i: r for i, r in refined.items() if r is not None}
+        failing, residuals = _check_accuracy(systems, updates, P, full)
         if not failing:
             break
         if rank_policy == "strict":
@@ -469,15 +475,13 @@ def right_inverse(
         demoted.update(failing)
 
     exact = bool(full) and all(systems[i].f.exact and systems[i].g.exact for i in full)
-    residuals = torch.stack([r for i in P for r in (updates[i].f.residual, updates[i].g.residual)])
-    res_list = residuals.tolist()
     reports = []
-    for j, i in enumerate(P):
+    for i in P:
         s, u = systems[i], updates[i]
         reports.append(BlockReport(
             i, n, s.f.rank, s.g.rank, s.full_rank,
             "exact share" if i in full else "least squares",
-            _kind(s.f), _kind(s.g), res_list[2 * j], res_list[2 * j + 1],
+            _kind(s.f), _kind(s.g), *residuals[i],
             accurate=i not in demoted, refined=u.f.refined or u.g.refined))
     result = RightInverseResult(updates, exact, reports,
                                 residual_rtol=systems[P[0]].f.residual_rtol)
@@ -493,23 +497,23 @@ def _kind(system: HalfLayerSystem) -> str:
 
 
 def _check_accuracy(systems: dict[int, _BlockSystems], updates: dict[int, BlockUpdate],
-                    full: list[int]) -> dict[int, tuple[float, float] | None]:
-    """Check every system of an exact share (one synchronisation); refine misses once in float64.
+                    blocks: list[int], full: list[int]
+                    ) -> tuple[dict[int, tuple[float, float]], dict[int, tuple[float, float]]]:
+    """Read every system's relative residual (one host synchronisation); refine the misses of
+    exact shares once in float64.
 
-    Returns, per exact-share block, ``None`` when accurate, else its two relative residuals after
-    refinement.
+    Returns the exact-share blocks that still miss ``residual_rtol`` (with their residuals) and
+    the residuals of all ``blocks`` after refinement.
     """
-    if not full:
-        return {}
-    res = torch.stack([r for i in full for r in (updates[i].f.residual, updates[i].g.residual)])
-    values = res.tolist()
-    out: dict[int, tuple[float, float] | None] = {}
-    for j, i in enumerate(full):
+    values = torch.stack([r for i in blocks for r in (updates[i].f.residual,
+                                                      updates[i].g.residual)]).tolist()
+    residuals = {i: (values[2 * j], values[2 * j + 1]) for j, i in enumerate(blocks)}
+    failing: dict[int, tuple[float, float]] = {}
+    for i in full:
         s, u = systems[i], updates[i]
         tol = s.f.residual_rtol
-        rf, rg = values[2 * j], values[2 * j + 1]
+        rf, rg = residuals[i]
         if rf <= tol and rg <= tol:
-            out[i] = None
             continue
         if rf > tol:
             u.f = s.f.refine(u.f)
@@ -519,6 +523,7 @@ def _check_accuracy(systems: dict[int, _BlockSystems], updates: dict[int, BlockU
             if u.m is not None:
                 u.g.achieved = u.g.achieved + u.m
             rg = float(u.g.residual)
-        out[i] = None if (rf <= tol and rg <= tol) else (rf, rg)
-    return out
-
+        residuals[i] = (rf, rg)
+        if rf > tol or rg > tol:
+            failing[i] = (rf, rg)
+    return failing, residuals

@@ -291,7 +291,8 @@ class GramSystem:
         NonFiniteError: ``K`` has non-finite entries (features that overflow the Gram dtype).
     """
 
-    def __init__(self, K: torch.Tensor, config: SolverConfig, eps_dtype: torch.dtype) -> None:
+    def __init__(self, K: torch.Tensor, config: SolverConfig, eps_dtype: torch.dtype,
+                 *, defer: bool = False) -> None:
         if config.method == "svd":
             raise ValueError("GramSystem does not take solver='svd' (it factors A itself)")
         self.config = config
@@ -302,14 +303,32 @@ class GramSystem:
         self._small = n < SINGLE_THREAD_MAX
         with single_threaded(self._small):
             self.K = K = K.to(config.factor_dtype)
+            diag = K.diagonal()
+            # A Gram's entries obey |K_ij| ≤ √(K_ii K_jj): a finite diagonal means a finite K.
+            finite = torch.isfinite(diag).all()
             if config.method == "cholesky":
                 L, info = torch.linalg.cholesky_ex(K)
-                diag = K.diagonal()
-                # A Gram's entries obey |K_ij| ≤ √(K_ii K_jj): a finite diagonal means a finite K.
-                ok, finite = torch.stack([
-                    (info == 0) & (L.diagonal().square().min() > self.rank_rtol * diag.max()),
-                    torch.isfinite(diag).all()]).tolist()
-                self._check_finite(finite)
+                ok = (info == 0) & (L.diagonal().square().min() > self.rank_rtol * diag.max())
+            elif config.method == "damped":
+                L, info = torch.linalg.cholesky_ex(
+                    K + config.damping * torch.eye(n, dtype=K.dtype, device=K.device))
+                ok = info == 0
+            else:  # eigh
+                L, ok = None, finite
+        self._L = L
+        #: ``[factored, finite]`` flags still on the device: :meth:`resolve` takes them as
+        #: Python booleans, so a caller can synchronise once for many systems.
+        self.pending = torch.stack([ok, finite])
+        if not defer:
+            self.resolve(*self.pending.tolist())
+
+    def resolve(self, ok: bool, finite: bool) -> None:
+        """Finish the factorisation from the synchronised flags (fallbacks when ``ok`` is False)."""
+        self._check_finite(finite)
+        config, n, L = self.config, self.n, self._L
+        self._L = self.pending = None
+        with single_threaded(self._small):
+            if config.method == "cholesky":
                 if ok:
                     self._chol, self.rank, self.method = L, n, "cholesky"
                 elif config.truncates:
@@ -317,14 +336,10 @@ class GramSystem:
                 else:
                     self._factor_qrcp()
             elif config.method == "damped":
-                self._check_finite(bool(torch.isfinite(K.diagonal()).all()))
-                L, info = torch.linalg.cholesky_ex(
-                    K + config.damping * torch.eye(n, dtype=K.dtype, device=K.device))
-                if int(info) != 0:  # pragma: no cover - K + λI with λ > 0 is positive definite
+                if not ok:  # pragma: no cover - K + λI with λ > 0 is positive definite
                     raise torch.linalg.LinAlgError("Cholesky of the damped Gram failed")
                 self._chol, self.rank, self.method = L, n, "damped"
-            else:  # eigh
-                self._check_finite(bool(torch.isfinite(K.diagonal()).all()))
+            else:
                 self._factor_eigh()
         self.full_rank = self.rank == n
         self.exact = self.full_rank and config.method != "damped"
@@ -433,10 +448,13 @@ class HalfLayerSystem:
     """The factored system of one half-layer with features ``S`` (``n×M``), ``A = [S, 1]``.
 
     Args:
-        features: ``S``.
+        features: ``S`` (may be ``None`` when ``linear`` is given and the solver is not ``svd``).
         config: the solver configuration.
         linear: for a linear half-layer, ``S = core · basis`` (:class:`LinearFactor`): the solve
             then runs on ``B = [core, 1]`` (``n × (k+1)``).
+        defer: form and factor the Gram but leave the host synchronisation that classifies it to
+            the caller: ``pending`` holds the ``[factored, finite]`` flags on the device and
+            :meth:`resolve` finishes with them (one synchronisation for all systems of a step).
 
     Attributes:
         n: batch size; ``rank``, ``full_rank`` (``rank == n``), ``exact`` (full row rank and not
@@ -446,7 +464,7 @@ class HalfLayerSystem:
     """
 
     def __init__(self, features: torch.Tensor | None, config: SolverConfig,
-                 linear: LinearFactor | None = None) -> None:
+                 linear: LinearFactor | None = None, *, defer: bool = False) -> None:
         if features is None and (linear is None or config.method == "svd"):
             raise ValueError("HalfLayerSystem needs the features S unless a linear factor is "
                              "given (and the solver is not 'svd')")
@@ -461,11 +479,14 @@ class HalfLayerSystem:
         gram_dtype = config.gram_dtype or self.dtype
         self.residual_rtol = (config.residual_rtol if config.residual_rtol is not None
                               else default_residual_rtol(self.dtype))
+        self.pending = None
         if config.method == "svd":
             rank_rtol = config.rank_rtol
             self.kind = self.gram_method = "svd"
             self._factor_svd(default_rank_rtol(n, gram_dtype) if rank_rtol is None
                              else rank_rtol)
+            self.full_rank = self.rank == n
+            self.exact = self.full_rank
         else:
             core = self.linear.core if self.linear is not None else features
             self.core = core
@@ -475,11 +496,21 @@ class HalfLayerSystem:
             c = core.to(gram_dtype)
             K = (_dual_gram_lower(c, config.factor_dtype) if self.side == "dual"
                  else primal_gram_with_ones(c, config.factor_dtype))
-            self._gram = GramSystem(K, config, gram_dtype)
+            self._gram = GramSystem(K, config, gram_dtype, defer=True)
+            self.pending = self._gram.pending
+            if not defer:
+                self.resolve(*self.pending.tolist())
+
+    def resolve(self, ok: bool = True, finite: bool = True) -> None:
+        """Finish a deferred factorisation with its synchronised ``pending`` flags."""
+        if self._gram is not None and self._gram.pending is not None:
+            self._gram.resolve(ok, finite)
+        self.pending = None
+        if self._gram is not None:
             self.gram_method = self._gram.method
             self.rank = self._gram.rank
-        self.full_rank = self.rank == n
-        self.exact = self.full_rank and config.method != "damped"
+            self.full_rank = self.rank == self.n
+            self.exact = self.full_rank and self.config.method != "damped"
 
     def _factor_svd(self, rank_rtol: float) -> None:
         S = self.S
@@ -543,7 +574,9 @@ class HalfLayerSystem:
         return out
 
 
-def factor_half_layer(features: torch.Tensor, config: SolverConfig,
-                      linear: LinearFactor | None = None) -> HalfLayerSystem:
-    """Form and factor the system of one half-layer with features ``S = σ(Z C)``."""
-    return HalfLayerSystem(features, config, linear)
+def factor_half_layer(features: torch.Tensor | None, config: SolverConfig,
+                      linear: LinearFactor | None = None, *, defer: bool = False
+                      ) -> HalfLayerSystem:
+    """Form and factor the system of one half-layer with features ``S = σ(Z C)``
+    (``defer``: leave the host synchronisation to the caller, see :meth:`HalfLayerSystem.resolve`)."""
+    return HalfLayerSystem(features, config, linear, defer=defer)
