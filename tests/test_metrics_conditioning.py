@@ -411,3 +411,40 @@ def test_fact18_bounds_without_sigma_and_with_singular_sigma():
     singular = deep_linear_condition_bounds(Ws, torch.diag(torch.tensor([1.0, 2.0, 3.0, 0.0],
                                                                          dtype=DT)))
     assert math.isinf(singular["kappa_sigma"]) and math.isinf(singular["convex"])
+
+
+def test_matrix_condition_number_index_and_singular_cases():
+    A = torch.diag(torch.tensor([4.0, 2.0, 1.0], dtype=DT))
+    assert matrix_condition_number(A) == pytest.approx(4.0, rel=1e-14)
+    assert matrix_condition_number(A, sigma_min_index=2) == pytest.approx(2.0, rel=1e-14)
+    assert matrix_condition_number(A, sigma_min_index=1) == pytest.approx(1.0, rel=1e-14)
+    assert math.isinf(matrix_condition_number(A, sigma_min_index=4))       # fewer than 4 σ
+    S = torch.diag(torch.tensor([2.0, 0.0], dtype=DT))                   # exactly singular
+    assert math.isinf(matrix_condition_number(S))
+    assert matrix_condition_number(S, sigma_min_index=1) == 1.0
+
+
+def test_residual_layer_bound_value_and_assumption():
+    g = torch.Generator().manual_seed(9)
+    B = torch.randn(4, 4, generator=g, dtype=DT)
+    s = np.linalg.svd(B.numpy(), compute_uv=False)
+    beta = 1.5 * s[0]
+    assert residual_layer_condition_bound(B, beta) == pytest.approx(
+        (beta + s[0]) / (beta - s[0]), rel=1e-12)
+    with pytest.raises(ValueError, match="needs β > σ_max"):
+        residual_layer_condition_bound(B, float(torch.linalg.svdvals(B)[0]))   # β = σ_max
+
+
+def test_fact21_relu_derivative_at_zero_preactivation():
+    """A unit whose pre-activation is exactly 0 has D = 0 (torch's relu'(0) = 0), as in the
+    dense NTK: a zero row of V."""
+    d, m, k, n = 3, 4, 2, 5
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(d, m, bias=False), nn.ReLU(),
+                          nn.Linear(m, k, bias=False)).to(DT)
+    with torch.no_grad():
+        model[0].weight[1] = 0.0
+    X = torch.randn(n, d, dtype=DT)
+    V, W = weights(model)
+    K = empirical_ntk(model, X, method="func")
+    assert torch.allclose(two_layer_relu_gram(W, V, X), K, rtol=0, atol=1e-12)
