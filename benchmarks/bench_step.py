@@ -18,7 +18,9 @@ Rows:
 * contention: the digits-size step timed while a second process runs 2-thread float32 matmuls,
   against the same step on the unloaded machine; the column is the slowdown of ExactGN divided by
   the slowdown of Adam measured in the same rounds;
-* DenseGN / SGD on an MLP, for reference.
+* DenseGN / SGD on an MLP, for reference;
+* the work of each step: median thread CPU time at one thread, the same ratios without the
+  scheduler (on a shared machine wall time also measures the other jobs).
 
 Usage: ``python benchmarks/bench_step.py [--quick] [--data-dir DIR] [--rounds R]``
 (``--quick``: the small rows only). The table ends with the machine's load average before and
@@ -41,7 +43,7 @@ from torch import nn
 
 from gnrev_plugin.data import load_idx_dataset
 from gnrev_plugin.nn import RevMLP
-from gnrev_plugin.optim import DenseGN, ExactGN
+from gnrev_plugin.optim import DenseGN, ExactGN, solvers
 
 _COMPETITOR = (
     "import torch, sys\n"
@@ -127,6 +129,18 @@ def ratio_row(name: str, data: str, t: dict, goal: str, systems: str) -> list:
             f"{t['explicit'] * 1e3:.1f} / {t['adam'] * 1e3:.1f}", systems]
 
 
+class threaded_factorisations:  # noqa: N801 - a context manager
+    """Counterfactual for the contention row: let every factorisation use all intra-op threads
+    (``solvers.single_threaded`` becomes a no-op), as before issue #10."""
+
+    def __enter__(self) -> None:
+        self._init = solvers.single_threaded.__init__
+        solvers.single_threaded.__init__ = lambda s, active=True: setattr(s, "active", False)
+
+    def __exit__(self, *exc) -> None:
+        solvers.single_threaded.__init__ = self._init
+
+
 def contention(x, y, M: int, rounds: int) -> dict[str, float]:
     """Medians with the machine as it is, then with a 2-thread matmul process running."""
     pair = Pair(x, y, M, warn=True)
@@ -143,6 +157,27 @@ def contention(x, y, M: int, rounds: int) -> dict[str, float]:
         proc.wait(timeout=30)
     return {"quiet_gn": quiet["explicit"], "quiet_adam": quiet["adam"],
             "busy_gn": busy["explicit"], "busy_adam": busy["adam"], "systems": pair.systems()}
+
+
+def cpu_work(x, y, M: int, rounds: int, warn: bool = False) -> dict[str, float]:
+    """Median **thread CPU time** of each step at one intra-op thread: the work done, insensitive
+    to other jobs taking the cores (wall time under load measures the scheduler as well)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        pair = Pair(x, y, M, warn=warn)
+        fns = pair.fns()
+        for f in fns.values():
+            f()
+        times: dict[str, list[float]] = {k: [] for k in fns}
+        for _ in range(rounds):
+            for k, f in fns.items():
+                t = time.thread_time()
+                f()
+                times[k].append(time.thread_time() - t)
+    finally:
+        torch.set_num_threads(old)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def dense_rows(rounds: int) -> dict[str, float]:
@@ -197,7 +232,21 @@ def main() -> None:
         run("paper, nonlinear first block", "Gaussian", *paper, 8000, "(was 1.59×)",
             rounds=min(R, 3), linear_first=False)
     c = contention(xd, yd, 512, max(R, 9))
+    with threaded_factorisations():
+        c_thr = contention(xd, yd, 512, max(R, 9))
     print(f"  done: contention ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+    work = []
+    sizes = [("small (128, 64, 512)", gaussian_batch(128, 64), 512, False),
+             ("batch > width (1024, 64, 512)", gaussian_batch(1024, 64), 512, True)]
+    if not args.quick:
+        sizes += [("MNIST batch (1000, 784, 2000)", gaussian_batch(1000, 784), 2000, False),
+                  ("paper (1024, 784, 8000)", gaussian_batch(1024, 784), 8000, False)]
+    for name, (xw, yw), M, warn in sizes:
+        t = cpu_work(xw, yw, M, 3 if M == 8000 else R, warn)
+        work.append([name, f"{t['explicit'] / t['adam']:.2f}×", f"{t['drop_in'] / t['adam']:.2f}×",
+                     f"{t['explicit'] * 1e3:.1f} / {t['adam'] * 1e3:.1f}"])
+    print(f"  done: one-thread work ({time.perf_counter() - t0:.0f} s)", file=sys.stderr,
+          flush=True)
     td = dense_rows(R)
     load1 = os.getloadavg()
 
@@ -216,10 +265,18 @@ def main() -> None:
          f"{c['quiet_adam'] * 1e3:.1f} → {c['busy_adam'] * 1e3:.1f} ms ({slow_adam:.2f}×)"],
         ["ExactGN / Adam under that load (MNIST 8×8, n=128, M=512)",
          f"{c['busy_gn'] / c['busy_adam']:.2f}×", "", c["systems"]],
+        ["same, factorisations threaded (before #10), slowdown ratio",
+         f"{(c_thr['busy_gn'] / c_thr['quiet_gn']) / (c_thr['busy_adam'] / c_thr['quiet_adam']):.2f}×",
+         "", f"GN {c_thr['quiet_gn'] * 1e3:.1f} → {c_thr['busy_gn'] * 1e3:.1f} ms; Adam "
+             f"{c_thr['quiet_adam'] * 1e3:.1f} → {c_thr['busy_adam'] * 1e3:.1f} ms"],
         ["DenseGN / SGD step (MLP 784-512-512-10, n=128)",
          f"{td['dense_gn'] / td['sgd']:.1f}×", "≤ 20×",
          f"{td['dense_gn'] * 1e3:.1f} / {td['sgd'] * 1e3:.1f} ms"],
     ], headers=["contention and reference", "ratio", "goal", "times"], tablefmt="github"))
+    print()
+    print(tabulate(work, headers=["work at one thread, Gaussian (thread CPU time)",
+                                  "explicit / Adam", "drop-in / Adam", "explicit / Adam ms"],
+                   tablefmt="github"))
     print(f"\nload average (1, 5, 15 min): before {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}, "
           f"after {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f} on {os.cpu_count()} CPUs")
 

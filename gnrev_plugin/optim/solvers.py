@@ -147,7 +147,7 @@ _THREAD_SAVED = 1
 #: Gram systems smaller than this are factored and solved on one thread; larger ones use the
 #: configured thread count (a 1024×1024 float64 Cholesky gains from two threads on an idle
 #: machine, and is large enough per synchronisation not to collapse when the CPU is busy).
-SINGLE_THREAD_MAX = 512
+SINGLE_THREAD_MAX = 768
 
 
 class single_threaded:  # noqa: N801 - a context manager, like torch.no_grad
