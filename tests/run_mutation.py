@@ -110,6 +110,9 @@ def write_group_config(copy: Path, group: Group) -> None:
         f"pytest_add_cli_args_test_selection = {json.dumps(list(group.tests))}",
         'pytest_add_cli_args = ["-p", "no:cacheprovider", "-W", "ignore::DeprecationWarning"]',
         'process_isolation = "forkserver"',
+        # mutmut's wall timeout is half its CPU limit, (estimate + constant) · 15 · 2 s: with the
+        # default constant of 1 s, a busy shared machine turns quick kills into "timeouts"
+        "timeout_constant = 20.0",
         "",
     ])
     text = re.sub(r"(?ms)^\[tool\.mutmut\]\n.*?(?=^\[|\Z)", "", text).rstrip() + "\n\n" + section
