@@ -555,7 +555,7 @@ class SAM(_Ascent):
         rho: ``ρ ≥ 0``, the radius of the ascent step.
         base: the base optimizer: a registry name (default ``"gnrev.sgd"``) or a
             ``torch.optim.Optimizer`` subclass.
-        base_kwargs, **base_options: the base's options (``lr=0.1``, ``momentum=0.9``...), as a
+        base_kwargs, base_options: the base's options (``lr=0.1``, ``momentum=0.9``...), as a
             dict or as keywords; they live in the shared ``param_groups``.
         ablate_nme: remove ``φ''`` from the perturbed gradient's second-order part.
         model, loss: the model and ``"cross_entropy"``/``"mse"`` (runners pass both).

@@ -106,8 +106,11 @@ class _Runs:
         return {s: r["rows"][-1][key] for s, r in runs.items()
                 if r["rows"][-1].get(key) is not None}
 
-    def rows(self, act: str, method: str, hyper=None, ablate: bool = False) -> list[list[dict]]:
-        return [r["rows"] for r in self.by.get((act, method, ablate, hyper), {}).values()]
+    def rows(self, act: str, method: str, hyper=None, ablate: bool = False,
+             key: str | None = None) -> list[list[dict]]:
+        """The log rows of each seed (only the seeds that logged ``key``, when given)."""
+        return [r["rows"] for r in self.by.get((act, method, ablate, hyper), {}).values()
+                if key is None or any(key in row for row in r["rows"])]
 
     def diverged(self, act: str, method: str, hyper=None, ablate: bool = False) -> int:
         return sum(bool(r["rows"][-1].get("diverged"))
@@ -164,6 +167,8 @@ def _figures(out: Path, R: _Runs, p: dict, ds: str) -> list[Path]:
         ax.axhline(0, color="k", lw=0.6)
         ax.set(xscale="log", xlabel=sym, ylabel="test acc − SGD (pp)",
                title=f"{NAMES[method]} ({ds})")
+        ax.set_xticks(grid, [f"{h:g}" for h in grid])
+        ax.minorticks_off()
         ax.legend(fontsize=7)
 
     rho_methods = [m for m in RHO_METHODS if m in p["methods"]]
@@ -187,7 +192,7 @@ def _figures(out: Path, R: _Runs, p: dict, ds: str) -> list[Path]:
             for i, (key, title) in enumerate((("tr_hessian", "tr H"), ("tr_ggn", "tr G"),
                                               ("tr_nme", "tr NME"))):
                 a = ax[i, j]
-                plot_mean_std(a, R.rows(act, SGD), key, "SGD", "k", marker="o")
+                plot_mean_std(a, R.rows(act, SGD, key=key), key, "SGD", "k", marker="o")
                 for m, cmap in ((HTP, "Reds"), (GNTP, "Blues")):
                     if m not in curv:
                         continue
@@ -195,7 +200,7 @@ def _figures(out: Path, R: _Runs, p: dict, ds: str) -> list[Path]:
                         import matplotlib
 
                         c = matplotlib.colormaps[cmap](0.45 + 0.5 * k / max(1, len(p["sigma2s"]) - 1))
-                        plot_mean_std(a, R.rows(act, m, h), key,
+                        plot_mean_std(a, R.rows(act, m, h, key=key), key,
                                       f"{'HTP' if m == HTP else 'GNTP'} σ²={h:g}", c, marker=".")
                 a.axhline(0, color="k", lw=0.5)
                 a.set(xlabel="epoch", title=f"{title}, {activation_label(act)}")
@@ -285,15 +290,15 @@ def _claims(R: _Runs, p: dict, ds: str) -> list[str]:
                 parts.append(f"{activation_label(act)} σ²={h:g}: {_pct(d)}")
                 verdicts.append((h, act, verdict(d, +1), d))
         hmax = p["sigma2s"][-1]
-        at_max = [v for h, _, v, _ in verdicts if h == hmax]
+        at_max = [f"{activation_label(a)} {v}" for h, a, v, _ in verdicts if h == hmax]
         div_h = sum(R.diverged(a, HTP, h) for a in p["activations"] for h in p["sigma2s"])
         div_g = sum(R.diverged(a, GNTP, h) for a in p["activations"] for h in p["sigma2s"])
         curv = []
         for act in smooth[:1]:
-            th = R.rows(act, HTP, hmax)
-            tg = R.rows(act, GNTP, hmax)
-            ts = R.rows(act, SGD)
-            if th and tg and ts and "tr_hessian" in th[0][-1]:
+            th = R.rows(act, HTP, hmax, key="tr_hessian")
+            tg = R.rows(act, GNTP, hmax, key="tr_hessian")
+            ts = R.rows(act, SGD, key="tr_hessian")
+            if th and tg and ts:
                 curv.append(
                     f"final tr H of {activation_label(act)} (seed {p['curvature_seeds'][0]}): "
                     f"SGD {ts[0][-1]['tr_hessian']:.3g}, Hessian-trace penalty σ²={hmax:g} "
