@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import hashlib
 import json
 import os
 import re
@@ -139,20 +140,38 @@ def collect(copy: Path, group: Group) -> dict:
     return out
 
 
+def sample_names(copy: Path, group: Group, n: int) -> list[str]:
+    """A deterministic sample of ``n`` mutant names per module (ordered by a hash of the name)."""
+    names = []
+    for module in group.modules:
+        meta = copy / "mutants" / (module + ".meta")
+        keys = [k for k in json.loads(meta.read_text())["exit_code_by_key"]
+                if any(fnmatch.fnmatchcase(k, pat) for pat in group.mutants)]
+        keys.sort(key=lambda k: hashlib.sha256(k.encode()).hexdigest())
+        names += keys[:n]
+    return names
+
+
 def run_group(group: Group, workdir: Path, ref: str | None, max_children: int,
-              show: bool) -> dict:
+              show: bool, sample: int | None = None, reuse: bool = False) -> dict:
     copy = workdir / group.name
-    copy_tree(copy, ref)
+    if not (reuse and (copy / "mutants" / "mutmut-stats.json").exists()):
+        copy_tree(copy, ref)
     write_group_config(copy, group)
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HYPOTHESIS_PROFILE="ci",
                PYTHONDONTWRITEBYTECODE="1")
     env.pop("CI", None)
     env.pop("PYTHONPATH", None)
-    cmd = [sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children),
-           *group.mutants]
+    base = [sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children)]
     t0, cpu0 = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(copy / "mutmut.log", "w") as log:
-        proc = subprocess.run(cmd, cwd=copy, env=env, stdout=log, stderr=subprocess.STDOUT)
+        if sample:   # generate the mutants and the test stats, then run a sample of them
+            subprocess.run([*base, "no-such-mutant-*"], cwd=copy, env=env, stdout=log,
+                           stderr=subprocess.STDOUT)
+            names = sample_names(copy, group, sample)
+            (copy / "sample.txt").write_text("\n".join(names) + "\n")
+        proc = subprocess.run([*base, *(names if sample else group.mutants)], cwd=copy, env=env,
+                              stdout=log, stderr=subprocess.STDOUT)
     cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
     # CPU seconds over all mutmut processes: on a shared machine wall time overstates the cost;
@@ -204,6 +223,11 @@ def main(argv=None) -> int:
                     default=Path(tempfile.gettempdir()) / "gnrev-mutation")
     ap.add_argument("--max-children", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--show-survivors", action="store_true", help="add each survivor's diff")
+    ap.add_argument("--sample", type=int, default=None, metavar="N",
+                    help="run a deterministic sample of N mutants per module (a quick estimate; "
+                    "the kill rate is then over the sample)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="reuse an existing copy and its mutmut results in --workdir")
     args = ap.parse_args(argv)
     wanted = args.groups.split(",")
     unknown = set(wanted) - {g.name for g in GROUPS}
@@ -215,7 +239,7 @@ def main(argv=None) -> int:
         if group.name in wanted:
             print(f"mutation: {group.name} ...", flush=True)
             results.append(run_group(group, args.workdir / "groups", args.ref, args.max_children,
-                                     args.show_survivors))
+                                     args.show_survivors, args.sample, args.reuse))
             (args.workdir / "summary.json").write_text(json.dumps(results, indent=1))
             (args.workdir / "summary.md").write_text(markdown(results))
             print(markdown([results[-1]]).split("\n### ")[0], flush=True)
