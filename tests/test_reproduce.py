@@ -143,7 +143,6 @@ def test_a_crashing_config_keeps_the_other_results(tmp_path, monkeypatch):
 
 
 def test_exact_gn_accepts_mnist1d(tmp_path):
-    pytest.importorskip("mnist1d", reason="the optional 'mnist1d' package is not installed")
     statuses = run_exact_gn(tmp_path, "tiny", data="mnist1d", progress=False,
                             preset=dict(TINY, optimizers=["adam"]))
     assert all(s["status"] == "ok" for s in statuses)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -36,15 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        return _run(args)
-    except ImportError as err:  # an optional dataset package (mnist1d) is missing
-        print(f"gnrev reproduce: error: {err}", file=sys.stderr)
-        return 2
-
-
-def _run(args: argparse.Namespace) -> int:
     import torch
+
+    from gnrev_plugin.experiments.catalog import EXPERIMENTS
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -54,7 +47,6 @@ def _run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"--resume: {out} holds no run to resume (no config.json)")
     t0 = time.perf_counter()
     progress = not args.no_progress
-    from gnrev_plugin.experiments.catalog import EXPERIMENTS
 
     experiment = EXPERIMENTS[args.experiment]
     try:
