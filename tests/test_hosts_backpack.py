@@ -249,15 +249,23 @@ def test_diag_hessian_without_compression_matches_too(monkeypatch):
     assert torch.allclose(flat(mb, "diag_h_batch", 1), per, rtol=0, atol=TOL)
 
 
-def test_compress_keeps_every_per_sample_hessian():
-    """``compress``: same ``Σ_i ε_i S_iᵀ S_i`` per sample (dense einsum oracle), at most 2w
-    columns, and short lists untouched."""
+@pytest.mark.parametrize("path", ["cholesky", "eigh fallback"])
+def test_compress_keeps_every_per_sample_hessian(path, monkeypatch):
+    """``compress``: same ``Σ_i ε_i S_iᵀ S_i`` per sample (dense einsum oracle; an indefinite
+    sample, a zero one), at most 2w columns, and short lists untouched."""
+    if path == "eigh fallback":
+        def failing(A):
+            L, info = torch.linalg.cholesky(A), torch.zeros(A.shape[0], dtype=torch.int32)
+            return L, info + 1
+        monkeypatch.setattr(torch.linalg, "cholesky_ex", failing)
     gen = torch.Generator().manual_seed(0)
     S1, S2 = (torch.randn(9, 4, 3, generator=gen, dtype=F64) for _ in range(2))
+    S1[:, 3], S2[:, 3] = 0.0, 0.0                                     # sample 3: H = 0
     bp = {"matrices": [S1, S2], "signs": [1.0, -1.0]}
     out = bp_host.compress(bp)
     assert sum(m.shape[0] for m in out["matrices"]) == 6 and out["signs"] == [1.0, -1.0]
     ref = torch.einsum("kni,knj->nij", S1, S1) - torch.einsum("kni,knj->nij", S2, S2)
+    assert torch.linalg.eigvalsh(ref[0]).min() < 0 < torch.linalg.eigvalsh(ref[0]).max()
     got = sum(s * torch.einsum("kni,knj->nij", m, m)
               for m, s in zip(out["matrices"], out["signs"], strict=True))
     assert torch.allclose(got, ref, rtol=0, atol=1e-12)
