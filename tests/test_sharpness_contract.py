@@ -338,3 +338,22 @@ def test_ablate_nme_is_model_wide():
     opt.param_groups[1]["ablate_nme"] = True
     with pytest.raises(ValueError, match="ablate_nme is a model-wide option"):
         opt.step_on_batch(x, y)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("ablate", [False, True])
+@pytest.mark.parametrize("cls", list(NAMES.values()))
+def test_a_cuda_model_steps_on_the_gpu(cls, ablate):
+    """SAM/PSAM (no randomness) take the CPU step to 1e-12; the noisy methods draw from a
+    generator on the parameters' device."""
+    model, x, y = problem()
+    gpu = copy.deepcopy(model).cuda()
+    cpu_opt = cls(model.parameters(), model=model, lr=0.2, ablate_nme=ablate, **KW[cls])
+    gpu_opt = cls(gpu.parameters(), model=gpu, lr=0.2, ablate_nme=ablate, **KW[cls])
+    cpu_opt.step_on_batch(x, y)
+    gpu_opt.step_on_batch(x.cuda(), y.cuda())
+    if cls in NOISY:
+        assert gpu_opt._gen.device.type == "cuda"
+        assert bool(torch.isfinite(params_of(gpu)).all())
+    else:
+        assert torch.allclose(params_of(gpu).cpu(), params_of(model), rtol=0, atol=1e-12)
