@@ -29,8 +29,9 @@ and on ``B`` (``n × p``):
   numerical rank (``rcond = rank_rtol``). No eigendecomposition on this path.
 
 Grams are formed in the working dtype (``gram_dtype``) and factored and solved in ``factor_dtype``
-(float64), single-threaded: factorisations of a few hundred rows lose orders of magnitude to
-thread synchronisation when the CPU is oversubscribed (measured in ``benchmarks/bench_step.py``).
+(float64), on one thread below :data:`SINGLE_THREAD_MAX` rows (pivoted QR and ``eigh`` always):
+factorisations of a few hundred rows lose orders of magnitude to thread synchronisation when the
+CPU is oversubscribed (measured in ``benchmarks/bench_step.py``).
 
 **Honest accuracy.** Every solution carries the change it achieves, computed from the update as it
 will be applied, ``A Δ = B v`` (``S ΔWᵀ + Δb`` for the generic dual), and its relative residual
@@ -277,7 +278,9 @@ class GramSystem:
     """A factored symmetric PSD Gram ``K`` (``m×m``) and its (pseudo-)inverse solves.
 
     Only the lower triangle of ``K`` is read (Cholesky reads nothing else; the rank-revealing and
-    ``eigh`` paths mirror it first), so a caller may leave the upper triangle unset.
+    ``eigh`` paths mirror it first), so a caller may leave the upper triangle unset. With
+    ``defer=True`` the classification waits for :meth:`resolve` (see ``pending``), so that one
+    host synchronisation serves many systems.
 
     Attributes:
         n: size ``m`` of ``K`` (the name is kept for the dual Gram ``K = A Aᵀ``).
@@ -410,7 +413,8 @@ class HalfLayerSolution:
 
     ``target`` is the right-hand side ``E`` it solved, ``residual`` the relative residual
     ``‖E − AΔ‖/‖E‖`` (a 0-dim tensor; the caller synchronises once for all systems), ``coef`` the
-    coefficients on the solved factor (``v_Xᵀ`` or ``ΔW``) and ``lam`` the dual multipliers ``Λ``.
+    coefficients on the solved factor ``B`` (``v_Xᵀ`` for a linear factor, else ``ΔW``) and
+    ``refined`` whether :meth:`HalfLayerSystem.refine` produced it.
     """
 
     weight: torch.Tensor
@@ -541,7 +545,11 @@ class HalfLayerSystem:
 
     def _finish(self, E: torch.Tensor, coef: torch.Tensor, bias: torch.Tensor,
                 weight: torch.Tensor | None = None) -> HalfLayerSolution:
-        """Weight from the coefficients, the achieved change ``A Δ`` and its residual."""
+        """Weight from the coefficients, the achieved change and its residual.
+
+        The change is ``B v`` from the coefficients as they will be applied (``S ΔWᵀ + Δb`` for
+        the generic case: the true change of the half-layer up to the rounding of this product).
+        """
         if weight is None:
             weight = coef @ self.linear.basis if self.linear is not None else coef
         core = self.S if self.linear is None else self.linear.core
