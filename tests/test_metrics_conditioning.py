@@ -448,3 +448,10 @@ def test_fact21_relu_derivative_at_zero_preactivation():
     V, W = weights(model)
     K = empirical_ntk(model, X, method="func")
     assert torch.allclose(two_layer_relu_gram(W, V, X), K, rtol=0, atol=1e-12)
+
+
+def test_whitened_two_layer_closed_form_with_a_bottleneck_is_infinite():
+    """m < d and k > m: σ_d(W₁) and σ_k(W₂) do not exist (0), the closed form is ∞."""
+    g = torch.Generator().manual_seed(10)
+    W1, W2 = torch.randn(2, 4, generator=g, dtype=DT), torch.randn(3, 2, generator=g, dtype=DT)
+    assert math.isinf(whitened_two_layer_condition_number(W1, W2))

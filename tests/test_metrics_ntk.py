@@ -250,3 +250,21 @@ def test_kernel_target_alignment():
         np_alignment(Kbig, y_vec @ y_vec.T, centered=True), rel=1e-12)
     with pytest.raises(ValueError):
         kernel_target_alignment(torch.eye(5, dtype=DT), Y)
+
+
+def test_kernel_target_alignment_class_count_and_shape_errors():
+    """Class indices without num_classes give C = max + 1 columns (an (nC × nC) kernel must
+    match exactly); a kernel matching neither n nor nC is refused with the reason."""
+    g = torch.Generator().manual_seed(4)
+    y = torch.tensor([0, 2, 1, 2, 0])
+    Y = torch.nn.functional.one_hot(y, 3).to(DT)
+    A = torch.randn(15, 15, generator=g, dtype=DT)
+    Kbig = A @ A.T
+    yv = Y.reshape(-1, 1)
+    assert kernel_target_alignment(Kbig, y) == pytest.approx(
+        np_alignment(Kbig, yv @ yv.T, centered=True), rel=1e-12)
+    with pytest.raises(ValueError, match=r"^kernel of size 4 matches neither n=5 nor n·C=15$"):
+        kernel_target_alignment(torch.zeros(4, 15, dtype=DT), Y)
+    with pytest.raises(ValueError, match=r"^kernels must be square matrices of equal shape, got "
+                                         r"\(5, 5\) and \(4, 4\)$"):
+        kernel_alignment(torch.eye(5, dtype=DT), torch.eye(4, dtype=DT))
