@@ -138,7 +138,7 @@ def test_dropping_the_missing_jacobian_correction_breaks_exactness(monkeypatch):
 
     assert error() <= TOL
 
-    def solve_without_correction(bs, t, w, m_full, exact_share):
+    def solve_without_correction(bs, t, w, m_full, exact_share, f_factors=None):
         t1, t2 = bs.block.split(t)
         sol_f, sol_g = bs.f.solve(w * t1), bs.g.solve(w * t2)   # m omitted
         return ri.BlockUpdate(sol_f, HalfLayerSolution(sol_g.weight, sol_g.bias, sol_g.achieved,

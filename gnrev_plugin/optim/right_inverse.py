@@ -283,14 +283,18 @@ class _BlockSystems:
 
 
 def _solve_block(bs: _BlockSystems, t: torch.Tensor, w: float, m_full: torch.Tensor,
-                 exact_share: bool) -> BlockUpdate:
+                 exact_share: bool, f_factors: tuple | None = None) -> BlockUpdate:
     """Solve one block for ``w·t``; ``m_full = J_g[t1]`` from the pull-back.
 
     In an exact share ``A_f Δ_f = w t1`` (checked afterwards), so ``m = w m_full``; otherwise the
-    missing Jacobian is taken of the change ``A_f Δ_f`` actually achieved.
+    missing Jacobian is taken of the change ``A_f Δ_f`` actually achieved. ``f_factors = (Z, R)``:
+    ``t1 = Z R`` with a thin ``Z`` (the top block's target, pulled back through the readout).
     """
     t1, t2 = bs.block.split(t)
-    sol_f = bs.f.solve(w * t1)
+    if f_factors is None:
+        sol_f = bs.f.solve(w * t1)
+    else:
+        sol_f = bs.f.solve(factors=(w * f_factors[0], f_factors[1]))
     m = w * m_full if exact_share else bs.jvp_g(sol_f.achieved)
     sol_g = bs.g.solve(w * t2 - m)
     sol_g.achieved = sol_g.achieved + m                       # total change of Y2
@@ -299,12 +303,13 @@ def _solve_block(bs: _BlockSystems, t: torch.Tensor, w: float, m_full: torch.Ten
 
 def _sweep(jacs: list, E: torch.Tensor, solve_blocks: list[int], w: float,
            exact_share: bool, m_top: torch.Tensor | None = None,
+           top_factors: tuple | None = None,
            ) -> tuple[dict[int, BlockUpdate], torch.Tensor]:
     """One inverse-JVP sweep from the output down to ``min(solve_blocks)``, solving on the way.
 
     ``jacs[ℓ]``: the block's :class:`_BlockSystems` (participating) or :class:`_GenericJac`.
-    ``m_top``: ``J_g[E1]`` of the top block if already known. Returns the updates and the top
-    block's ``J_g[E1]``.
+    ``m_top``: ``J_g[E1]`` of the top block if already known; ``top_factors = (Z, R)`` with
+    ``E = Z R`` (thin ``Z``). Returns the updates and the top block's ``J_g[E1]``.
     """
     updates: dict[int, BlockUpdate] = {}
     t = E
@@ -317,7 +322,12 @@ def _sweep(jacs: list, E: torch.Tensor, solve_blocks: list[int], w: float,
         if idx == top:
             m_top = m_full
         if idx in solve_blocks:
-            updates[idx] = _solve_block(bs, t, w, m_full, exact_share)
+            if idx == top and top_factors is not None:
+                Z, R = top_factors
+                updates[idx] = _solve_block(bs, t, w, m_full, exact_share,
+                                            (Z, R[:, :bs.block.half]))
+            else:
+                updates[idx] = _solve_block(bs, t, w, m_full, exact_share)
         if idx > lowest:
             d2 = t2 - m_full
             d1 = t1 - bs.jvp_f(d2)
@@ -432,6 +442,12 @@ def right_inverse(
             "rank_policy='strict' every per-layer system must have full row rank (needs batch ≤ "
             "M+1, and ≤ d/2+1 for a linear block, and no duplicated samples)")
 
+    # A target pulled back through the readout is E = T U⁺: the top block's first system solves
+    # on the C columns of T and expands by U⁺ (worth it when C ≪ d/2).
+    thin = None
+    if model.readout is not None and 4 * model.readout.shape[1] <= model.blocks[-1].half \
+            and config.method != "svd":
+        thin = _readout_pinv(model, cache).to(target.dtype)
     demoted: dict[int, tuple[float, float]] = {}     # full rank, but inaccurate even refined
     while True:
         full = [i for i in P if systems[i].full_rank and i not in demoted]
@@ -448,10 +464,13 @@ def right_inverse(
                 "exact per-block solution. Use a batch ≤ M+1 without duplicated samples, or "
                 "rank_policy='warn' to take the least-squares step")
         if not deficient or not full:
-            updates = _sweep(jacs, E, P, 1.0 / len(P), exact_share=not deficient)[0]
+            updates = _sweep(jacs, E, P, 1.0 / len(P), exact_share=not deficient,
+                             top_factors=None if thin is None else (target, thin))[0]
         else:
-            ls, m_top = _sweep(jacs, E, deficient, 1.0 / len(P), exact_share=False)
+            ls, m_top = _sweep(jacs, E, deficient, 1.0 / len(P), exact_share=False,
+                               top_factors=None if thin is None else (target, thin))
             a = _push_forward(model, jacs, ls)
+            rest = None
             if model.readout is None:
                 E_rem, m_top = target - a, None
             else:
@@ -462,7 +481,9 @@ def right_inverse(
                 half = model.blocks[-1].half
                 Ub = _readout_pinv(model, cache)[:, :half].to(Z.dtype)
                 m_top = m_top - jacs[-1].jvp_g.low_rank(Z, Ub)
-            updates = {**ls, **_sweep(jacs, E_rem, full, 1.0 / len(full), True, m_top)[0]}
+                rest = None if thin is None else (target - Z, thin)
+            updates = {**ls, **_sweep(jacs, E_rem, full, 1.0 / len(full), True, m_top,
+                                      rest)[0]}
         failing, residuals = _check_accuracy(systems, updates, P, full)
         if not failing:
             break

@@ -60,6 +60,7 @@ Solvers (``method``):
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -295,7 +296,8 @@ class GramSystem:
     """
 
     def __init__(self, K: torch.Tensor, config: SolverConfig, eps_dtype: torch.dtype,
-                 *, defer: bool = False) -> None:
+                 *, defer: bool = False,
+                 quadratic: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         if config.method == "svd":
             raise ValueError("GramSystem does not take solver='svd' (it factors A itself)")
         self.config = config
@@ -311,7 +313,14 @@ class GramSystem:
             finite = torch.isfinite(diag).all()
             if config.method == "cholesky":
                 L, info = torch.linalg.cholesky_ex(K)
-                ok = (info == 0) & (L.diagonal().square().min() > self.rank_rtol * diag.max())
+                floor = self.rank_rtol * diag.max()
+                # Unpivoted Cholesky is not rank-revealing: rounding can lift a zero pivot of a
+                # singular Gram well above the floor. Three steps of inverse iteration with the
+                # factor find the weakest direction x; its Rayleigh quotient with the Gram itself
+                # (``quadratic``, e.g. ‖Bᵀx‖² from the factor B) decides.
+                x = self._inverse_iteration(L)
+                rq = quadratic(x) if quadratic is not None else x @ (self._symmetric() @ x)
+                ok = (info == 0) & (L.diagonal().square().min() > floor) & (rq > floor)
             elif config.method == "damped":
                 L, info = torch.linalg.cholesky_ex(
                     K + config.damping * torch.eye(n, dtype=K.dtype, device=K.device))
@@ -346,6 +355,16 @@ class GramSystem:
                 self._factor_eigh()
         self.full_rank = self.rank == n
         self.exact = self.full_rank and config.method != "damped"
+
+    @staticmethod
+    def _inverse_iteration(L: torch.Tensor, steps: int = 3) -> torch.Tensor:
+        """Unit ``x`` after ``steps`` of ``x ← (L Lᵀ)⁻¹ x`` from a fixed pseudo-random start."""
+        g = torch.Generator().manual_seed(0x5EED)
+        x = torch.randn(L.shape[0], 1, generator=g, dtype=L.dtype).to(L.device)
+        for _ in range(steps):
+            x = torch.cholesky_solve(x, L)
+            x = x / x.norm().clamp_min(torch.finfo(L.dtype).tiny)
+        return x[:, 0]
 
     @staticmethod
     def _check_finite(finite: bool) -> None:
@@ -412,9 +431,9 @@ class HalfLayerSolution:
     """``ΔW`` (``k×M``), ``Δb`` (``k``) and the achieved output change ``A Δ`` (``n×k``).
 
     ``target`` is the right-hand side ``E`` it solved, ``residual`` the relative residual
-    ``‖E − AΔ‖/‖E‖`` (a 0-dim tensor; the caller synchronises once for all systems), ``coef`` the
-    coefficients on the solved factor ``B`` (``v_Xᵀ`` for a linear factor, else ``ΔW``) and
-    ``refined`` whether :meth:`HalfLayerSystem.refine` produced it.
+    ``‖E − AΔ‖/‖E‖`` (a 0-dim tensor; the caller synchronises once for all systems), ``thin``
+    the solve on the factor ``B`` that :meth:`HalfLayerSystem.refine` continues (``(Z, R, coef,
+    bias)`` for ``E = Z R``) and ``refined`` whether refinement produced it.
     """
 
     weight: torch.Tensor
@@ -422,7 +441,7 @@ class HalfLayerSolution:
     achieved: torch.Tensor
     target: torch.Tensor | None = None
     residual: torch.Tensor | None = None
-    coef: torch.Tensor | None = None
+    thin: tuple | None = None
     refined: bool = False
 
 
@@ -500,10 +519,19 @@ class HalfLayerSystem:
             c = core.to(gram_dtype)
             K = (_dual_gram_lower(c, config.factor_dtype) if self.side == "dual"
                  else primal_gram_with_ones(c, config.factor_dtype))
-            self._gram = GramSystem(K, config, gram_dtype, defer=True)
+            self._gram = GramSystem(K, config, gram_dtype, defer=True, quadratic=self._quadratic)
             self.pending = self._gram.pending
             if not defer:
                 self.resolve(*self.pending.tolist())
+
+    def _quadratic(self, x: torch.Tensor) -> torch.Tensor:
+        """``xᵀ K x`` straight from the factor ``B = [core, 1]``: ``‖Bᵀx‖²`` (dual) or ``‖Bx‖²``
+        (primal), without the rounding of the formed Gram."""
+        c = self.core
+        x = x.to(c.dtype)
+        if self.side == "dual":
+            return ((c.mT @ x).square().sum() + x.sum().square()).to(torch.float64)
+        return (c @ x[:-1] + x[-1]).square().sum().to(torch.float64)
 
     def resolve(self, ok: bool = True, finite: bool = True) -> None:
         """Finish a deferred factorisation with its synchronised ``pending`` flags."""
@@ -525,59 +553,78 @@ class HalfLayerSystem:
         self.rank = int(keep.sum())
 
     # -- solving ------------------------------------------------------------------------------
-    def solve(self, E: torch.Tensor) -> HalfLayerSolution:
-        """Minimum-norm (or truncated / damped) solution of ``A Δ = E`` for ``E`` (``n×k``)."""
+    def solve(self, E: torch.Tensor | None = None, *,
+              factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> HalfLayerSolution:
+        """Minimum-norm (or truncated / damped) solution of ``A Δ = E`` for ``E`` (``n×k``).
+
+        ``factors = (Z, R)`` gives the target as ``E = Z R`` with a thin ``Z`` (``n×c``, e.g. a
+        target pulled back through the readout, ``c = C``): the solution is linear in ``E``, so
+        the Gram solve, ``ΔW`` and the achieved change run on ``c`` columns and are expanded by
+        ``R`` (``A⁺(Z R) = (A⁺Z) R``).
+        """
+        Z, R = (E, None) if factors is None else factors
         if self._svd is not None:
+            E = Z if R is None else Z @ R
             U, s, Vh = self._svd
-            coef = (U.mT @ E) / s[:, None]
-            delta = Vh.mT @ coef                      # (M+1) × k
-            weight, bias = delta[:-1].mT, delta[-1]
-            return self._finish(E, weight, bias, weight)
+            delta = Vh.mT @ ((U.mT @ E) / s[:, None])              # (M+1) × k
+            return self._finish(E, None, delta[:-1].mT, delta[-1])
+        return self._finish(Z, R, *self._coefficients(Z))
+
+    def _coefficients(self, Z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(v_coreᵀ, v_b)`` of ``v = B⁺ Z`` on the dual or primal side (working dtype)."""
         wdt = self.dtype
         if self.side == "dual":
-            lam = self._gram.solve(E).to(wdt)
-            coef, bias = _with_ones_t(self.core, lam)
-        else:
-            rhs = torch.cat([self.core.mT @ E, E.sum(0, keepdim=True)])
-            v = self._gram.solve(rhs).to(wdt)
-            coef, bias = v[:-1].mT, v[-1]
-        return self._finish(E, coef, bias)
+            lam = self._gram.solve(Z).to(wdt)
+            return _with_ones_t(self.core, lam)
+        rhs = torch.cat([self.core.mT @ Z, Z.sum(0, keepdim=True)])
+        v = self._gram.solve(rhs).to(wdt)
+        return v[:-1].mT, v[-1]
 
-    def _finish(self, E: torch.Tensor, coef: torch.Tensor, bias: torch.Tensor,
-                weight: torch.Tensor | None = None) -> HalfLayerSolution:
-        """Weight from the coefficients, the achieved change and its residual.
+    def _finish(self, Z: torch.Tensor, R: torch.Tensor | None, coef: torch.Tensor,
+                bias: torch.Tensor) -> HalfLayerSolution:
+        """Weight, achieved change and residual of the coefficients ``v`` on ``B`` for ``Z R``.
 
         The change is ``B v`` from the coefficients as they will be applied (``S ΔWᵀ + Δb`` for
         the generic case: the true change of the half-layer up to the rounding of this product).
         """
-        if weight is None:
-            weight = coef @ self.linear.basis if self.linear is not None else coef
         core = self.S if self.linear is None else self.linear.core
         achieved = torch.addmm(bias, core, coef.mT)            # B v = A Δ
-        residual = (E - achieved).norm() / E.norm().clamp_min(torch.finfo(E.dtype).tiny)
-        return HalfLayerSolution(weight, bias, achieved, target=E, residual=residual, coef=coef)
+        miss = Z - achieved
+        thin = (Z, R, coef, bias)
+        if R is not None:                                      # expand c columns to k
+            achieved, miss, Z = achieved @ R, miss @ R, Z @ R
+            bias = R.mT @ bias
+            coef = R.mT @ coef
+        basis = self.linear.basis if self.linear is not None else None
+        if basis is None:
+            weight = coef
+        elif R is None:
+            weight = coef @ basis
+        else:
+            weight = R.mT @ (thin[2] @ basis)                   # c·k·M + k·c·M, not k²M
+        residual = miss.norm() / Z.norm().clamp_min(torch.finfo(Z.dtype).tiny)
+        return HalfLayerSolution(weight, bias, achieved, target=Z, residual=residual, thin=thin)
 
     def refine(self, sol: HalfLayerSolution) -> HalfLayerSolution:
         """One step of iterative refinement in float64 with the residual through ``A``.
 
-        ``r = E − B v`` is formed in float64 from the solution as applied, then ``v ← v + Bᵀ K⁻¹ r``
+        ``r = Z − B v`` is formed in float64 from the solution as applied, then ``v ← v + Bᵀ K⁻¹ r``
         (dual) or ``v ← v + G⁻¹ Bᵀ r`` (primal); the new residual is measured again.
         """
-        if self._gram is None:
+        if self._gram is None or sol.thin is None:
             return sol
+        Z, R, coef, bias = sol.thin
         f64 = torch.float64
         core = (self.S if self.linear is None else self.linear.core).to(f64)
-        coef, bias = sol.coef.to(f64), sol.bias.to(f64)
-        E = sol.target.to(f64)
-        r = E - torch.addmm(bias, core, coef.mT)
+        coef, bias = coef.to(f64), bias.to(f64)
+        r = Z.to(f64) - torch.addmm(bias, core, coef.mT)
         if self.side == "dual":
-            dlam = self._gram.solve(r).to(f64)
-            dcoef, dbias = _with_ones_t(core, dlam)
+            dcoef, dbias = _with_ones_t(core, self._gram.solve(r).to(f64))
         else:
             dv = self._gram.solve(torch.cat([core.mT @ r, r.sum(0, keepdim=True)])).to(f64)
             dcoef, dbias = dv[:-1].mT, dv[-1]
         wdt = self.dtype
-        out = self._finish(sol.target, (coef + dcoef).to(wdt), (bias + dbias).to(wdt))
+        out = self._finish(Z, R, (coef + dcoef).to(wdt), (bias + dbias).to(wdt))
         out.refined = True
         return out
 
