@@ -23,9 +23,11 @@ and on ``B`` (``n × p``):
 * ``n > p`` — **primal** (batch larger than the width): ``G = BᵀB`` (``p×p``); ``B`` usually has
   full *column* rank and ``v = G⁻¹ BᵀE`` is the least-squares solution (Cholesky); the system cannot
   have full row rank, so the half-layer takes the least-squares role;
-* **true rank loss** of the Gram on the smaller side (Cholesky fails, or a pivot falls below the
-  floor ``rank_rtol · max_i K_ii``): a rank-revealing QR with column pivoting (LAPACK ``gelsy``) of
-  that Gram gives its pseudo-inverse, ``v = Bᵀ K⁺ E`` or ``v = G⁺ BᵀE`` (both ``= B⁺E``), and its
+* **true rank loss** of the Gram on the smaller side (Cholesky fails, a pivot falls below the
+  floor ``rank_rtol · max_i K_ii``, or so does ``‖Bᵀx‖²`` (dual; ``‖Bx‖²`` primal) for the weakest
+  direction ``x`` that two steps of inverse iteration with the factor find: unpivoted Cholesky
+  is not rank-revealing): a rank-revealing QR with column pivoting (LAPACK ``gelsy``) of that
+  Gram gives its pseudo-inverse, ``v = Bᵀ K⁺ E`` or ``v = G⁺ BᵀE`` (both ``= B⁺E``), and its
   numerical rank (``rcond = rank_rtol``). No eigendecomposition on this path.
 
 Grams are formed in the working dtype (``gram_dtype``) and factored and solved in ``factor_dtype``
@@ -315,7 +317,7 @@ class GramSystem:
                 L, info = torch.linalg.cholesky_ex(K)
                 floor = self.rank_rtol * diag.max()
                 # Unpivoted Cholesky is not rank-revealing: rounding can lift a zero pivot of a
-                # singular Gram well above the floor. Three steps of inverse iteration with the
+                # singular Gram well above the floor. Two steps of inverse iteration with the
                 # factor find the weakest direction x; its Rayleigh quotient with the Gram itself
                 # (``quadratic``, e.g. ‖Bᵀx‖² from the factor B) decides.
                 x = self._inverse_iteration(L)
@@ -357,7 +359,7 @@ class GramSystem:
         self.exact = self.full_rank and config.method != "damped"
 
     @staticmethod
-    def _inverse_iteration(L: torch.Tensor, steps: int = 3) -> torch.Tensor:
+    def _inverse_iteration(L: torch.Tensor, steps: int = 2) -> torch.Tensor:
         """Unit ``x`` after ``steps`` of ``x ← (L Lᵀ)⁻¹ x`` from a fixed pseudo-random start."""
         g = torch.Generator().manual_seed(0x5EED)
         x = torch.randn(L.shape[0], 1, generator=g, dtype=L.dtype).to(L.device)
