@@ -22,7 +22,8 @@ def build_nme_report(out: Path, cfg: dict) -> Path:
     """Rebuild ``OUT/report.md`` and ``OUT/figures/*.png`` from the logs; ``cfg`` is the
     experiment's ``config.json``."""
     runs = [r for r in collect_runs(out) if spec_of(r)]
-    acts = []
+    acts = [a for a in cfg.get("preset", {}).get("activations", [])
+            if any(_activation(r) == a for r in runs)]          # the preset's order
     for r in runs:
         if _activation(r) not in acts:
             acts.append(_activation(r))
