@@ -123,11 +123,16 @@ def summarise(cp, steps: int) -> dict:
 
 
 def _commit() -> str | None:
+    """``HEAD``, with ``+dirty`` when tracked files differ from it (the numbers then do not come
+    from a committed state)."""
     import subprocess
 
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
+        head = git("rev-parse", "HEAD")
+        return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
     except (OSError, subprocess.CalledProcessError):
         return None
 

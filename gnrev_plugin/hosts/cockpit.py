@@ -44,6 +44,7 @@ with warnings.catch_warnings():  # cockpit 1.0.2 imports pkg_resources (deprecat
     from cockpit.utils import schedules
 
 from backpack.extensions import DiagGGNExact, DiagHessian
+from matplotlib.figure import Figure
 
 from ..metrics import kernel_alignment, linear_cka, nme_trace, revmlp_ntk, revmlp_representations
 from ..nn import RevMLP
@@ -284,7 +285,7 @@ def _series(output: dict, key: str, field: str | None = None) -> tuple[list[int]
 
 
 def plot(cockpit: Cockpit, path: str | None = None, title: str | None = None,
-         dpi: int = 100):
+         dpi: int = 100) -> Figure:
     """Cockpit's own dashboard (``CockpitPlotter``) with a column of gnrev instruments to its
     right: ``tr(NME)`` next to Cockpit's ``HessTrace``, the GN step's a-posteriori residual,
     and the NTK similarity and last-block CKA to init. Returns the figure; saves it to ``path``
