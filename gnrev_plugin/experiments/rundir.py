@@ -179,3 +179,43 @@ class RunDir:
             p = self.file(name)
             if p.exists():
                 p.unlink()
+
+
+# ---------------------------------------------------------------------------------- reader
+def _bracket(name: str, kwargs: dict) -> str:
+    inner = ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                     for k, v in sorted(kwargs.items()))
+    return f"{name}[{inner}]" if inner else name
+
+
+def read_runs(folder: str | Path) -> list:
+    """Curves (:class:`gnrev_plugin.results.Curve`) of every run directory under ``folder``
+    written by :func:`~gnrev_plugin.experiments.training.train_run` (``config.json`` holding the
+    resolved run spec, ``log.jsonl``). The optimizer is named by its registry name with its
+    options, ``gnrev.exact_gn[lr=0.2,rank_policy=warn]``, like benchopt's solver names; the
+    problem by the dataset, the model and the batch size (and the reproduction's setting)."""
+    from gnrev_plugin.results import Curve, Point, finite_or_none
+
+    folder = Path(folder)
+    curves = []
+    for log in sorted(folder.rglob(RunDir.LOG)) if folder.is_dir() else []:
+        run = RunDir(log.parent)
+        cfg, rows = run.read_config() or {}, run.rows()
+        spec = cfg.get("spec")
+        if not spec or not rows or "train_loss" not in rows[0]:
+            continue
+        problem = f"{spec['dataset']}"
+        if cfg.get("setting"):
+            problem += f" {cfg['setting']}"
+        problem += f" ({_bracket(spec['model'], spec['model_kwargs'])}, bs={spec['batch_size']})"
+        curve = Curve("gnrev", problem, _bracket(spec["optimizer"], spec["optimizer_kwargs"]),
+                      str(spec["seed"]))
+        for r in rows:
+            curve.points.append(Point(
+                epoch=finite_or_none(r.get("epoch")), steps=finite_or_none(r.get("steps")),
+                time=finite_or_none(r.get("time_s")),
+                train_loss=finite_or_none(r.get("train_loss")),
+                test_loss=finite_or_none(r.get("test_loss")),
+                test_acc=finite_or_none(r.get("test_acc"))))
+        curves.append(curve)
+    return curves
