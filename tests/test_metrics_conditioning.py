@@ -8,6 +8,7 @@ import pytest
 import torch
 from curvlinops import FisherType, GGNLinearOperator, KFACLinearOperator
 from torch import nn
+from torch.func import functional_call, jacrev
 
 from gnrev_plugin.metrics import (
     condition_number_from_eigenvalues,
@@ -455,3 +456,45 @@ def test_whitened_two_layer_closed_form_with_a_bottleneck_is_infinite():
     g = torch.Generator().manual_seed(10)
     W1, W2 = torch.randn(2, 4, generator=g, dtype=DT), torch.randn(3, 2, generator=g, dtype=DT)
     assert math.isinf(whitened_two_layer_condition_number(W1, W2))
+
+
+class CoupledSumLoss(nn.Module):
+    """``(Σ_{n,c} (z − y))²``: its Hessian 2·11ᵀ couples the samples (not per-sample separable)."""
+
+    reduction = "sum"
+
+    def forward(self, z, y):
+        return (z - y).sum() ** 2
+
+
+def test_gn_gram_with_a_loss_that_couples_samples():
+    """Nonzero spectrum of ``S K S`` = that of ``Jᵀ H_z J`` with dense jacrev/hessian (1e-9)."""
+    torch.manual_seed(11)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(DT)
+    X, Y = torch.randn(5, 3, dtype=DT), torch.randn(5, 2, dtype=DT)
+    names = [n for n, _ in model.named_parameters()]
+    ps = tuple(p.detach() for p in model.parameters())
+    jac = jacrev(lambda *q: functional_call(model, dict(zip(names, q, strict=True)), (X,))
+                 .reshape(-1), argnums=tuple(range(len(ps))))(*ps)
+    J = torch.cat([j.reshape(10, -1) for j in jac], 1)
+    Hz = torch.func.hessian(lambda z: CoupledSumLoss()(z.reshape(5, 2), Y))(
+        model(X).detach().reshape(-1))
+    assert (Hz - 2 * torch.ones(10, 10, dtype=DT)).abs().max() < 1e-12
+    want = nonzero_desc(torch.linalg.eigvalsh(J.T @ Hz @ J), rtol=1e-9)
+    got = nonzero_desc(torch.linalg.eigvalsh(gn_gram_matrix(model, CoupledSumLoss(), [(X, Y)])),
+                       rtol=1e-9)
+    assert want.numel() == got.numel() == 1
+    assert torch.allclose(got, want, rtol=1e-9, atol=0)
+
+
+def test_deep_linear_bounds_rounding_level_sigma_and_indefinite_sigma():
+    """σ_k(W_{>1}) = 1e-12 next to σ_1 = 1e6 is below max(shape)·eps·σ_1: counted as 0, so the
+    loose bound is ∞; a Σ whose smallest eigenvalue is a rounding-level negative is singular."""
+    W1 = torch.eye(3, dtype=DT)
+    W2 = torch.diag(torch.tensor([1e6, 1.0, 1e-12], dtype=DT))
+    b = deep_linear_condition_bounds([W1, W2])
+    assert b["terms"][0]["min2"] == 0.0 and math.isinf(b["loose"])
+    Sigma = torch.diag(torch.tensor([1.0, 2.0, -1e-18], dtype=DT))
+    assert math.isinf(deep_linear_condition_bounds([W1, W2], Sigma)["kappa_sigma"])
+    with pytest.raises(ValueError, match="^need at least one weight matrix$"):
+        deep_linear_condition_bounds([])

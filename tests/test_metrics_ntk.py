@@ -268,3 +268,32 @@ def test_kernel_target_alignment_class_count_and_shape_errors():
     with pytest.raises(ValueError, match=r"^kernels must be square matrices of equal shape, got "
                                          r"\(5, 5\) and \(4, 4\)$"):
         kernel_alignment(torch.eye(5, dtype=DT), torch.eye(4, dtype=DT))
+
+
+def test_curvlinops_ntk_of_a_parameter_subset_and_frozen_weights():
+    """``params=`` restricts the curvlinops NTK to those parameters; a RevMLP whose weights are
+    frozen (biases trained) gives the structured NTK of the biases alone (A = [1])."""
+    model = revmlp(9, L=2)
+    X = torch.randn(4, 8, generator=torch.Generator().manual_seed(9), dtype=DT)
+    sub = [model.blocks[1].f.linear.weight, model.blocks[0].g.linear.bias]
+    names = {id(p): n for n, p in model.named_parameters()}
+    sub_names = [names[id(p)] for p in sub]
+
+    def J_of(names_):
+        base = {n: p.detach() for n, p in model.named_parameters()}
+
+        def f(*ps):
+            return functional_call(model, {**base, **dict(zip(names_, ps, strict=True))},
+                                   (X,)).reshape(-1)
+        jac = jacrev(f, argnums=tuple(range(len(names_))))(*(base[n] for n in names_))
+        return torch.cat([j.reshape(j.shape[0], -1) for j in jac], 1)
+
+    Js = J_of(sub_names)
+    assert torch.allclose(empirical_ntk(model, X, method="curvlinops", params=sub), Js @ Js.T,
+                          rtol=0, atol=1e-12)
+    for blk in model.blocks:
+        blk.f.linear.weight.requires_grad_(False)
+        blk.g.linear.weight.requires_grad_(False)
+    bias_names = [n for n, p in model.named_parameters() if p.requires_grad]
+    Jb = J_of(bias_names)
+    assert torch.allclose(revmlp_ntk(model, X), Jb @ Jb.T, rtol=0, atol=1e-12)
