@@ -41,7 +41,7 @@ from .plugins import PluginError, Registry, get_registry
 
 __all__ = ["RunSpec", "Built", "LOSSES", "build", "build_model", "build_optimizer", "build_loss",
            "loss_targets", "build_run_metrics", "evaluate_run_metrics", "load_data",
-           "parse_options", "short_name"]
+           "parse_options", "short_name", "resolve_device"]
 
 #: Losses a run may use: mean cross-entropy on class indices, or mean squared error on one-hot
 #: targets ``‖F − Y‖² / (nC)`` (``nn.MSELoss()``).
@@ -150,7 +150,8 @@ class Built:
     initial_model: nn.Module | None = None
 
 
-def _device(device: str | torch.device) -> torch.device:
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``torch.device(device)``, refusing a CUDA device on a machine without one (``ValueError``)."""
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(device)!r} requested, but torch.cuda.is_available() is "
@@ -175,7 +176,7 @@ def build_model(name: str, kwargs: Mapping | None = None, *, in_features: int, n
                              f"{err}") from err
     if not isinstance(model, nn.Module):
         raise PluginError(f"model {name!r} returned {type(model).__name__}, not an nn.Module")
-    return model.to(_device(device))
+    return model.to(resolve_device(device))
 
 
 def build_optimizer(name: str, model: nn.Module, kwargs: Mapping | None = None, *,

@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from realdata import REAL_MNIST, needs_real_mnist
 
 TOY = Path(__file__).resolve().parent / "fixtures" / "gnrev_toy_plugin"

@@ -25,11 +25,11 @@ import torch
 from gnrev_plugin import data as gdata
 from gnrev_plugin.build import RunSpec, build, evaluate_run_metrics, loss_targets, short_name
 from gnrev_plugin.plugins import Registry
-from gnrev_plugin.stepping import StepResult, evaluate, train_step
+from gnrev_plugin.stepping import evaluate, train_step
 
 from .rundir import RunDir
 
-__all__ = ["evaluate", "train_run", "train_step", "StepResult", "RunInterrupted"]
+__all__ = ["train_run", "RunInterrupted"]
 
 
 class RunInterrupted(BaseException):
