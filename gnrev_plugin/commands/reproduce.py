@@ -37,6 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from gnrev_plugin.build import resolve_device
     from gnrev_plugin.experiments.catalog import EXPERIMENTS
 
     if args.threads:
@@ -50,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
 
     experiment = EXPERIMENTS[args.experiment]
     try:
-        device = str(torch.device(args.device))
+        device = str(resolve_device(args.device))  # a missing GPU is refused before any run
     except RuntimeError as err:
         raise ValueError(f"--device {args.device!r} is not a torch device: {err}") from None
     print(f"gnrev reproduce {args.experiment} ({experiment.paper}): preset {args.preset}, data "
