@@ -498,3 +498,18 @@ def test_deep_linear_bounds_rounding_level_sigma_and_indefinite_sigma():
     assert math.isinf(deep_linear_condition_bounds([W1, W2], Sigma)["kappa_sigma"])
     with pytest.raises(ValueError, match="^need at least one weight matrix$"):
         deep_linear_condition_bounds([])
+
+
+def test_condition_report_default_window_and_side_selection():
+    ev = torch.tensor([8.0, 4.0, 2.0, 1.0, 0.5, 0.25, 0.125, 0.0625, 0.0], dtype=DT)
+    rep = condition_number_from_eigenvalues(ev)                  # default rank_window = 3
+    assert rep.rank == 8 and [r["rank"] for r in rep.rank_sensitivity] == [5, 6, 7, 8, 9]
+    torch.manual_seed(12)
+    model = nn.Sequential(nn.Linear(2, 2), nn.Tanh(), nn.Linear(2, 2)).to(DT)    # P = 12
+    X, Y = torch.randn(8, 2, dtype=DT), torch.randn(8, 2, dtype=DT)             # nC = 16
+    assert gn_condition_number(model, nn.MSELoss(), [(X, Y)]).side == "parameter"   # P ≤ nC
+    sub = [model[0].weight]
+    rep = gn_condition_number(model, nn.MSELoss(), [(X[:2], Y[:2])], params=sub)
+    assert rep.side == "parameter" and rep.rank <= 4
+    with pytest.raises(ValueError, match="^side must be 'auto', 'parameter' or 'gram'$"):
+        gn_condition_number(model, nn.MSELoss(), [(X, Y)], side="both")
