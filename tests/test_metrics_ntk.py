@@ -297,3 +297,26 @@ def test_curvlinops_ntk_of_a_parameter_subset_and_frozen_weights():
     bias_names = [n for n, p in model.named_parameters() if p.requires_grad]
     Jb = J_of(bias_names)
     assert torch.allclose(revmlp_ntk(model, X), Jb @ Jb.T, rtol=0, atol=1e-12)
+
+
+def test_empirical_ntk_dispatch_trace_outputs_and_errors():
+    """``auto`` on a RevMLP with ``params=`` uses torch.func (the structured path refuses a
+    subset); ``trace_outputs`` through the structured and curvlinops paths; clear errors."""
+    model = revmlp(10, L=2)
+    X = torch.randn(4, 8, generator=torch.Generator().manual_seed(10), dtype=DT)
+    J = jacobian_oracle(model, X)
+    K = J @ J.T
+    K_tr = np.einsum("iajb->ij", (K.reshape(4, 3, 4, 3) * np.eye(3)[None, :, None, :]).numpy())
+    for method in ("auto", "structured", "curvlinops"):
+        got = empirical_ntk(model, X, method=method, trace_outputs=True)
+        assert got.shape == (4, 4)
+        np.testing.assert_allclose(got.numpy(), K_tr, rtol=0, atol=1e-12 * np.abs(K_tr).max())
+    sub = [model.blocks[0].f.linear.weight]
+    Jw = J[:, :model.blocks[0].f.linear.weight.numel()]
+    assert torch.allclose(empirical_ntk(model, X, params=sub), Jw @ Jw.T, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match=r"^the structured NTK uses all trainable RevMLP "
+                       r"parameters; freeze others with requires_grad=False instead of params=$"):
+        empirical_ntk(model, X, method="structured", params=sub)
+    with pytest.raises(ValueError, match=r"^unknown NTK method 'nope'; use auto, func, "
+                                         r"curvlinops or structured$"):
+        empirical_ntk(model, X, method="nope")
