@@ -11,7 +11,9 @@ executed the mutated function, fastest first, stopping at the first failure.
     python tests/run_mutation.py --show-survivors      # with the diff of every survivor
 
 Writes ``summary.json`` and ``summary.md`` (kill rate per module, survivors) to ``--workdir``.
-Not part of CI. Budget: about 30 minutes on 2 cores for all groups.
+Not part of CI. ``tox -e mutation`` passes ``--sample 250`` (at most 250 mutants per module, a
+fixed hash-ordered sample): about 1,300 mutants at ~2 CPU-seconds each, under 30 minutes on 2
+cores; ``--sample 0`` runs all ~3,100 (about an hour).
 """
 
 from __future__ import annotations
@@ -225,8 +227,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-children", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--show-survivors", action="store_true", help="add each survivor's diff")
     ap.add_argument("--sample", type=int, default=None, metavar="N",
-                    help="run a deterministic sample of N mutants per module (a quick estimate; "
-                    "the kill rate is then over the sample)")
+                    help="run a deterministic sample of at most N mutants per module (the kill "
+                    "rate is then over the sample); 0: every mutant")
     ap.add_argument("--reuse", action="store_true",
                     help="reuse an existing copy and its mutmut results in --workdir")
     args = ap.parse_args(argv)
