@@ -391,7 +391,7 @@ def _describe(systems: dict[int, _BlockSystems], blocks: list[int], n: int) -> s
 
 def right_inverse(
     model: RevMLP,
-    acts: list[BlockActivations],
+    acts: list[BlockActivations | LinearBlockActivations],
     target: torch.Tensor,
     config: SolverConfig,
     blocks: list[int] | None = None,
@@ -405,7 +405,8 @@ def right_inverse(
 
     Args:
         model: the RevMLP, at the parameters where ``acts`` were recorded.
-        acts: per-block activations from ``model.features_with_activations(x)``.
+        acts: per-block activations from ``model.features_with_activations(x)`` or
+            :func:`step_forward` (which gives linear blocks as :class:`LinearBlockActivations`).
         target: output-space target ``T`` shaped like ``model(x)``.
         config: the half-layer solver.
         blocks: indices of the blocks whose parameters change (default: all).
