@@ -7,7 +7,9 @@ One step on a batch ``(X, Y)`` with outputs ``F`` and Newton target ``ε = H⁻�
 
 where ``J†`` is the per-block right inverse of :mod:`gnrev_plugin.optim.right_inverse`
 (``J J† = I``; its row-space projection is the Moore-Penrose step ``J⁺ε``). Cost: one forward pass,
-``2L`` Grams ``A Aᵀ`` (``O(n²M)`` each) and ``2L − 1`` JVPs, about one gradient step.
+the Grams of the ``2L`` half-layer systems on their smaller side (``n×n``, ``(M+1)×(M+1)``, or
+``(d/2+1)×(d/2+1)`` for a linear block; :mod:`gnrev_plugin.optim.solvers`), ``ΔW`` and the input
+JVPs of the sweeps: about one gradient step.
 
 **Step-size conventions.** ``step_convention="function_space"`` (default): ``α = lr``; ``α = 1``
 interpolates the batch to first order (MSE residual contracts as ``1 − α``).
@@ -53,10 +55,6 @@ STEP_CONVENTIONS = ("function_space", "reference")
 
 #: Solver defaults live in :class:`~gnrev_plugin.optim.solvers.SolverConfig` (one place).
 _SOLVER = SolverConfig()
-#: Param-group keys that build the :class:`SolverConfig` of a step.
-_SOLVER_KEYS = ("solver", "rtol", "atol", "damping", "rank_rtol", "gram_dtype", "factor_dtype",
-                "residual_rtol")
-
 
 def _recorded_activations(model: RevMLP):
     """The block activations the RevMLP recorded in the forward pass the capture just saw."""
