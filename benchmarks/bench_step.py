@@ -145,22 +145,42 @@ class threaded_factorisations:  # noqa: N801 - a context manager
         solvers.single_threaded.__init__ = self._init
 
 
-def contention(x, y, M: int, rounds: int) -> dict[str, float]:
-    """Medians with the machine as it is, then with a 2-thread matmul process running."""
-    pair = Pair(x, y, M, warn=True)
-    fns = pair.fns(drop_in=False)
-    quiet = interleaved(fns, rounds)
-    proc = subprocess.Popen([sys.executable, "-c", _COMPETITOR], stdout=subprocess.PIPE,
-                            text=True)
-    try:
-        proc.stdout.readline()                     # the competitor is running
-        time.sleep(0.5)
-        busy = interleaved(fns, rounds)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-    return {"quiet_gn": quiet["explicit"], "quiet_adam": quiet["adam"],
-            "busy_gn": busy["explicit"], "busy_adam": busy["adam"], "systems": pair.systems()}
+def contention(x, y, M: int, rounds: int, cycles: int = 3) -> dict:
+    """Step times with the machine as it is ("quiet") and with a second process running 2-thread
+    matmuls ("busy"), in ``cycles`` alternating phases of ``rounds`` interleaved rounds each (so
+    drifts of the machine's own load hit both phases); medians over all rounds of a phase. Adam,
+    ExactGN, and ExactGN with threaded factorisations are interleaved in every round."""
+    pair, other = Pair(x, y, M, warn=True), Pair(x, y, M, warn=True)
+
+    def threaded_step() -> None:
+        with threaded_factorisations():
+            other.explicit_step()
+
+    fns = {"adam": pair.adam_step, "gn": pair.explicit_step, "gn_threaded": threaded_step}
+    for f in fns.values():
+        f()
+    samples = {phase: {k: [] for k in fns} for phase in ("quiet", "busy")}
+
+    def run(phase: str) -> None:
+        for _ in range(rounds):
+            for k, f in fns.items():
+                t = time.perf_counter()
+                f()
+                samples[phase][k].append(time.perf_counter() - t)
+
+    for _ in range(cycles):
+        run("quiet")
+        proc = subprocess.Popen([sys.executable, "-c", _COMPETITOR], stdout=subprocess.PIPE,
+                                text=True)
+        try:
+            proc.stdout.readline()                 # the competitor is running
+            time.sleep(0.3)
+            run("busy")
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    med = {ph: {k: statistics.median(v) for k, v in d.items()} for ph, d in samples.items()}
+    return {"quiet": med["quiet"], "busy": med["busy"], "systems": pair.systems()}
 
 
 def cpu_work(x, y, M: int, rounds: int, warn: bool = False) -> dict[str, float]:
@@ -236,8 +256,6 @@ def main() -> None:
         run("paper, nonlinear first block", "Gaussian", *paper, 8000, "(was 1.59×)",
             rounds=min(R, 3), linear_first=False)
     c = contention(xd, yd, 512, max(R, 9))
-    with threaded_factorisations():
-        c_thr = contention(xd, yd, 512, max(R, 9))
     print(f"  done: contention ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
     work = []
     sizes = [("small (128, 64, 512)", gaussian_batch(128, 64), 512, False),
@@ -260,19 +278,20 @@ def main() -> None:
     print(tabulate(rows, headers=["size (n, d, M)", "data", "ExactGN explicit / Adam", "goal",
                                   "(fastest rounds)", "drop-in / Adam", "explicit / Adam ms",
                                   "block systems"], tablefmt="github"))
-    slow_gn, slow_adam = c["busy_gn"] / c["quiet_gn"], c["busy_adam"] / c["quiet_adam"]
+    q, b = c["quiet"], c["busy"]
+    slow = {k: b[k] / q[k] for k in q}
     print()
     print(tabulate([
         ["ExactGN slowdown / Adam slowdown under a 2-thread matmul process",
-         f"{slow_gn / slow_adam:.2f}×", "≤ 2×",
-         f"GN {c['quiet_gn'] * 1e3:.1f} → {c['busy_gn'] * 1e3:.1f} ms ({slow_gn:.2f}×); Adam "
-         f"{c['quiet_adam'] * 1e3:.1f} → {c['busy_adam'] * 1e3:.1f} ms ({slow_adam:.2f}×)"],
+         f"{slow['gn'] / slow['adam']:.2f}×", "≤ 2×",
+         f"GN {q['gn'] * 1e3:.1f} → {b['gn'] * 1e3:.1f} ms ({slow['gn']:.2f}×); Adam "
+         f"{q['adam'] * 1e3:.1f} → {b['adam'] * 1e3:.1f} ms ({slow['adam']:.2f}×)"],
         ["ExactGN / Adam under that load (MNIST 8×8, n=128, M=512)",
-         f"{c['busy_gn'] / c['busy_adam']:.2f}×", "", c["systems"]],
-        ["same, factorisations threaded (before #10), slowdown ratio",
-         f"{(c_thr['busy_gn'] / c_thr['quiet_gn']) / (c_thr['busy_adam'] / c_thr['quiet_adam']):.2f}×",
-         "", f"GN {c_thr['quiet_gn'] * 1e3:.1f} → {c_thr['busy_gn'] * 1e3:.1f} ms; Adam "
-             f"{c_thr['quiet_adam'] * 1e3:.1f} → {c_thr['busy_adam'] * 1e3:.1f} ms"],
+         f"{b['gn'] / b['adam']:.2f}×", "", c["systems"]],
+        ["same rounds, factorisations threaded (before #10): slowdown / Adam's",
+         f"{slow['gn_threaded'] / slow['adam']:.2f}×", "",
+         f"GN {q['gn_threaded'] * 1e3:.1f} → {b['gn_threaded'] * 1e3:.1f} ms "
+         f"({slow['gn_threaded']:.2f}×)"],
         ["DenseGN / SGD step (MLP 784-512-512-10, n=128)",
          f"{td['dense_gn'] / td['sgd']:.1f}×", "≤ 20×",
          f"{td['dense_gn'] * 1e3:.1f} / {td['sgd'] * 1e3:.1f} ms"],
