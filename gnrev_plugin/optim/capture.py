@@ -69,6 +69,10 @@ class CapturedBatch:
     grad: torch.Tensor | None = None
 
 
+#: Ops whose result is the same values as their first argument (kept probed).
+_ALIASES = {torch.Tensor.view_as}
+
+
 class _ProbedOutput(torch.Tensor):
     """The model output, marked so that loss calls on it are recorded."""
 
@@ -85,7 +89,16 @@ class _ProbedOutput(torch.Tensor):
             if cap is not None and isinstance(other, torch.Tensor):
                 cap._record_loss(LossCall(kind, other.detach(), dict(kwargs)))
         with DisableTorchFunctionSubclass():
-            return func(*args, **kwargs)
+            out = func(*args, **kwargs)
+        if func in _ALIASES and args and isinstance(args[0], _ProbedOutput) \
+                and isinstance(out, torch.Tensor):
+            # An alias of the output is still the output: a module's full backward hook (BackPACK's
+            # ``extend``, hence Cockpit) routes it through an autograd Function whose identity
+            # outputs are ``view_as`` aliases; the loss is then applied to the alias.
+            alias = out.as_subclass(_ProbedOutput)
+            alias._gnrev_capture = args[0]._gnrev_capture
+            return alias
+        return out
 
 
 class OutputCapture:
