@@ -116,8 +116,10 @@ def batches(steps: int, n, d: int = 6, C: int = 3, seed: int = 0, dtype: torch.d
              torch.randint(0, C, (k,), generator=g)) for k in sizes]
 
 
-def train(model, opt, data, quantities, extra_info=None):
-    """The plain Cockpit loop of Cockpit's README, with ``model`` and ``opt`` as given."""
+def train(model, opt, data, quantities, extra_info=None, explicit: bool = False):
+    """The plain Cockpit loop of Cockpit's README, with ``model`` and ``opt`` as given
+    (``explicit``: ExactGN steps with ``step_on_batch(X, y)`` on the batch Cockpit just saw, the
+    same update as the drop-in ``opt.step()``)."""
     loss_fn = extend(nn.CrossEntropyLoss())
     per_sample = nn.CrossEntropyLoss(reduction="none")
     cp = Cockpit(model.parameters(), quantities=quantities)
@@ -131,7 +133,10 @@ def train(model, opt, data, quantities, extra_info=None):
                 "optimizer": opt, **(extra_info(X, y) if extra_info else {})}
         with cp(step, info=info):
             loss.backward(create_graph=cp.create_graph(step))
-        opt.step()
+        if explicit:
+            opt.step_on_batch(X, y)
+        else:
+            opt.step()
     params.append(flat_params(model))
     return cp, params
 
@@ -232,8 +237,8 @@ OPTIMIZERS = {
 
 
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
-@pytest.mark.parametrize("optimizer", [pytest.param("exactgn", marks=needs_capture), "sgd",
-                                       "adam"])
+@pytest.mark.parametrize("optimizer", [pytest.param("exactgn", marks=needs_capture),
+                                       "exactgn-explicit", "sgd", "adam"])
 def test_full_configuration_runs_unchanged_and_matches_dense_oracles(optimizer, activation,
                                                                      tmp_path):
     """Cockpit's ``"full"`` configuration and its plotter on ``extend(RevMLP)``: every quantity at
@@ -242,8 +247,9 @@ def test_full_configuration_runs_unchanged_and_matches_dense_oracles(optimizer, 
     In float32, since Cockpit's ``HessMaxEV`` multiplies float32 vectors: ``rtol = 1e-4``."""
     model, twin = make(activation, seed=1, dtype=torch.float32)
     data = batches(3, 6, seed=1, dtype=torch.float32)
-    cp, _ = train(model, OPTIMIZERS[optimizer](model), data,
-                  configuration("full") + gnrev_quantities(model, data[0][0]))
+    cp, _ = train(model, OPTIMIZERS[optimizer.split("-")[0]](model), data,
+                  configuration("full") + gnrev_quantities(model, data[0][0]),
+                  explicit=optimizer.endswith("explicit"))
     out = cp.get_output()
     assert_full_output(out, 3)
     assert {"GNStepExactness", "NMETrace", "NTKSimilarityToInit", "CKAToInit"} <= set(out[0])
@@ -326,9 +332,9 @@ def _design_ranks(twin: RevMLP, X) -> tuple[list[int], list[int]]:
     return rf, rg
 
 
-@needs_capture
+@pytest.mark.parametrize("explicit", [pytest.param(False, marks=needs_capture), True])
 @pytest.mark.parametrize("M,sizes", [(16, [4, 5, 7, 6]), (4, [8, 9, 10, 8])])
-def test_gn_step_exactness_reports_each_step_against_dense_oracles(M, sizes):
+def test_gn_step_exactness_reports_each_step_against_dense_oracles(M, sizes, explicit):
     """Iteration ``t``'s value describes the step ``opt.step()`` took at ``t``: its ranks are
     those of that batch's design matrices, and its function-space residual is the dense
     ``‖J Δθ + α ε‖/‖α ε‖`` (``ε = softmax(F) − onehot(y)``) of that step. With ``M + 1 < n`` every
@@ -337,7 +343,7 @@ def test_gn_step_exactness_reports_each_step_against_dense_oracles(M, sizes):
     data = batches(3, sizes, seed=4)
     opt = ExactGN(model.parameters(), lr=0.5, loss="cross_entropy", rank_policy="warn",
                   verify=True)
-    cp, params = train(model, opt, data, [GNStepExactness()])
+    cp, params = train(model, opt, data, [GNStepExactness()], explicit=explicit)
     out = cp.get_output()
     assert "GNStepExactness" not in out[len(data) - 1]  # read at the next iteration, like Alpha
     for step, (X, y) in enumerate(data[:-1]):
