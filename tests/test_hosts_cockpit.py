@@ -46,7 +46,6 @@ from gnrev_plugin.hosts.cockpit import (  # noqa: E402
 )
 from gnrev_plugin.nn import RevMLP  # noqa: E402
 from gnrev_plugin.optim import ExactGN  # noqa: E402
-from gnrev_plugin.optim.errors import LossCaptureError  # noqa: E402
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
               pytest.mark.filterwarnings("ignore::DeprecationWarning"),
@@ -56,32 +55,6 @@ F64 = torch.float64
 FULL = [cls.__name__ for cls in quantities_cls_for_configuration("full")]
 TWO_STEP = {"Alpha", "UpdateSize"}  # reported at t once iteration t + 1 has run
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "hosts" / "cockpit.md"
-
-
-def _drop_in_capture_survives_extend() -> bool:
-    """Whether ExactGN's drop-in ``opt.step()`` still sees the loss once BackPACK's full backward
-    hook wraps the model output (``gnrev_plugin/optim/capture.py`` must keep its loss probe
-    through the hook's ``view_as``)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = extend(RevMLP(4, 4, 1, 2, seed=0))
-        opt = ExactGN(model.parameters(), lr=0.1, loss="cross_entropy", rank_policy="warn")
-        try:
-            nn.CrossEntropyLoss()(model(torch.randn(2, 4)), torch.tensor([0, 1])).backward()
-            opt.step()
-            return True
-        except LossCaptureError:
-            return False
-        finally:
-            opt.close()
-            CTX.remove_hooks()
-
-
-CAPTURE_BUG = not _drop_in_capture_survives_extend()
-needs_capture = pytest.mark.xfail(
-    CAPTURE_BUG, strict=True, raises=LossCaptureError,
-    reason="optim/capture.py loses ExactGN's loss probe through BackPACK's full backward hook "
-           "(the hook's view_as returns a plain tensor); fix there, then this runs for real")
 
 
 @pytest.fixture(autouse=True)
@@ -217,7 +190,6 @@ for step in range(3):
 '''  # verbatim from the issue (its one long line is split in this file only)
 
 
-@needs_capture
 def test_issue_acceptance_snippet_runs_with_every_full_quantity():
     bp_host.disable()  # the snippet's own enable() must be enough
     namespace: dict = {}
@@ -237,7 +209,7 @@ OPTIMIZERS = {
 
 
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
-@pytest.mark.parametrize("optimizer", [pytest.param("exactgn", marks=needs_capture),
+@pytest.mark.parametrize("optimizer", ["exactgn",
                                        "exactgn-explicit", "sgd", "adam"])
 def test_full_configuration_runs_unchanged_and_matches_dense_oracles(optimizer, activation,
                                                                      tmp_path):
@@ -332,7 +304,7 @@ def _design_ranks(twin: RevMLP, X) -> tuple[list[int], list[int]]:
     return rf, rg
 
 
-@pytest.mark.parametrize("explicit", [pytest.param(False, marks=needs_capture), True])
+@pytest.mark.parametrize("explicit", [False, True])
 @pytest.mark.parametrize("M,sizes", [(16, [4, 5, 7, 6]), (4, [8, 9, 10, 8])])
 def test_gn_step_exactness_reports_each_step_against_dense_oracles(M, sizes, explicit):
     """Iteration ``t``'s value describes the step ``opt.step()`` took at ``t``: its ranks are
@@ -423,7 +395,6 @@ def test_plot_puts_gnrev_instruments_next_to_cockpit_s(tmp_path):
     assert '"defined": false' in (tmp_path / "log.json").read_text()
 
 
-@needs_capture
 def test_docs_page_examples_run(capsys):
     blocks = re.findall(r"```python\n(.*?)```", DOCS.read_text(), flags=re.S)
     assert blocks
