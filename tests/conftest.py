@@ -31,6 +31,9 @@ settings.register_profile("thorough", deadline=None, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 settings.load_profile("ci" if os.environ.get("CI") else os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
+#: Shared fixtures: ``toy_registry`` (the repo's toy plugin installed on sys.path).
+pytest_plugins = ["toy_plugin"]
+
 #: A skip under CI is allowed only for a test that truly needs a missing GPU.
 GPU_SKIP = re.compile(r"\b(gpu|cuda)\b", re.IGNORECASE)
 

@@ -12,15 +12,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from realdata import REAL_MNIST, needs_real_mnist
+from toy_plugin import pip_install
 
-TOY = Path(__file__).resolve().parent / "fixtures" / "gnrev_toy_plugin"
 BIN = Path(sys.executable).parent
 
 
@@ -29,13 +28,7 @@ def toy_env(tmp_path_factory) -> dict:
     """The toy plugin pip-installed into a target directory on PYTHONPATH, a private solver
     cache, and the real MNIST location."""
     root = tmp_path_factory.mktemp("toy")
-    src, target = root / "src", root / "site"
-    shutil.copytree(TOY, src)
-    pip = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index",
-         "--no-build-isolation", "--target", str(target), str(src)],
-        capture_output=True, text=True, timeout=300)
-    assert pip.returncode == 0, pip.stderr
+    target = pip_install(root)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(target), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"

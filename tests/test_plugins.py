@@ -15,11 +15,11 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+from toy_plugin import forget_toy_modules, install_dist_info, pip_install, write_dist
 
 from gnrev_plugin.cli import main as gnrev_main
 from gnrev_plugin.plugins import (
@@ -32,37 +32,18 @@ from gnrev_plugin.plugins import (
     discover,
 )
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
-TOY = FIXTURES / "gnrev_toy_plugin"
 REQUIRED = {"model": ["gnrev.revmlp"], "optimizer": ["gnrev.exact_gn", "gnrev.dense_gn"],
             "metric": ["gnrev.decompose", "gnrev.empirical_ntk", "gnrev.linear_cka",
                        "gnrev.gn_condition_number"]}
 
 
-def write_dist(root: Path, dist: str, version: str, entry_points: dict[str, str],
-               modules: dict[str, str]) -> None:
-    """An installed distribution as pip leaves it: package files + ``<dist>-<v>.dist-info``."""
-    info = root / f"{dist.replace('-', '_')}-{version}.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
-    eps = "\n".join(f"{k} = {v}" for k, v in entry_points.items())
-    (info / "entry_points.txt").write_text(f"[gnrev.plugins]\n{eps}\n")
-    for relpath, src in modules.items():
-        path = root / relpath
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(textwrap.dedent(src))
-
-
 @pytest.fixture
 def toy_site(tmp_path, monkeypatch) -> Path:
     """The toy plugin installed as a dist-info on sys.path (removed after the test)."""
-    site = tmp_path / "site"
-    shutil.copytree(TOY / "gnrev_toy", site / "gnrev_toy")
-    write_dist(site, "gnrev-toy-plugin", "0.3.1", {"toy": "gnrev_toy.plugin"}, {})
+    site = install_dist_info(tmp_path / "site")
     monkeypatch.syspath_prepend(str(site))
     yield site
-    for mod in [m for m in sys.modules if m == "gnrev_toy" or m.startswith("gnrev_toy.")]:
-        del sys.modules[mod]
+    forget_toy_modules()
 
 
 BAD_PLUGINS = {
@@ -371,13 +352,7 @@ def test_unusable_embedded_plugin_objects_are_reported():
 def test_pip_installed_plugin_in_a_fresh_interpreter(tmp_path):
     """Build and install the toy plugin with pip, then run ``gnrev list`` in a new process."""
     pytest.importorskip("setuptools", reason="building the toy plugin needs setuptools")
-    src, target = tmp_path / "src", tmp_path / "site"
-    shutil.copytree(TOY, src)
-    pip = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index",
-         "--no-build-isolation", "--target", str(target), str(src)],
-        capture_output=True, text=True, timeout=240)
-    assert pip.returncode == 0, pip.stderr
+    target = pip_install(tmp_path)
     assert list(target.glob("gnrev_toy_plugin-0.3.1.dist-info/entry_points.txt"))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(target), os.environ.get("PYTHONPATH", "")])}

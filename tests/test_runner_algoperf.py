@@ -10,7 +10,6 @@ import copy
 import enum
 import importlib.util
 import json
-import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -81,27 +80,6 @@ class FakeWorkload:
             n_valid = torch.as_tensor(len(per_example))
         return {"summed": per_example.sum(), "n_valid_examples": n_valid,
                 "per_example": per_example}
-
-
-@pytest.fixture
-def toy_registry(tmp_path, monkeypatch):
-    """The repo's toy plugin installed for real: its package and a ``.dist-info`` with the
-    ``gnrev.plugins`` entry point on ``sys.path``; the process registry is rediscovered."""
-    site = tmp_path / "site"
-    shutil.copytree(TOY / "gnrev_toy", site / "gnrev_toy")
-    info = site / "gnrev_toy_plugin-0.3.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: gnrev-toy-plugin\n"
-                                   "Version: 0.3.1\n")
-    (info / "entry_points.txt").write_text("[gnrev.plugins]\ntoy = gnrev_toy.plugin\n")
-    monkeypatch.syspath_prepend(str(site))
-    reg = get_registry(refresh=True)
-    assert "toy.sign_sgd" in reg.names("optimizer")
-    yield reg
-    monkeypatch.undo()
-    for mod in [m for m in sys.modules if m == "gnrev_toy" or m.startswith("gnrev_toy.")]:
-        del sys.modules[mod]
-    get_registry(refresh=True)
 
 
 def _batches(seed, n_batches, n, d, classes, dtype=torch.float32):

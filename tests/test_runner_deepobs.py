@@ -17,7 +17,6 @@ import math
 import os
 import pickle
 import re
-import shutil
 import subprocess
 import sys
 import warnings
@@ -34,7 +33,7 @@ from gnrev_plugin.hosts import deepobs as dob
 from gnrev_plugin.hosts.deepobs import compat
 from gnrev_plugin.optim import DenseGN, ExactGN
 from gnrev_plugin.optim.errors import LossCaptureError, RankDeficiencyError
-from gnrev_plugin.plugins import UnknownNameError, get_registry
+from gnrev_plugin.plugins import UnknownNameError
 
 TOY = Path(__file__).resolve().parent / "fixtures" / "gnrev_toy_plugin"
 
@@ -63,27 +62,6 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def toy_registry(tmp_path, monkeypatch):
-    """The repo's toy plugin installed for real: its package and a ``.dist-info`` with the
-    ``gnrev.plugins`` entry point on ``sys.path``; the process registry is rediscovered."""
-    site = tmp_path / "site"
-    shutil.copytree(TOY / "gnrev_toy", site / "gnrev_toy")
-    info = site / "gnrev_toy_plugin-0.3.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: gnrev-toy-plugin\n"
-                                   "Version: 0.3.1\n")
-    (info / "entry_points.txt").write_text("[gnrev.plugins]\ntoy = gnrev_toy.plugin\n")
-    monkeypatch.syspath_prepend(str(site))
-    reg = get_registry(refresh=True)
-    assert "toy.sign_sgd" in reg.names("optimizer")
-    yield reg
-    monkeypatch.undo()
-    for mod in [m for m in sys.modules if m == "gnrev_toy" or m.startswith("gnrev_toy.")]:
-        del sys.modules[mod]
-    get_registry(refresh=True)
 
 
 def _fake_idx_dir(root: Path, n_train=300, n_test=100, seed=0, t10k_only=False) -> Path:
