@@ -373,3 +373,22 @@ def test_metrics_do_not_import_the_optimizer():
             "print(any(m.startswith('gnrev_plugin.optim') for m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_nme_surrogate_dense_of_a_parameter_subset():
+    """The NME w.r.t. a parameter subset is that subset's block of the full NME, with the full
+    NME from the independent torch.func Hessian minus curvlinops' dense GGN (1e-12)."""
+    model, data, loss_fn = mlp("tanh", seed=3), make_data(3, "ce"), loss_of("ce")
+    params = list(model.parameters())
+    G = dense_matrix(GGNLinearOperator(model, loss_fn, params, data, check_deterministic=False))
+    full = full_hessian_oracle(model, loss_fn, data) - G
+    sub = [model[2].weight, model[0].bias]                  # not in parameters() order
+    offsets = [0]
+    for p in params:
+        offsets.append(offsets[-1] + p.numel())
+    got = nme_surrogate_dense(model, loss_fn, data, params=sub)
+    order = [next(i for i, p in enumerate(params) if p is q) for q in sub]
+    idx = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in order])
+    assert got.shape == (idx.numel(), idx.numel())
+    assert (got - full[idx][:, idx]).abs().max() <= 1e-12
+    assert full[idx][:, idx].abs().max() > 1e-4
