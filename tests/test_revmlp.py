@@ -94,3 +94,12 @@ def test_bad_inputs_are_named():
         model.inverse(torch.randn(3, 2))
     with pytest.raises(ValueError, match="unknown RevMLP preset"):
         revmlp_from_preset("nope")
+
+
+@pytest.mark.parametrize("x, message", [(torch.zeros(0, 6), "empty batch"),
+                                        (torch.zeros(3, 6, dtype=torch.long), "floating-point")])
+def test_bad_inputs_are_clear_errors_before_the_forward(x, message):
+    """The drop-in loop calls ``model(x)`` before the optimizer sees the batch."""
+    model = RevMLP(in_features=6, hidden=8, num_blocks=2, num_classes=3, seed=0)
+    with pytest.raises(ValueError, match=message):
+        model(x)

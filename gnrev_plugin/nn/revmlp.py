@@ -99,6 +99,11 @@ class RevMLP(nn.Module):
         if x.dim() < 2:
             raise ValueError(f"RevMLP expects a batch (n, {self.in_features}) or (n, *image), "
                              f"got shape {tuple(x.shape)}")
+        if x.shape[0] == 0:
+            raise ValueError("RevMLP got an empty batch (0 samples)")
+        if not x.is_floating_point():
+            raise ValueError(f"RevMLP expects floating-point inputs, got {x.dtype} (convert with "
+                             ".float() or .to(model's dtype))")
         x = x.reshape(x.shape[0], -1)
         if x.shape[1] != self.in_features:
             raise ValueError(f"RevMLP was built for in_features={self.in_features}, but the input "
