@@ -392,3 +392,16 @@ def test_nme_surrogate_dense_of_a_parameter_subset():
     assert got.shape == (idx.numel(), idx.numel())
     assert (got - full[idx][:, idx]).abs().max() <= 1e-12
     assert full[idx][:, idx].abs().max() > 1e-4
+
+
+def test_nme_surrogate_dense_with_sum_reduction_over_batches():
+    """``reduction='sum'`` weights each batch by 1 (mean: N_B/N): two batches against the
+    torch.func Hessian of the full-data summed loss minus curvlinops' dense GGN (1e-11)."""
+    model, data = mlp("gelu", seed=4), make_data(4, "mse")
+    loss_fn = nn.MSELoss(reduction="sum")
+    G = dense_matrix(GGNLinearOperator(model, loss_fn, list(model.parameters()), data,
+                                       check_deterministic=False))
+    want = full_hessian_oracle(model, loss_fn, data) - G
+    got = nme_surrogate_dense(model, loss_fn, data)
+    assert want.abs().max() > 1e-3
+    assert (got - want).abs().max() <= 1e-11 * want.abs().max()
