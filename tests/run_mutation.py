@@ -62,7 +62,7 @@ GROUPS = (
           ("tests/test_metrics_hessian.py", "tests/test_hosts_curvlinops.py")),
     Group("solvers", ("gnrev_plugin/optim/solvers.py", "gnrev_plugin/optim/right_inverse.py"),
           ("gnrev_plugin.optim.solvers.*", "gnrev_plugin.optim.right_inverse.*"),
-          ("tests/test_solvers.py", "tests/test_exact_gn_dispatch.py",
+          ("tests/test_solvers.py", "tests/test_solver_grams.py", "tests/test_exact_gn_dispatch.py",
            "tests/test_exact_gn_dense_oracle.py", "tests/test_residual_honesty.py",
            "tests/test_exact_gn.py")),
 )
