@@ -197,3 +197,5 @@ def test_exact_gn_step_with_frozen_block_and_deficient_block_equals_oracle():
     opt.step_on_batch(x, y)
     assert rel(flat_params(model) - before, want) <= TOL
     assert [b["role"] for b in opt.last_step_info["blocks"]] == ["least squares", "exact share"]
+    assert [b["block"] for b in opt.last_step_info["blocks"]] == [0, 2]
+    assert [b["full_rank"] for b in opt.last_step_info["blocks"]] == [False, True]

@@ -61,3 +61,15 @@ def test_primal_gram_lower_triangle_and_border(m, block):
     np.testing.assert_allclose(G.numpy()[low], want[low], rtol=1e-13, atol=1e-13)
     np.testing.assert_allclose(G.numpy()[-1], want[-1], rtol=1e-13, atol=1e-13)   # full border
     np.testing.assert_allclose(G.numpy()[:, -1], want[:, -1], rtol=1e-13, atol=1e-13)
+
+
+def test_solver_config_rank_rtol_bounds_and_factor_dtype():
+    """``rank_rtol`` in [0, 1): 0 (keep every positive eigenvalue) is valid, 1 is not; a missing
+    factor dtype is refused with the documented text."""
+    assert solvers.SolverConfig("eigh", rank_rtol=0.0).rank_rtol == 0.0
+    for bad in (1.0, -1e-3):
+        with pytest.raises(ValueError, match=r"^rank_rtol must be in \[0, 1\), got "):
+            solvers.SolverConfig("eigh", rank_rtol=bad)
+    with pytest.raises(ValueError, match="^factor_dtype must be a real floating torch.dtype, "
+                                        "got None$"):
+        solvers.SolverConfig(factor_dtype=None)
