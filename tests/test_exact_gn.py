@@ -101,7 +101,10 @@ def test_linearised_output_change_equals_target(half, M, L, C, seed, act, data_s
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("readout", [3, None])
-def test_single_block_and_whole_net_and_moore_penrose_projection(seed, readout):
+def test_single_block_and_whole_net_reach_the_target(seed, readout):
+    """``J Δθ = T`` for one block and a whole net. (``J⁺J Δθ = J⁺T`` and ``‖Δθ‖ ≥ ‖J⁺T‖`` follow
+    from it algebraically, so they are not asserted; ``Δθ`` itself is pinned against the dense
+    per-block oracle in ``test_exact_gn_dense_oracle.py``.)"""
     for L in (1, 3):
         model = make(L=L, C=readout, seed=seed)
         x, _ = data(6, 8, 3, seed=seed)
@@ -109,10 +112,6 @@ def test_single_block_and_whole_net_and_moore_penrose_projection(seed, readout):
         delta = torch.cat([t.reshape(-1) for t in exact_gn_direction(model, x, T)])
         J = dense_jacobian(model, x)
         assert rel(J @ delta, T.reshape(-1)) <= TOL
-        Jp = torch.linalg.pinv(J)
-        mp = Jp @ T.reshape(-1)
-        assert rel(Jp @ (J @ delta), mp) <= TOL          # row-space projection = J⁺ T
-        assert delta.norm() >= mp.norm() * (1 - 1e-12)   # a right inverse, MP is the shortest
 
 
 @pytest.mark.parametrize("loss", ["mse", "cross_entropy"])

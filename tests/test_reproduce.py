@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from realdata import REAL_MNIST, needs_real_mnist
 
 from gnrev_plugin.cli import main
 from gnrev_plugin.defaults import RANK_POLICY
@@ -14,10 +15,7 @@ from gnrev_plugin.experiments import training
 from gnrev_plugin.experiments.exact_gn import run_exact_gn
 from gnrev_plugin.experiments.rundir import read_jsonl
 
-REAL_MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
-pytestmark = pytest.mark.skipif(
-    not (REAL_MNIST / "t10k-images-idx3-ubyte.gz").exists(),
-    reason=f"the real MNIST test split is not at {REAL_MNIST}")
+pytestmark = needs_real_mnist
 
 PNG = b"\x89PNG\r\n\x1a\n"
 TINY = dict(hidden=16, blocks=2, linear_first_block=True, seeds=[0], optimizers=["adam", "sgd"],

@@ -2,18 +2,15 @@
 the theory (bounds hold, tr(H) = tr(G) + tr(NME), tr(NME) = 0 for ReLU)."""
 
 import json
-from pathlib import Path
 
 import pytest
+from realdata import REAL_MNIST, needs_real_mnist
 
 from gnrev_plugin.cli import main
 from gnrev_plugin.experiments.conditioning.report import KAPPA
 from gnrev_plugin.experiments.rundir import read_jsonl
 
-REAL_MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
-pytestmark = pytest.mark.skipif(
-    not (REAL_MNIST / "t10k-images-idx3-ubyte.gz").exists(),
-    reason=f"the real MNIST test split is not at {REAL_MNIST}")
+pytestmark = needs_real_mnist
 
 
 def test_conditioning_smoke(tmp_path):

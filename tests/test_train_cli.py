@@ -1,17 +1,12 @@
 """``gnrev train`` on tiny real and synthetic data: logs, printed epochs, resume, errors."""
 
 import json
-from pathlib import Path
 
 import pytest
+from realdata import REAL_MNIST, needs_real_mnist
 
 from gnrev_plugin.cli import main
 from gnrev_plugin.experiments.rundir import read_jsonl
-
-REAL_MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
-needs_real_mnist = pytest.mark.skipif(
-    not (REAL_MNIST / "t10k-images-idx3-ubyte.gz").exists(),
-    reason=f"the real MNIST test split is not at {REAL_MNIST}")
 
 SMALL = ["--epochs", "2", "--batch-size", "32", "--model-opt", "hidden=64", "--no-progress"]
 
