@@ -64,7 +64,7 @@ GROUPS = (
           ("gnrev_plugin.optim.solvers.*", "gnrev_plugin.optim.right_inverse.*"),
           ("tests/test_solvers.py", "tests/test_solver_grams.py", "tests/test_exact_gn_dispatch.py",
            "tests/test_exact_gn_dense_oracle.py", "tests/test_residual_honesty.py",
-           "tests/test_exact_gn.py")),
+           "tests/test_exact_gn.py", "tests/test_solver_survivors.py")),
 )
 
 #: mutmut's exit-code → status table (mutmut/stats.py), folded into four outcomes.
