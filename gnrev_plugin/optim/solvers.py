@@ -220,16 +220,22 @@ def gram_with_ones(S: torch.Tensor, block_rows: int = 256) -> torch.Tensor:
     rows ``0..i`` in one product) and mirrored: about ``(b+1)/(2b)`` of the FLOPs of ``S Sᵀ`` for
     ``b`` row blocks, in large, efficient matrix products.
     """
-    n = S.shape[0]
-    if n < 2 * block_rows:
-        K = S @ S.mT
-    else:
-        K = torch.empty(n, n, dtype=S.dtype, device=S.device)
-        for start in range(0, n, block_rows):
-            stop = min(start + block_rows, n)
-            K[start:stop, :stop] = S[start:stop] @ S[:stop].mT
+    K = _lower_block_products(S, block_rows)
     K = torch.tril(K) + torch.tril(K, -1).mT
     return K.add_(1.0)
+
+
+def _lower_block_products(S: torch.Tensor, block_rows: int) -> torch.Tensor:
+    """``S Sᵀ`` with only its lower triangle guaranteed: one product for ``n < 2·block_rows``,
+    else row block ``i`` against rows ``0..i``."""
+    n = S.shape[0]
+    if n < 2 * block_rows:
+        return S @ S.mT
+    K = torch.empty(n, n, dtype=S.dtype, device=S.device)
+    for start in range(0, n, block_rows):
+        stop = min(start + block_rows, n)
+        K[start:stop, :stop] = S[start:stop] @ S[:stop].mT
+    return K
 
 
 def _dual_gram_lower(S: torch.Tensor, dtype: torch.dtype, block_rows: int = 256) -> torch.Tensor:
@@ -237,15 +243,7 @@ def _dual_gram_lower(S: torch.Tensor, dtype: torch.dtype, block_rows: int = 256)
     reads; :class:`GramSystem` mirrors it on the rare paths that need the full matrix). Same lower
     block triangle products as :func:`gram_with_ones`, without the mirroring passes; the ``+1`` is
     added after the conversion, exactly."""
-    n = S.shape[0]
-    if n < 2 * block_rows:
-        K = S @ S.mT
-    else:
-        K = torch.empty(n, n, dtype=S.dtype, device=S.device)
-        for start in range(0, n, block_rows):
-            stop = min(start + block_rows, n)
-            K[start:stop, :stop] = S[start:stop] @ S[:stop].mT
-    return K.to(dtype).add_(1.0)
+    return _lower_block_products(S, block_rows).to(dtype).add_(1.0)
 
 
 def primal_gram_with_ones(S: torch.Tensor, dtype: torch.dtype | None = None,

@@ -26,12 +26,11 @@ and the result is ``dict(model=model)`` (plus ``batch_loss_change``, ``exact_ste
 when tracking). In a benchmark whose objective gives something else (float labels of a binary
 linear model, a framework other than PyTorch, a model the optimizer cannot handle), the solver
 skips with a message that says what it needs: ``skip`` checks the inputs and runs one dry step
-on a copy of the model.
+on a fresh model from ``model_init_fn``.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 from functools import partial
@@ -117,8 +116,8 @@ class RegistrySolver(BaseSolver):
         if isinstance(problem, str):
             return True, f"{self.name} {problem}"
         X, _, targets, loss, model_init_fn = problem
-        try:  # one dry step on a copy: does this optimizer run on this model and loss?
-            model = copy.deepcopy(model_init_fn())
+        try:  # one dry step on a fresh model: does this optimizer run on this model and loss?
+            model = model_init_fn()  # a fresh model, discarded after the dry step
             opt = build_optimizer(self.name, model, self._optimizer_kwargs(), loss=loss)
             batch = slice(0, min(self.batch_size, len(X)))
             train_step(opt, model, build_loss(loss), X[batch], targets[batch], reevaluate=False)
