@@ -39,7 +39,13 @@ GPU_SKIP = re.compile(r"\b(gpu|cuda)\b", re.IGNORECASE)
 
 
 def pytest_collection_modifyitems(config, items):
-    """Under the ``thorough`` profile, raise every property test's ``max_examples``."""
+    """Skip ``cuda``-marked tests (with the reason) when no GPU is present; under the
+    ``thorough`` profile, raise every property test's ``max_examples``."""
+    if not torch.cuda.is_available():
+        no_gpu = pytest.mark.skip(reason="needs a CUDA GPU; torch.cuda.is_available() is False")
+        for item in items:
+            if "cuda" in item.keywords:
+                item.add_marker(no_gpu)
     if settings.get_current_profile_name() != "thorough":
         return
     for item in items:
