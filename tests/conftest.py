@@ -44,7 +44,7 @@ def pytest_collection_modifyitems(config, items):
     if not torch.cuda.is_available():
         no_gpu = pytest.mark.skip(reason="needs a CUDA GPU; torch.cuda.is_available() is False")
         for item in items:
-            if "cuda" in item.keywords:
+            if item.get_closest_marker("cuda") is not None:
                 item.add_marker(no_gpu)
     if settings.get_current_profile_name() != "thorough":
         return
