@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Iterable
 
 import torch
@@ -9,7 +11,29 @@ import torch
 from .errors import NonFiniteError
 from .targets import CE_TARGETS, LOSSES
 
-__all__ = ["validate_gn_options", "check_finite", "check_all_finite", "apply_update"]
+__all__ = ["validate_gn_options", "check_finite", "check_all_finite", "apply_update",
+           "is_low_precision", "caller_stacklevel"]
+
+#: Frames in these folders are this package's optimizers or torch (``torch.no_grad`` and
+#: ``Optimizer.step`` wrappers); a warning skips them to point at the caller.
+_INTERNAL_DIRS = (os.path.dirname(os.path.abspath(__file__)) + os.sep,
+                  os.path.dirname(os.path.abspath(torch.__file__)) + os.sep)
+
+
+def caller_stacklevel() -> int:
+    """``stacklevel`` for ``warnings.warn`` called by the function calling this: the first frame
+    outside gnrev's optimizers and torch, i.e. the caller's ``opt.step()`` line, however many
+    wrappers sit between (their number changes with the torch version)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def is_low_precision(dtype: torch.dtype) -> bool:
+    """bfloat16/float16 (fewer than 32 bits): the Gauss-Newton step then runs in its
+    ``factor_dtype`` and rounds ``θ + Δθ`` to ``dtype`` once."""
+    return dtype.is_floating_point and dtype.itemsize < 4
 
 
 def validate_gn_options(owner: str, lr: float, loss: str, ce_target: str) -> None:
@@ -46,7 +70,8 @@ def apply_update(optimizer: torch.optim.Optimizer,
     """``θ ← (1 − lr·wd) θ + Δθ`` (decoupled weight decay) for each ``(θ, Δθ)``, counting steps.
 
     All ``Δθ`` are checked finite first (one host synchronisation), so a non-finite update
-    changes nothing.
+    changes nothing. A ``Δθ`` in a wider dtype than ``θ`` (low-precision parameters) is added in
+    the wider dtype and the sum rounded once to ``θ``'s dtype.
     """
     pairs = list(pairs)
     if pairs and not bool(torch.stack([torch.isfinite(d).all() for _, d in pairs]).all()):

@@ -25,12 +25,20 @@ How ``J Jᵀ`` is formed (``jacobian=``):
 Rank handling follows :class:`ExactGN`: ``rank_policy="raise"`` raises
 :class:`~gnrev_plugin.optim.errors.RankDeficiencyError` when ``J Jᵀ`` is rank-deficient (``nC > P``,
 duplicated samples...), ``"warn"`` takes the least-squares step ``J⁺`` and warns.
+
+**Distributed** (``process_group``, default ``"auto"``: WORLD when ``torch.distributed`` is
+initialised): the batch is the union of the ranks' local batches. Rank ``r`` gathers its rows of
+``J`` (``jacobian="linear"``: each layer's inputs ``a`` and output-VJPs ``G``) on rank 0, which
+forms and factors the global ``J Jᵀ`` and broadcasts ``Λ = (J Jᵀ + λI)⁻¹ vec(−α ε)``; then
+``Δθ = Σ_r J_rᵀ Λ_r`` is one all-reduce (:mod:`gnrev_plugin.optim.distributed`).
+
+**Low-precision parameters** (bfloat16/float16): the Jacobian, the Gram and its solve are
+computed in ``factor_dtype`` (float64 by default, float32 for devices without fast float64) at
+the exactly converted parameters, and ``θ + Δθ`` is rounded once to the parameter dtype.
 """
 
 from __future__ import annotations
 
-import os
-import sys
 import warnings
 from collections.abc import Callable, Iterable
 
@@ -39,8 +47,15 @@ from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
 from ..nn.discovery import find_module_owning
+from . import distributed as gdist
 from .capture import OutputCapture, suspended
-from .common import apply_update, check_finite, validate_gn_options
+from .common import (
+    apply_update,
+    caller_stacklevel,
+    check_finite,
+    is_low_precision,
+    validate_gn_options,
+)
 from .errors import RankDeficiencyError
 from .solvers import GramSystem, SolverConfig
 from .targets import mean_loss, newton_target
@@ -49,22 +64,6 @@ __all__ = ["DenseGN", "find_module_owning", "JACOBIAN_METHODS"]
 
 JACOBIAN_METHODS = ("auto", "linear", "per_sample", "rows")
 _BATCH_COUPLING = (nn.modules.batchnorm._BatchNorm,)
-#: Frames in these folders are this package's optimizers or torch (``torch.no_grad`` and
-#: ``Optimizer.step`` wrappers); a warning skips them to point at the caller.
-_INTERNAL_DIRS = (os.path.dirname(os.path.abspath(__file__)) + os.sep,
-                  os.path.dirname(os.path.abspath(torch.__file__)) + os.sep)
-
-
-def _caller_stacklevel() -> int:
-    """``stacklevel`` for ``warnings.warn`` called by the function calling this: the first frame
-    outside gnrev's optimizers and torch, i.e. the caller's ``opt.step()`` line, however many
-    wrappers sit between (their number changes with the torch version)."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
-        frame, level = frame.f_back, level + 1
-    return level
-
-
 class DenseGN(torch.optim.Optimizer):
     """Exact Gauss-Newton ``Δθ = −α Jᵀ(JJᵀ + λI)⁻¹ε`` for any module (module docstring).
 
@@ -81,6 +80,11 @@ class DenseGN(torch.optim.Optimizer):
         weight_decay: decoupled, ``θ ← (1 − lr·wd)θ + Δθ``.
         rank_policy: ``"raise"`` or ``"warn"``.
         max_jacobian_entries: refuse to materialise a ``J`` larger than this.
+        factor_dtype: dtype ``J Jᵀ`` is factored and solved in (default float64); with
+            bfloat16/float16 parameters the Jacobian and the Gram are computed in it too
+            (module docstring); float32 for devices without fast float64.
+        process_group: ``"auto"``, ``None`` or a process group (see :class:`ExactGN` and
+            :mod:`gnrev_plugin.optim.distributed`).
     """
 
     def __init__(
@@ -101,6 +105,8 @@ class DenseGN(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         rank_policy: str = "raise",
         max_jacobian_entries: int = 200_000_000,
+        factor_dtype: torch.dtype = torch.float64,
+        process_group=gdist.AUTO,
     ) -> None:
         validate_gn_options("DenseGN", lr, loss, ce_target)
         if jacobian not in JACOBIAN_METHODS:
@@ -110,16 +116,18 @@ class DenseGN(torch.optim.Optimizer):
         if solver not in ("cholesky", "eigh"):
             raise ValueError(f"DenseGN solver must be 'cholesky' or 'eigh', got {solver!r}")
         method = "damped" if damping else solver
-        SolverConfig(method, rtol, atol, damping, rank_rtol)  # validates
+        SolverConfig(method, rtol, atol, damping, rank_rtol, factor_dtype=factor_dtype)
         defaults = dict(lr=lr, weight_decay=weight_decay, loss=loss, damping=damping,
                         solver=solver, rtol=rtol, atol=atol, rank_rtol=rank_rtol,
                         ce_target=ce_target, ce_damping=ce_damping, jacobian=jacobian,
-                        rank_policy=rank_policy)
+                        rank_policy=rank_policy, factor_dtype=factor_dtype)
         super().__init__(params, defaults)
         if len(self.param_groups) != 1:
             raise ValueError("DenseGN takes a single parameter group")
         self.params = list(self.param_groups[0]["params"])
-        self.model = model if model is not None else find_module_owning(self.params)
+        self.model = gdist.unwrap_model(model if model is not None
+                                        else find_module_owning(self.params))
+        self.process_group = process_group
         if not isinstance(self.model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(self.model).__name__}")
         owned = {id(p): n for n, p in self.model.named_parameters()}
@@ -131,6 +139,12 @@ class DenseGN(torch.optim.Optimizer):
         self._capture = OutputCapture(self.model)
         self.last_step_exact: bool | None = None
         self.last_step_info: dict = {}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:      # state dicts saved before an option existed
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
 
     # -- public API -------------------------------------------------------------------------
     @torch.no_grad()
@@ -182,18 +196,37 @@ class DenseGN(torch.optim.Optimizer):
         mod = self.model.get_submodule(mod_name) if mod_name else self.model
         return mod if isinstance(mod, nn.Linear) and attr in ("weight", "bias") else None
 
-    def _forward_functional(self, x: torch.Tensor):
+    def _compute_dtype(self) -> torch.dtype | None:
+        """``factor_dtype`` when the trained parameters are bfloat16/float16, else ``None`` (the
+        parameters' own dtype)."""
+        low = is_low_precision(self.params[0].dtype)
+        return self.param_groups[0]["factor_dtype"] if low else None
+
+    def _base(self, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+        """The model's parameters (detached) and buffers (not BatchNorm statistics), cast to
+        ``dtype`` if given."""
         base = {n: p.detach() for n, p in self.model.named_parameters()}
         base.update({n: b for n, b in self.model.named_buffers()
                      if not n.endswith(("running_mean", "running_var", "num_batches_tracked"))})
+        if dtype is not None:
+            base = {n: t.to(dtype) if t.is_floating_point() else t for n, t in base.items()}
+        return base
+
+    def _trained(self, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+        return {n: q.detach() if dtype is None else q.detach().to(dtype)
+                for n, q in zip(self.names, self.params, strict=True)}
+
+    def _forward_functional(self, x: torch.Tensor, dtype: torch.dtype | None = None):
+        base = self._base(dtype)
 
         def f(trained: dict[str, torch.Tensor], inp: torch.Tensor) -> torch.Tensor:
             return functional_call(self.model, {**base, **trained}, (inp,))
         return f
 
-    def _gram_dense(self, x: torch.Tensor, method: str):
-        p = {n: q.detach() for n, q in zip(self.names, self.params, strict=True)}
-        f = self._forward_functional(x)
+    def _jacobian_dense(self, x: torch.Tensor, method: str, dtype: torch.dtype | None):
+        """``F``, the rows of ``J`` as ``[J]`` (``nC × P``) and ``λ ↦ Jᵀλ``."""
+        p = self._trained(dtype)
+        f = self._forward_functional(x, dtype)
         with suspended(), _batch_statistics_only(self.model):
             out = f(p, x)
             P = sum(q.numel() for q in self.params)
@@ -206,9 +239,11 @@ class DenseGN(torch.optim.Optimizer):
             else:
                 jac = vmap(jacrev(lambda q, xi: f(q, xi[None])[0]), in_dims=(None, 0))(p, x)
         J = torch.cat([jac[n].reshape(out.numel(), -1) for n in self.names], dim=1)
-        return out, J @ J.mT, lambda lam: _split_flat(J.mT @ lam, self.params)
+        return out, [J], lambda lam: _split_flat(J.mT @ lam, self.params)
 
-    def _gram_linear(self, x: torch.Tensor):
+    def _jacobian_linear(self, x: torch.Tensor, dtype: torch.dtype | None):
+        """``F``, each layer's ``[a, G]`` (inputs ``n×in``, output-VJPs ``G`` as ``n×C×out``)
+        and ``λ ↦ Jᵀλ`` (one backward)."""
         layers: dict[str, nn.Linear] = {}
         for n in self.names:
             layers.setdefault(n.rpartition(".")[0], self._linear_of(n))
@@ -216,9 +251,11 @@ class DenseGN(torch.optim.Optimizer):
         handles = [mod.register_forward_hook(
             lambda m, a, z, key=key: records.__setitem__(key, (a[0].detach(), z)))
             for key, mod in layers.items()]
+        trained = {n: q.requires_grad_() for n, q in self._trained(dtype).items()}
+        f = self._forward_functional(x, dtype)
         try:
             with torch.enable_grad(), suspended():
-                out = self.model(x)
+                out = f(trained, x)
         finally:
             for h in handles:
                 h.remove()
@@ -230,33 +267,59 @@ class DenseGN(torch.optim.Optimizer):
         with torch.enable_grad():
             grads = torch.autograd.grad(out, [records[k][1] for k in keys], grad_outputs=eye,
                                         is_grads_batched=True, retain_graph=True)
-        given = set(self.names)
-        K = torch.zeros(n * C, n * C, dtype=out.dtype, device=out.device)
-        for key, G in zip(keys, grads, strict=True):
-            a = records[key][0]
-            prefix = f"{key}." if key else ""
-            AA = torch.zeros(n, n, dtype=out.dtype, device=out.device)
-            if prefix + "weight" in given:
-                AA = AA + a @ a.mT
-            if prefix + "bias" in given:
-                AA = AA + 1.0
-            Gt = G.permute(1, 0, 2).reshape(n * C, -1)
-            K += AA.repeat_interleave(C, 0).repeat_interleave(C, 1) * (Gt @ Gt.mT)
+        parts = [t for key, G in zip(keys, grads, strict=True)
+                 for t in (records[key][0], G.permute(1, 0, 2))]
+        leaves = list(trained.values())
 
         def apply_jt(lam: torch.Tensor) -> list[torch.Tensor]:
             with torch.enable_grad():
-                return list(torch.autograd.grad(out, self.params,
+                return list(torch.autograd.grad(out, leaves,
                                                 grad_outputs=lam.reshape(n, C).to(out.dtype)))
-        return out.detach(), K, apply_jt
+        return out.detach(), parts, apply_jt
 
-    def _step(self, x: torch.Tensor, y: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    def _linear_flags(self) -> list[tuple[bool, bool]]:
+        """Per layer (in :meth:`_jacobian_linear`'s order): are its weight / bias trained?"""
+        given, seen, flags = set(self.names), [], []
+        for n in self.names:
+            key = n.rpartition(".")[0]
+            if key not in seen:
+                seen.append(key)
+                prefix = f"{key}." if key else ""
+                flags.append((prefix + "weight" in given, prefix + "bias" in given))
+        return flags
+
+    def _gram(self, method: str, parts: list[torch.Tensor], n: int, C: int) -> torch.Tensor:
+        """``J Jᵀ`` (``nC×nC``) from :meth:`_jacobian_dense`'s or :meth:`_jacobian_linear`'s
+        parts (possibly gathered over ranks). Linear: ``Θ = Σ_ℓ (a aᵀ + 1) ⊗ 1_{C×C} ⊙ (G Gᵀ)``."""
+        if method != "linear":
+            J = parts[0].reshape(n * C, -1)
+            return J @ J.mT
+        ref = parts[0]
+        K = torch.zeros(n * C, n * C, dtype=ref.dtype, device=ref.device)
+        for j, (use_w, use_b) in enumerate(self._linear_flags()):
+            a, G = parts[2 * j], parts[2 * j + 1]
+            AA = torch.zeros(n, n, dtype=ref.dtype, device=ref.device)
+            if use_w:
+                AA = AA + a @ a.mT
+            if use_b:
+                AA = AA + 1.0
+            Gt = G.reshape(n * C, -1)
+            K += AA.repeat_interleave(C, 0).repeat_interleave(C, 1) * (Gt @ Gt.mT)
+        return K
+
+    def _local(self, x: torch.Tensor, y: torch.Tensor, label_smoothing: float):
+        """The rank-local part of a step: ``(method, F, Gram parts, λ ↦ Jᵀλ, loss, ε)``."""
         group = self.param_groups[0]
         self._check_model()
         method = self._method(x)
+        dtype = self._compute_dtype()
+        if dtype is not None:
+            x = x.to(dtype) if x.is_floating_point() else x
+            y = y.to(dtype) if y.is_floating_point() else y
         if method == "linear":
-            out, K, apply_jt = self._gram_linear(x)
+            out, parts, apply_jt = self._jacobian_linear(x, dtype)
         else:
-            out, K, apply_jt = self._gram_dense(x, method)
+            out, parts, apply_jt = self._jacobian_dense(x, method, dtype)
         if out.dim() != 2:
             raise ValueError(f"DenseGN expects outputs of shape (n, C), got {tuple(out.shape)}")
         out = out.detach()
@@ -267,9 +330,16 @@ class DenseGN(torch.optim.Optimizer):
             check_finite("targets", y)
         eps = newton_target(group["loss"], out, y, ce_target=group["ce_target"],
                             ce_damping=group["ce_damping"], label_smoothing=label_smoothing)
+        return method, out, parts, apply_jt, loss, eps
+
+    def _solve(self, method: str, K: torch.Tensor, eps: torch.Tensor
+               ) -> tuple[dict, torch.Tensor]:
+        """``Λ = (J Jᵀ + λI)⁻¹ vec(−α ε)`` and the step report."""
+        group = self.param_groups[0]
         config = SolverConfig("damped" if group["damping"] else group["solver"], group["rtol"],
-                              group["atol"], group["damping"], group["rank_rtol"])
-        system = GramSystem(K, config, out.dtype)
+                              group["atol"], group["damping"], group["rank_rtol"],
+                              factor_dtype=group["factor_dtype"])
+        system = GramSystem(K, config, K.dtype)
         if not system.full_rank and group["rank_policy"] == "raise":
             raise RankDeficiencyError(
                 f"J Jᵀ has rank {system.rank} < nC = {system.n} (more outputs than parameters, or "
@@ -277,16 +347,54 @@ class DenseGN(torch.optim.Optimizer):
                 "or rank_policy='warn' for the least-squares step")
         target = (-group["lr"] * eps).reshape(-1)
         lam = system.solve(target[:, None])[:, 0]
-        deltas = apply_jt(lam.to(out.dtype))
-        if not system.exact and group["rank_policy"] == "warn":
-            warnings.warn(f"DenseGN step is not exact Gauss-Newton (rank {system.rank} of "
-                          f"{system.n}, damping {group['damping']})", RuntimeWarning,
-                          stacklevel=_caller_stacklevel())
+        return {"exact": system.exact, "rank": system.rank, "n_outputs": system.n,
+                "jacobian": method}, lam
+
+    def _finish(self, report: dict, deltas: list[torch.Tensor]) -> None:
+        group = self.param_groups[0]
+        if not report["exact"] and group["rank_policy"] == "warn":
+            warnings.warn(f"DenseGN step is not exact Gauss-Newton (rank {report['rank']} of "
+                          f"{report['n_outputs']}, damping {group['damping']})", RuntimeWarning,
+                          stacklevel=caller_stacklevel())
         apply_update(self, zip(self.params, deltas, strict=True))
-        self.last_step_exact = system.exact
-        self.last_step_info = {"exact": system.exact, "rank": system.rank, "n_outputs": system.n,
-                               "jacobian": method}
-        return loss
+        self.last_step_exact = report["exact"]
+        self.last_step_info = report
+
+    def _comm(self) -> gdist.Comm | None:
+        group = gdist.resolve_group(self.process_group)
+        return None if group is None else gdist.Comm(group, self.params[0].device)
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+        comm = self._comm()
+        if comm is None:
+            method, out, parts, apply_jt, loss, eps = self._local(x, y, label_smoothing)
+            n, C = out.shape
+            report, lam = self._solve(method, self._gram(method, parts, n, C), eps)
+            self._finish(report, apply_jt(lam.to(out.dtype)))
+            return loss
+        err = local = None
+        try:
+            local = self._local(x, y, label_smoothing)
+        except Exception as e:  # noqa: BLE001 - re-raised on every rank by agree()
+            err = e
+        n_local = 0 if local is None else local[1].shape[0]
+        total, n = comm.agree(err, 0.0 if local is None else float(local[4]) * n_local, n_local)
+        method, out, parts, apply_jt, loss, eps = local
+        C = out.shape[1]
+        rows = [t.reshape(n_local, -1) if method != "linear" else t for t in parts]
+        got = comm.gather_rows([*rows, eps])
+        outcome = lam = None
+        if comm.is_root:
+            try:
+                outcome, lam = self._solve(method, self._gram(method, got[:-1], n, C), got[-1])
+            except Exception as e:  # noqa: BLE001 - re-raised on every rank
+                outcome = e
+        report, lam = comm.broadcast_result(outcome, lam)
+        lo = comm.offset() * C
+        deltas = apply_jt(lam[lo:lo + n_local * C].to(out.dtype))
+        flat = comm.all_reduce_sum(gdist.flatten(deltas))
+        self._finish(report, gdist.unflatten(flat, deltas))
+        return torch.as_tensor(total / n, dtype=loss.dtype, device=loss.device)
 
 
 class _batch_statistics_only:  # noqa: N801

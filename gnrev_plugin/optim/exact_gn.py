@@ -32,6 +32,19 @@ gets one float64 refinement step, and a block that still misses is handled like 
 one. Bad input (an empty batch, integer or wrong-dtype inputs, out-of-range class indices, inputs
 so large that the Grams overflow) raises a ``ValueError``/:class:`NonFiniteError` before any
 work.
+
+**Distributed.** When ``torch.distributed`` is initialised (``process_group="auto"``, the
+default) the GN batch is the union of all ranks' local batches, in rank order: the features
+each half-layer's system needs are gathered on rank 0, which solves the global system with the
+code above and broadcasts ``Δθ`` and the report, so every rank applies the same step and reports
+the global ``last_step_exact`` (:mod:`gnrev_plugin.optim.distributed`, with its costs).
+
+**Low-precision parameters.** With bfloat16/float16 parameters the step runs on a shadow copy of
+the model in ``factor_dtype`` (float64 by default; float32 for devices without fast float64):
+the forward pass that gives the features, the Newton target, the Grams, their factorisation and
+the solves all run in ``factor_dtype`` at the (exactly representable) low-precision parameters,
+and ``θ + Δθ`` is rounded once to the parameter dtype. The drop-in path recomputes its forward
+in ``factor_dtype`` from the captured inputs (one extra forward pass).
 """
 
 from __future__ import annotations
@@ -41,11 +54,26 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from ..nn.coupling import BlockActivations
 from ..nn.revmlp import RevMLP, find_revmlp_owning
+from . import distributed as gdist
 from .capture import OutputCapture
-from .common import apply_update, check_all_finite, validate_gn_options
+from .common import (
+    apply_update,
+    caller_stacklevel,
+    check_all_finite,
+    is_low_precision,
+    validate_gn_options,
+)
 from .errors import NonFiniteError
-from .right_inverse import RANK_POLICIES, right_inverse, step_forward
+from .right_inverse import (
+    RANK_POLICIES,
+    LinearBlockActivations,
+    is_linear_block,
+    linear_block_forward,
+    right_inverse,
+    step_forward,
+)
 from .solvers import SolverConfig
 from .targets import mean_loss, newton_target
 
@@ -105,7 +133,9 @@ class ExactGN(torch.optim.Optimizer):
         rank_rtol: numerical-rank threshold on Gram eigenvalues/pivots (default ``max(m, 100)·eps``
             for an ``m×m`` Gram).
         gram_dtype: dtype to form the Grams in (default: the working dtype).
-        factor_dtype: dtype the Grams are factored and solved in (default float64).
+        factor_dtype: dtype the Grams are factored and solved in (default float64). With
+            bfloat16/float16 parameters the whole step runs in it (module docstring): float64,
+            or float32 for devices without fast float64 (THE option for that).
         residual_rtol: accuracy every exactly solved system must reach, ``‖E − AΔ‖ ≤
             residual_rtol·‖E‖`` (default 1e-10 in float64, 1e-3 in float32); see
             ``last_step_exact``.
@@ -116,6 +146,11 @@ class ExactGN(torch.optim.Optimizer):
         rank_policy: ``"raise"``, ``"strict"`` or ``"warn"`` (exactness contract).
         verify: after each step, recompute ``J Δθ`` from ``Δθ`` and record the relative residual
             in ``last_step_info["relative_residual"]`` (costs about one extra forward pass).
+        process_group: ``"auto"`` (the WORLD group when ``torch.distributed`` is initialised
+            with several ranks), ``None`` (always a single-process step) or a process group: the
+            GN batch is then the union of the group's local batches
+            (:mod:`gnrev_plugin.optim.distributed`). Not a hyperparameter: not in
+            ``param_groups`` or the state dict.
 
     Every option is a hyperparameter of the single param group (``opt.param_groups[0]``), saved
     and restored by ``state_dict``.
@@ -149,6 +184,7 @@ class ExactGN(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         rank_policy: str = "raise",
         verify: bool = False,
+        process_group=gdist.AUTO,
     ) -> None:
         validate_gn_options("ExactGN", lr, loss, ce_target)
         if step_convention not in STEP_CONVENTIONS:
@@ -172,6 +208,7 @@ class ExactGN(torch.optim.Optimizer):
         group_params = self.param_groups[0]["params"]
         if model is None:
             model = find_revmlp_owning(group_params)
+        model = gdist.unwrap_model(model)
         if not isinstance(model, RevMLP):
             raise TypeError(f"ExactGN needs a reversible gnrev_plugin.nn.RevMLP, got "
                             f"{type(model).__name__}; for any nn.Module use DenseGN")
@@ -179,6 +216,9 @@ class ExactGN(torch.optim.Optimizer):
         self.blocks = self._participating_blocks(model, group_params)
         self._capture = OutputCapture(model, extra=_recorded_activations)
         self._factor_cache: dict = {}
+        self.process_group = process_group
+        self._shadow: RevMLP | None = None
+        self._shadow_key: tuple | None = None
         model.record_activations = True
         self.last_step_exact: bool | None = None
         self.last_step_info: dict = {}
@@ -232,6 +272,11 @@ class ExactGN(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._run(self._prepare_captured)
+        return loss
+
+    def _prepare_captured(self):
+        """The drop-in step's local part: activations, Newton target, inputs (no loss)."""
         group = self.param_groups[0]
         batch, call = self._capture.consume(group["loss"])
         ls = float(call.options.get("label_smoothing", 0.0) or 0.0)
@@ -241,12 +286,18 @@ class ExactGN(torch.optim.Optimizer):
         if call.target.is_floating_point():
             named["targets"] = call.target
         self._check_values(x, named, labels, batch.output.shape[1])
-        eps = newton_target(group["loss"], batch.output, call.target,
+        model, out, acts, target = self._working_model(), batch.output, batch.extra, call.target
+        if model is not self.model:               # low-precision parameters: recompute in
+            x = x.to(model.blocks[0].f.weight.dtype)   # factor_dtype from the inputs
+            z, acts = step_forward(model, x)
+            out = z if model.readout is None else z @ model.readout
+            if target.is_floating_point():
+                target = target.to(out.dtype)
+        eps = newton_target(group["loss"], out, target,
                             ce_target=group["ce_target"], ce_damping=group["ce_damping"],
                             label_smoothing=ls)
         check_all_finite({"Newton target": eps})
-        self._apply(batch.extra, eps, x)
-        return loss
+        return acts, eps, x, None
 
     @torch.no_grad()
     def step_on_batch(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -264,20 +315,50 @@ class ExactGN(torch.optim.Optimizer):
                 or Newton target, or inputs so large that the Grams overflow. All before any work;
                 the parameters are unchanged.
         """
+        return self._run(lambda: self._prepare_batch(x, y))
+
+    def _prepare_batch(self, x, y):
+        """The explicit step's local part: activations, Newton target, inputs, loss."""
         xf = self._check_inputs(x)
         group = self.param_groups[0]
         out_shape = (xf.shape[0], self.model.num_classes or self.model.in_features)
         labels = self._check_targets(y, out_shape)
         self._check_values(xf, {"targets": y} if y.is_floating_point() else {}, labels,
                            out_shape[1])
-        z, acts = step_forward(self.model, xf)
-        out = z if self.model.readout is None else z @ self.model.readout
+        model = self._working_model()
+        if model is not self.model:               # low-precision parameters (module docstring)
+            xf = xf.to(model.blocks[0].f.weight.dtype)
+            if y.is_floating_point():
+                y = y.to(xf.dtype)
+        z, acts = step_forward(model, xf)
+        out = z if model.readout is None else z @ model.readout
         loss = mean_loss(group["loss"], out, y)
         eps = newton_target(group["loss"], out, y, ce_target=group["ce_target"],
                             ce_damping=group["ce_damping"])
         check_all_finite({"loss": loss, "Newton target": eps})
-        self._apply(acts, eps, xf)
-        return loss
+        return acts, eps, xf, loss
+
+    def _working_model(self) -> RevMLP:
+        """The model the step computes with: ``self.model``, or for bfloat16/float16 parameters
+        a shadow RevMLP in ``factor_dtype`` holding the same (exactly converted) values."""
+        model = self.model
+        weight = model.blocks[0].f.weight
+        if not is_low_precision(weight.dtype):
+            return model
+        dtype = self.param_groups[0]["factor_dtype"]
+        shadow = self._shadow
+        if shadow is None or shadow.blocks[0].f.weight.dtype != dtype \
+                or shadow.blocks[0].f.weight.device != weight.device:
+            shadow = RevMLP(**model.config, dtype=dtype).to(weight.device)
+            self._shadow, self._shadow_key = shadow, None
+        for dst, src in zip(shadow.parameters(), model.parameters(), strict=True):
+            dst.detach().copy_(src)
+        key = tuple((b.data_ptr(), b._version) for b in model.buffers())
+        if key != self._shadow_key:               # the fixed projections / readout
+            for dst, src in zip(shadow.buffers(), model.buffers(), strict=True):
+                dst.copy_(src)
+            self._shadow_key = key
+        return shadow
 
     def close(self) -> None:
         """Remove the hooks this optimizer put on the model."""
@@ -359,26 +440,104 @@ class ExactGN(torch.optim.Optimizer):
                          f"got range [{lo}, {hi}]")
 
     # -- internals --------------------------------------------------------------------------
-    def _apply(self, acts, eps: torch.Tensor, inputs: torch.Tensor | None = None) -> None:
+    def _comm(self) -> gdist.Comm | None:
+        group = gdist.resolve_group(self.process_group)
+        return None if group is None else gdist.Comm(group, self.model.blocks[0].f.weight.device)
+
+    def _run(self, prepare: Callable[[], tuple]) -> torch.Tensor | None:
+        """One step from ``prepare() -> (acts, eps, inputs, loss)`` (the local part), alone or
+        over the process group (:mod:`gnrev_plugin.optim.distributed`). Returns the (global,
+        mean-reduced) loss, or ``None`` where ``prepare`` gives none."""
+        comm = self._comm()
+        if comm is None:
+            acts, eps, x, loss = prepare()
+            self._finish(*self._solve(self._current_model(x), acts, eps, x))
+            return loss
+        err = prepared = None
+        try:
+            prepared = prepare()
+        except Exception as e:  # noqa: BLE001 - re-raised on every rank by agree()
+            err = e
+        n_local = 0 if prepared is None else prepared[2].shape[0]
+        loss = None if prepared is None else prepared[3]
+        total, n = comm.agree(err, 0.0 if loss is None else float(loss) * n_local, n_local)
+        acts, eps, x, loss = prepared
+        model = self._current_model(x)
+        gathered = self._gather(comm, model, acts, eps, x)
+        outcome = flat = None
+        if comm.is_root:
+            try:
+                outcome, deltas = self._solve(model, *gathered)
+                flat = gdist.flatten(deltas)
+            except Exception as e:  # noqa: BLE001 - re-raised on every rank
+                outcome = e
+        report, flat = comm.broadcast_result(outcome, flat)
+        like = [p for idx in self.blocks for p in self.model.blocks[idx].parameters()]
+        self._finish(report, gdist.unflatten(flat, like))
+        return None if loss is None else torch.as_tensor(total / n, dtype=loss.dtype,
+                                                         device=loss.device)
+
+    def _current_model(self, x: torch.Tensor) -> RevMLP:
+        """The model ``prepare`` computed with (the shadow when ``x`` is in another dtype)."""
+        if self._shadow is not None and x.dtype == self._shadow.blocks[0].f.weight.dtype \
+                and x.dtype != self.model.blocks[0].f.weight.dtype:
+            return self._shadow
+        return self.model
+
+    @staticmethod
+    def _gather(comm: gdist.Comm, model: RevMLP, acts, eps: torch.Tensor, x: torch.Tensor):
+        """Gather the rows every half-layer system needs on the root: per block ``(h_f, s_f,
+        h_g, s_g)`` (ReLU: ``h`` is ``s``, sent once) or, for a linear block, ``(X2, Y1)``;
+        then ``ε`` and the flattened inputs. Returns ``(acts, eps, inputs)`` of the global batch
+        on the root, ``(None, None, None)`` elsewhere."""
+        acts = list(acts)
+        if is_linear_block(model.blocks[0]) and not isinstance(acts[0], LinearBlockActivations):
+            acts[0] = linear_block_forward(model.blocks[0], x)[1]   # n×d/2 instead of n×M
+        fields: list[torch.Tensor] = []
+        for a in acts:
+            fields += [a.x2, a.y1] if isinstance(a, LinearBlockActivations) else list(a)
+        got = comm.gather_rows([*fields, eps, x])
+        if got is None:
+            return None, None, None
+        out, i = [], 0
+        for a in acts:
+            if isinstance(a, LinearBlockActivations):
+                out.append(LinearBlockActivations(a.block, got[i], got[i + 1], a.P_f, a.P_g))
+                i += 2
+            else:
+                out.append(BlockActivations(*got[i:i + 4]))
+                i += 4
+        return out, got[i], got[i + 1]
+
+    def _solve(self, model: RevMLP, acts, eps: torch.Tensor, inputs: torch.Tensor | None
+               ) -> tuple[dict, list[torch.Tensor]]:
+        """``Δθ = −α J† ε`` of the participating blocks (in their parameter order) and the step
+        report (``last_step_info``)."""
         group = self.param_groups[0]
         alpha = group["lr"] * (len(self.blocks) if group["step_convention"] == "reference" else 1)
-        res = right_inverse(self.model, acts, -alpha * eps, _solver_config(group), self.blocks,
+        res = right_inverse(model, acts, -alpha * eps, _solver_config(group), self.blocks,
                             group["rank_policy"], verify=group["verify"], inputs=inputs,
                             cache=self._factor_cache)
-        deltas = [(p, d) for idx in self.blocks
-                  for p, d in zip(self.model.blocks[idx].parameters(), res.updates[idx].tensors(),
-                                      strict=True)]
-        if not res.exact and group["rank_policy"] == "warn":
+        deltas = [d for idx in self.blocks for d in res.updates[idx].tensors()]
+        return {**res.report(), "alpha": alpha, "solver": group["solver"]}, deltas
+
+    def _finish(self, report: dict, deltas: list[torch.Tensor]) -> None:
+        """Warn about an inexact step (``rank_policy="warn"``), apply ``Δθ`` (rounded once to the
+        parameter dtype) and record the report."""
+        group = self.param_groups[0]
+        if not report["exact"] and group["rank_policy"] == "warn":
             warnings.warn("ExactGN step is not exact Gauss-Newton: "
-                          + "; ".join(f"block {b.block}: rank(A_f)={b.rank_f}, rank(A_g)="
-                                      f"{b.rank_g} of n={b.n}"
-                                      + ("" if b.accurate else
-                                         f", relative residuals {b.residual_f:.1e} / "
-                                         f"{b.residual_g:.1e} above {res.residual_rtol:.0e}")
-                                      for b in res.blocks
-                                      if not (b.full_rank and b.accurate))
+                          + "; ".join(f"block {b['block']}: rank(A_f)={b['rank_f']}, rank(A_g)="
+                                      f"{b['rank_g']} of n={b['n']}"
+                                      + ("" if b["accurate"] else
+                                         f", relative residuals {b['residual_f']:.1e} / "
+                                         f"{b['residual_g']:.1e} above "
+                                         f"{report['residual_rtol']:.0e}")
+                                      for b in report["blocks"]
+                                      if not (b["full_rank"] and b["accurate"]))
                           + (" (damped solver)" if group["solver"] == "damped" else ""),
-                          RuntimeWarning, stacklevel=3)
-        apply_update(self, deltas)
-        self.last_step_exact = res.exact
-        self.last_step_info = {**res.report(), "alpha": alpha, "solver": group["solver"]}
+                          RuntimeWarning, stacklevel=caller_stacklevel())
+        params = [p for idx in self.blocks for p in self.model.blocks[idx].parameters()]
+        apply_update(self, zip(params, deltas, strict=True))
+        self.last_step_exact = report["exact"]
+        self.last_step_info = report
