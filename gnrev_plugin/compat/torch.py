@@ -10,16 +10,24 @@ subclass, and must not record anything while a functorch transform (``vmap``, ``
   subclass's data without re-entering ``__torch_function__``;
 * :func:`functorch_transforms_active`: whether a functorch transform is running;
 * :func:`is_functorch_wrapped_tensor`: whether a tensor is a functorch wrapper (batched/grad).
+
+For ``torch.compile``'d models (:mod:`gnrev_plugin.nn.discovery`, :mod:`~gnrev_plugin.optim.capture`):
+
+* :func:`compiled_module_type`: the class of the wrapper ``torch.compile(module)`` returns
+  (``torch._dynamo.eval_frame.OptimizedModule``, whose ``_orig_mod`` is the wrapped module), or
+  ``None`` while Dynamo is not imported (then no such wrapper can exist; importing it costs seconds).
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 
 CHECKED_VERSION = "2.14.1"
 
 __all__ = ["CHECKED_VERSION", "DisableTorchFunctionSubclass", "functorch_transforms_active",
-           "is_functorch_wrapped_tensor"]
+           "is_functorch_wrapped_tensor", "compiled_module_type"]
 
 DisableTorchFunctionSubclass = torch._C.DisableTorchFunctionSubclass
 
@@ -32,3 +40,13 @@ def functorch_transforms_active() -> bool:
 def is_functorch_wrapped_tensor(t: torch.Tensor) -> bool:
     """``True`` for the wrapper tensors functorch passes through a transformed function."""
     return bool(torch._C._functorch.is_functorch_wrapped_tensor(t))
+
+
+def compiled_module_type() -> type | None:
+    """``torch._dynamo.eval_frame.OptimizedModule`` if Dynamo is imported, else ``None``.
+
+    Instances wrap the compiled module as ``._orig_mod``; their own ``__call__`` (and forward hooks)
+    run eagerly, the wrapped module's ``__call__`` runs inside the compiled region.
+    """
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    return None if eval_frame is None else getattr(eval_frame, "OptimizedModule", None)

@@ -14,6 +14,11 @@ they look it up with :func:`find_module_owning`, the package's one discovery mec
   the one the step uses);
 * exactly one must remain, else ``ValueError`` asks for ``model=...``.
 
+A ``torch.compile(model)`` wrapper (``OptimizedModule``) is never the answer: it is replaced by the
+module it wraps (:func:`unwrap_compiled`), whose eager forward the optimizer's own passes use; the
+capture of the drop-in step hooks the live wrappers (:func:`compiled_wrappers_of`) to see the
+training loop's compiled calls.
+
 Passing ``model=`` explicitly always wins and costs nothing; the registry's runners
 (:func:`gnrev_plugin.build.build_optimizer`) always do.
 """
@@ -27,17 +32,45 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-__all__ = ["find_module_owning"]
+from ..compat.torch import compiled_module_type
+
+__all__ = ["find_module_owning", "unwrap_compiled", "compiled_wrappers_of"]
+
+
+def unwrap_compiled(module: nn.Module) -> nn.Module:
+    """The eager module behind ``torch.compile`` wrappers: ``module._orig_mod`` (repeatedly) for an
+    ``OptimizedModule``, ``module`` itself otherwise."""
+    cls = compiled_module_type()
+    while cls is not None and isinstance(module, cls):
+        module = module._orig_mod
+    return module
+
+
+def compiled_wrappers_of(module: nn.Module) -> list[nn.Module]:
+    """The live ``torch.compile`` wrappers (``OptimizedModule``) whose ``_orig_mod`` is ``module``
+    (directly or through further wrappers); ``[]`` while Dynamo is not imported (no scan)."""
+    cls = compiled_module_type()
+    if cls is None:
+        return []
+    return [w for w in _live_instances(cls) if unwrap_compiled(w) is module]
+
+
+def _live_instances(cls: type) -> list:
+    """The objects the garbage collector tracks whose type is ``cls`` or a subclass (by
+    ``type``, so dead weak proxies, whose ``isinstance`` raises, are skipped)."""
+    with warnings.catch_warnings():  # isinstance() on some deprecated torch objects warns
+        warnings.simplefilter("ignore")
+        return [m for m in gc.get_objects() if issubclass(type(m), cls)]
 
 
 def find_module_owning(params: Iterable[torch.Tensor], cls: type[nn.Module] = nn.Module,
                        what: str = "module") -> nn.Module:
     """The outermost smallest live ``cls`` instance whose parameters include all of ``params``
-    (see the module docstring). ``what`` names the model kind in the error message."""
+    (see the module docstring; never a ``torch.compile`` wrapper, see :func:`unwrap_compiled`).
+    ``what`` names the model kind in the error message."""
     ids = {id(p) for p in params}
-    with warnings.catch_warnings():  # isinstance() on some deprecated torch objects warns
-        warnings.simplefilter("ignore")
-        live = [m for m in gc.get_objects() if isinstance(m, cls)]
+    compiled = compiled_module_type() or ()
+    live = [m for m in _live_instances(cls) if not isinstance(m, compiled)]
     cands = [m for m in live if ids and ids <= {id(p) for p in m.parameters()}]
     if not cands:
         raise ValueError(f"no live {what} owns all of the given parameters; pass model=... to "

@@ -14,11 +14,37 @@ Gauss-Newton step needs:
   ``(F, Y)``; ``g`` proves that ``backward()`` ran and is checked to be, row by row, a non-negative
   multiple of the recorded loss's gradient direction (so an extra loss term on the output, which
   would change the Newton system, raises instead of being silently ignored).
+
+**Mixed precision.** When the captured forward ran under an enabled :func:`torch.autocast` (bf16
+on CPU, bf16/fp16 on CUDA; checked with ``torch.is_autocast_enabled(device_type)`` for the
+output's device), its output and activations are in the autocast dtype and are *not* used to build
+the Gauss-Newton system. Instead :attr:`CapturedBatch.output` and :attr:`CapturedBatch.extra` are
+recomputed on first access by one forward pass of the eager model on the captured inputs (cast to
+the parameter dtype), with autocast disabled and without autograd. So the step computes exactly the
+Gauss-Newton step of the parameter-dtype model on the same batch (bitwise the step of the same loop
+without autocast, for a deterministic forward), at the cost of one extra forward pass. The gradient
+check uses the autocast output as the loss saw it, with a tolerance widened to the rounding of
+``g`` in the autocast dtype (see :meth:`OutputCapture._check_gradient`).
+
+**torch.compile.** ``torch.compile(model)`` returns a wrapper (``OptimizedModule``) whose own
+``__call__`` runs eagerly and whose compiled region runs ``model.__call__`` *including model's
+forward hooks* (traced by Dynamo, which does not re-check hooks added after the first compiled
+call). The capture therefore
+
+* hooks the live compiled wrappers of the model (found when the capture is built, see
+  :func:`~gnrev_plugin.nn.discovery.compiled_wrappers_of`): their hooks run eagerly, outside the
+  graph, and record the call (``fullgraph=True`` works);
+* makes the model's own hook a no-op while Dynamo traces it on behalf of such a wrapper (so it
+  leaves no graph break), and otherwise (a wrapper created after the optimizer,
+  ``model.compile()`` in place) has Dynamo call the recording part eagerly through
+  ``torch.compiler.disable``: one graph break at the end of the forward (not allowed with
+  ``fullgraph=True``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -26,13 +52,15 @@ from torch import nn
 
 from ..compat.torch import (
     DisableTorchFunctionSubclass,
+    compiled_module_type,
     functorch_transforms_active,
     is_functorch_wrapped_tensor,
 )
+from ..nn.discovery import compiled_wrappers_of, unwrap_compiled
 from .errors import LossCaptureError
 from .targets import loss_gradient_direction
 
-__all__ = ["OutputCapture", "CapturedBatch", "suspended"]
+__all__ = ["OutputCapture", "CapturedBatch", "suspended", "autocast_dtype"]
 
 _SUSPENDED = 0
 
@@ -53,20 +81,74 @@ _LOSS_FUNCTIONS = {F.mse_loss: "mse", F.cross_entropy: "cross_entropy"}
 
 @dataclass
 class LossCall:
+    """One recorded loss call on the model output: its kind, target ``Y`` and keyword options."""
+
     kind: str
     target: torch.Tensor
     options: dict
 
 
-@dataclass
-class CapturedBatch:
-    """What one forward/backward of the training loop left for the step."""
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype of the :func:`torch.autocast` region enabled for ``device_type`` here, or
+    ``None`` outside autocast."""
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
 
-    inputs: torch.Tensor
-    output: torch.Tensor
-    extra: object = None  # e.g. the RevMLP's block activations of this forward
-    losses: list[LossCall] = field(default_factory=list)
-    grad: torch.Tensor | None = None
+
+class CapturedBatch:
+    """What one forward/backward of the training loop left for the step.
+
+    Attributes:
+        captured_output: the model output ``F`` as the loss saw it (detached; in the autocast
+            dtype when the forward ran under autocast).
+        autocast: the autocast dtype of the captured forward, or ``None``.
+        losses: the recorded loss calls; ``grad``: ``g = ∂ℓ/∂F`` summed over ``backward`` calls.
+
+    ``inputs``, ``output`` and ``extra`` (e.g. the RevMLP's block activations) are the forward
+    pass's in the parameter dtype: without autocast, the captured ones; under autocast, recomputed
+    once on first access of ``output``/``extra`` (module docstring), with ``inputs`` cast to the
+    parameter dtype.
+    """
+
+    def __init__(self, inputs: torch.Tensor, output: torch.Tensor, extra: object = None, *,
+                 autocast: torch.dtype | None = None,
+                 recompute: Callable[[torch.Tensor], tuple[torch.Tensor, object]] | None = None,
+                 param_dtype: torch.dtype | None = None) -> None:
+        self.captured_output = output
+        self.autocast = autocast
+        self.losses: list[LossCall] = []
+        self.grad: torch.Tensor | None = None
+        if autocast is not None and recompute is None:
+            raise ValueError("a batch captured under autocast needs a recompute function")
+        if (autocast is not None and param_dtype is not None and inputs.is_floating_point()
+                and inputs.dtype != param_dtype):
+            inputs = inputs.to(param_dtype)
+        self._inputs = inputs
+        self._recompute = recompute if autocast is not None else None
+        self._output, self._extra = output, extra
+
+    @property
+    def inputs(self) -> torch.Tensor:
+        """The model input ``X`` (detached; under autocast in the parameter dtype)."""
+        return self._inputs
+
+    def _resolve(self) -> None:
+        if self._recompute is not None:
+            recompute, self._recompute = self._recompute, None
+            self._output, self._extra = recompute(self._inputs)
+
+    @property
+    def output(self) -> torch.Tensor:
+        """``F`` in the parameter dtype (recomputed without autocast if it ran under it)."""
+        self._resolve()
+        return self._output
+
+    @property
+    def extra(self) -> object:
+        """What ``extra(module)`` returned after the (re)computed forward pass."""
+        self._resolve()
+        return self._extra
 
 
 #: Ops whose result is the same values as their first argument (kept probed).
@@ -105,30 +187,74 @@ class OutputCapture:
     """Forward hook + loss probe + gradient hook on ``model`` (see the module docstring).
 
     Args:
-        model: the module whose output the loss is applied to.
+        model: the module whose output the loss is applied to, or a ``torch.compile`` wrapper of
+            it (the hooks go on the eager module and on its live compiled wrappers).
         extra: optional callable ``extra(module)`` evaluated right after each captured forward
-            (e.g. to pick up a RevMLP's recorded activations).
+            (e.g. to pick up a RevMLP's recorded activations); ``module`` is the eager module.
     """
 
     def __init__(self, model: nn.Module, extra=None) -> None:
-        self.model = model
+        self.model = unwrap_compiled(model)
         self._extra = extra
         self.batch: CapturedBatch | None = None
-        self._handle = model.register_forward_hook(self._forward_hook)
+        #: > 0 while a hooked compiled wrapper runs (its eager hooks record the call)
+        self._in_wrapper = 0
+        #: the recording part behind ``torch.compiler.disable`` (built now if Dynamo is loaded,
+        #: else the first time Dynamo traces the hook, which it can only do once loaded)
+        self._eager_record = (torch.compiler.disable(self._record)
+                              if compiled_module_type() is not None else None)
+        self._handles = [self.model.register_forward_hook(self._forward_hook)]
+        for wrapper in compiled_wrappers_of(self.model):
+            self._handles += [
+                wrapper.register_forward_pre_hook(self._enter_wrapper),
+                wrapper.register_forward_hook(self._wrapper_hook, always_call=True)]
+
+    def __getstate__(self) -> dict:
+        # Saving a model pickles its hooks, hence this object; the Dynamo wrapper is rebuilt.
+        return {**self.__dict__, "_eager_record": None}
 
     def close(self) -> None:
-        """Remove the forward hook."""
-        self._handle.remove()
+        """Remove the hooks."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
     # -- hooks ------------------------------------------------------------------------------
+    def _enter_wrapper(self, module, args) -> None:
+        self._in_wrapper += 1
+
+    def _wrapper_hook(self, module, args, output):
+        """Eager hook of a compiled wrapper: record the call its compiled region just ran."""
+        self._in_wrapper -= 1
+        if getattr(output, "_gnrev_capture", None) is self:   # the model's own hook recorded it
+            return None
+        return self._record(module, args, output)
+
     def _forward_hook(self, module, args, output):
+        """The model's own hook. Dynamo traces it when a compiled region runs the model: then it
+        is a no-op inside a hooked wrapper (whose eager hook records), else the recording runs
+        eagerly behind one graph break."""
+        if torch.compiler.is_compiling():
+            if self._in_wrapper:
+                return None
+            if self._eager_record is None:
+                self._eager_record = torch.compiler.disable(self._record)
+            return self._eager_record(module, args, output)
+        return self._record(module, args, output)
+
+    def _record(self, module, args, output):
         if (_SUSPENDED or not isinstance(output, torch.Tensor) or not torch.is_grad_enabled()
                 or not output.requires_grad or functorch_transforms_active()
                 or is_functorch_wrapped_tensor(output) or not args
                 or not isinstance(args[0], torch.Tensor)):
             return None
-        batch = CapturedBatch(args[0].detach(), output.detach(),
-                              self._extra(module) if self._extra else None)
+        amp = autocast_dtype(output.device.type)
+        if amp is None:
+            batch = CapturedBatch(args[0].detach(), output.detach(),
+                                  self._extra(self.model) if self._extra else None)
+        else:
+            batch = CapturedBatch(args[0].detach(), output.detach(), autocast=amp,
+                                  recompute=self._recompute, param_dtype=self._param_dtype())
         self.batch = batch
 
         def grad_hook(g: torch.Tensor) -> None:
@@ -140,6 +266,17 @@ class OutputCapture:
         probe = output.as_subclass(_ProbedOutput)
         probe._gnrev_capture = self
         return probe
+
+    def _param_dtype(self) -> torch.dtype | None:
+        return next((p.dtype for p in self.model.parameters() if p.is_floating_point()), None)
+
+    def _recompute(self, inputs: torch.Tensor) -> tuple[torch.Tensor, object]:
+        """``F`` and ``extra`` of the eager model on ``inputs`` in the parameter dtype: autocast
+        disabled, no autograd, nothing captured."""
+        with suspended(), torch.no_grad(), torch.autocast(inputs.device.type, enabled=False):
+            out = self.model(inputs)
+            extra = self._extra(self.model) if self._extra else None
+        return out.detach(), extra
 
     def _record_loss(self, call: LossCall) -> None:
         if self.batch is not None:
@@ -158,7 +295,9 @@ class OutputCapture:
         if batch is None:
             raise LossCaptureError(
                 "no forward pass of the model was captured: call model(x) with autograd enabled, "
-                "then loss.backward(), before opt.step() (or use opt.step_on_batch(x, y))")
+                "then loss.backward(), before opt.step() (or use opt.step_on_batch(x, y)). For a "
+                "torch.compile'd model, build the optimizer after torch.compile(model) and before "
+                "the first compiled call (Dynamo ignores hooks added later)")
         if batch.grad is None:
             raise LossCaptureError("opt.step() was called before loss.backward(): the gradient "
                                    "of the loss at the model output was not captured")
@@ -187,8 +326,23 @@ class OutputCapture:
 
     @staticmethod
     def _check_gradient(batch: CapturedBatch, call: LossCall) -> None:
+        """``g`` must be, row by row, a non-negative multiple of the recorded loss's direction
+        ``d`` (:func:`~gnrev_plugin.optim.targets.loss_gradient_direction` at the output the loss
+        saw): relative residual ``‖g − c⊙d‖/‖g‖ ≤ tol``.
+
+        ``tol = 10·√eps`` of ``d``'s dtype (3.5e-3 float32, 1.5e-7 float64). Under autocast the
+        losses run in float32 on the upcast output (autocast's float32 list), so ``d`` is formed
+        in float32 from it and the only extra error is ``g``'s rounding to the autocast dtype on
+        its way back, ``≤ eps/2`` per entry: ``tol = max(10·√eps_d, 4·eps_g)`` (3.1e-2 bfloat16,
+        3.9e-3 float16).
+        """
         ls = float(call.options.get("label_smoothing", 0.0) or 0.0)
-        d = loss_gradient_direction(call.kind, batch.output, call.target, ls)
+        out = batch.captured_output
+        tol_floor = 0.0
+        if batch.autocast is not None:
+            out = out.to(torch.promote_types(out.dtype, torch.float32))
+            tol_floor = 4 * torch.finfo(batch.grad.dtype).eps
+        d = loss_gradient_direction(call.kind, out, call.target, ls)
         g = batch.grad.to(d.dtype)
         if g.shape != d.shape:
             raise LossCaptureError(f"gradient of shape {tuple(g.shape)} at an output of shape "
@@ -197,7 +351,7 @@ class OutputCapture:
         c = torch.where(dd > 0, (g * d).sum(1) / dd.clamp_min(torch.finfo(d.dtype).tiny),
                         torch.zeros_like(dd))
         resid = (g - c[:, None] * d).norm() / g.norm().clamp_min(torch.finfo(d.dtype).tiny)
-        tol = 10 * torch.finfo(d.dtype).eps ** 0.5  # 3.5e-3 (float32), 1.5e-7 (float64)
+        tol = max(10 * torch.finfo(d.dtype).eps ** 0.5, tol_floor)
         if bool((c < 0).any()) or float(resid) > tol:
             raise LossCaptureError(
                 "the gradient reaching the model output is not that of the recorded "
