@@ -3,6 +3,12 @@
 Runs are grouped by their ``setting`` and by the short registry name of their optimizer
 (``short_name(spec.optimizer)``: ``exact_gn``, ``adam``, ``sgd`` or a third-party name), both read
 from each run's ``config.json``.
+
+A partially finished sweep (stopped, still running, or with crashed runs) still gives a report:
+every run of the preset is listed in "Sweep progress" as finished, unfinished (epochs logged of
+the total), failed or not started; the final-number tables and findings use finished runs only,
+and the figures draw unfinished runs as dashed lines of their own, never mixed into the mean of
+the finished ones.
 """
 
 from __future__ import annotations
@@ -15,21 +21,47 @@ from tabulate import tabulate
 from gnrev_plugin.build import short_name
 
 from ..plotting import COLORS, LABELS, new_figure, plot_mean_std, save
+from ..rundir import RunDir
 from ..tables import collect_runs, failures_section, fmt, mean_std, spec_of, write_report
 
-__all__ = ["build_exact_gn_report"]
+__all__ = ["build_exact_gn_report", "RESOURCES_LOG", "run_status"]
 
 SETTING_TITLES = {"full_batch": "full batch", "mini_batch": "mini-batch"}
 
+#: Per-epoch resource rows of a run, next to its ``log.jsonl`` (written by
+#: :func:`~gnrev_plugin.experiments.exact_gn.run.record_resources`).
+RESOURCES_LOG = "resources.jsonl"
 
-def _group(runs: list[dict]) -> dict[tuple[str, str], list[list[dict]]]:
+
+def run_status(run: dict) -> str:
+    """``finished`` (``result.json`` written), ``failed`` (``error.txt``), ``unfinished`` (epochs
+    logged, no result: stopped or still running) or ``not started`` (no epoch logged)."""
+    if run.get("result") is not None:
+        return "finished"
+    if run.get("error"):
+        return "failed"
+    return "unfinished" if run.get("rows") else "not started"
+
+
+def _group(runs: list[dict], status: str = "finished"
+           ) -> dict[tuple[str, str], list[list[dict]]]:
+    """``{(setting, optimizer): [log rows of each run]}`` over the runs with this status."""
     groups: dict[tuple[str, str], list[list[dict]]] = {}
     for r in runs:
         setting = (r["config"] or {}).get("setting")
         optimizer = short_name(spec_of(r).get("optimizer", ""))
-        if r["rows"]:
+        if r["rows"] and run_status(r) == status:
             groups.setdefault((setting, optimizer), []).append(r["rows"])
     return groups
+
+
+def _expected_runs(cfg: dict) -> list[str]:
+    """The run names the sweep's preset asks for (``setting/optimizer/seed<k>``), in sweep
+    order (:func:`~gnrev_plugin.experiments.exact_gn.run.exact_gn_run_specs`)."""
+    preset = cfg.get("preset") or {}
+    return [f"{setting}/{short_name(opt)}/seed{seed}" for setting in SETTING_TITLES
+            if setting in preset for seed in preset.get("seeds", [])
+            for opt in preset.get("optimizers", [])]
 
 
 def _optimizers(groups, setting):
@@ -51,11 +83,21 @@ def _cka_keys(groups) -> list[str]:
     return sorted(keys, key=order)
 
 
-def _panel(ax, groups, setting, key, title, ylabel, logy=False):
+def _panel(ax, groups, setting, key, title, ylabel, logy=False, partial=None):
     drew = False
     for opt in _optimizers(groups, setting):
         drew |= plot_mean_std(ax, groups[(setting, opt)], key, LABELS.get(opt, opt),
                               COLORS.get(opt), logy=logy)
+    for opt in _optimizers(partial or {}, setting):
+        runs = partial[(setting, opt)]
+        label = (f"{LABELS.get(opt, opt)}, unfinished ({len(runs)} run"
+                 f"{'s' if len(runs) > 1 else ''}, to epoch "
+                 f"{max(rows[-1]['epoch'] for rows in runs)})")
+        before = len(ax.lines)
+        if plot_mean_std(ax, runs, key, label, COLORS.get(opt), logy=logy):
+            drew = True
+            for line in ax.lines[before:]:
+                line.set_linestyle("--")
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("epoch")
     ax.set_ylabel(ylabel)
@@ -66,48 +108,53 @@ def _panel(ax, groups, setting, key, title, ylabel, logy=False):
     return drew
 
 
-def make_figures(out: Path, groups) -> list[Path]:
+def make_figures(out: Path, groups, partial=None) -> list[Path]:
+    """The report's figures from the finished runs' logs (``groups``) and, dashed, the
+    unfinished ones' (``partial``)."""
+    def panel(*args, **kwargs):
+        return _panel(*args, partial=partial, **kwargs)
+
     figdir = Path(out) / "figures"
     paths = []
     for setting, name in (("full_batch", "fig1_full_batch.png"),
                           ("mini_batch", "fig2_mini_batch.png")):
         fig, ax = new_figure(1, 4)
         t = SETTING_TITLES[setting]
-        _panel(ax[0, 0], groups, setting, "train_loss", f"{t}: train loss", "cross-entropy",
-               logy=True)
-        _panel(ax[0, 1], groups, setting, "test_loss", f"{t}: test loss", "cross-entropy",
-               logy=True)
-        _panel(ax[0, 2], groups, setting, "train_acc", f"{t}: train accuracy", "accuracy")
-        _panel(ax[0, 3], groups, setting, "test_acc", f"{t}: test accuracy", "accuracy")
+        panel(ax[0, 0], groups, setting, "train_loss", f"{t}: train loss", "cross-entropy",
+              logy=True)
+        panel(ax[0, 1], groups, setting, "test_loss", f"{t}: test loss", "cross-entropy",
+              logy=True)
+        panel(ax[0, 2], groups, setting, "train_acc", f"{t}: train accuracy", "accuracy")
+        panel(ax[0, 3], groups, setting, "test_acc", f"{t}: test accuracy", "accuracy")
         paths.append(save(fig, figdir / name))
     fig, ax = new_figure(1, 2)
     for j, setting in enumerate(("full_batch", "mini_batch")):
-        _panel(ax[0, j], groups, setting, "batch_loss_change_pct",
-               f"{SETTING_TITLES[setting]}: loss change on the stepped batch",
-               "% change of ℓ_B per step (epoch mean)")
+        panel(ax[0, j], groups, setting, "batch_loss_change_pct",
+              f"{SETTING_TITLES[setting]}: loss change on the stepped batch",
+              "% change of ℓ_B per step (epoch mean)")
         ax[0, j].axhline(0, color="k", lw=0.5)
     paths.append(save(fig, figdir / "fig3_batch_loss_change.png"))
     fig, ax = new_figure(2, 2)
     for j, setting in enumerate(("full_batch", "mini_batch")):
-        _panel(ax[0, j], groups, setting, "ntk_sim",
-               f"{SETTING_TITLES[setting]}: NTK similarity to init", "A(Θ₀, Θ_t)")
-        _panel(ax[1, j], groups, setting, "ntk_velocity",
-               f"{SETTING_TITLES[setting]}: NTK velocity", "1 − A(Θ_{t−1}, Θ_t)", logy=True)
+        panel(ax[0, j], groups, setting, "ntk_sim",
+              f"{SETTING_TITLES[setting]}: NTK similarity to init", "A(Θ₀, Θ_t)")
+        panel(ax[1, j], groups, setting, "ntk_velocity",
+              f"{SETTING_TITLES[setting]}: NTK velocity", "1 − A(Θ_{t−1}, Θ_t)", logy=True)
     paths.append(save(fig, figdir / "fig4_ntk.png"))
-    keys = _cka_keys(groups)
+    keys = _cka_keys({**(partial or {}), **groups})
     if keys:
         fig, ax = new_figure(2, len(keys), width=3.4)
         for i, setting in enumerate(("full_batch", "mini_batch")):
             for j, k in enumerate(keys):
-                _panel(ax[i, j], groups, setting, k,
-                       f"{SETTING_TITLES[setting]}: CKA to init, {k[4:]}", "linear CKA")
+                panel(ax[i, j], groups, setting, k,
+                      f"{SETTING_TITLES[setting]}: CKA to init, {k[4:]}", "linear CKA")
         paths.append(save(fig, figdir / "fig5_cka.png"))
     fig, ax = new_figure(2, 2)
     for j, setting in enumerate(("full_batch", "mini_batch")):
-        _panel(ax[0, j], groups, setting, "wcos/__all__",
-               f"{SETTING_TITLES[setting]}: weight cosine to init", "cos(θ₀, θ_t)")
-        _panel(ax[1, j], groups, setting, "wnorm/__all__",
-               f"{SETTING_TITLES[setting]}: weight norm ratio", "‖θ_t‖ / ‖θ₀‖", logy=True)
+        panel(ax[0, j], groups, setting, "wcos/__all__",
+              f"{SETTING_TITLES[setting]}: weight cosine to init", "cos(θ₀, θ_t)")
+        panel(ax[1, j], groups, setting, "wnorm/__all__",
+              f"{SETTING_TITLES[setting]}: weight norm ratio", "‖θ_t‖ / ‖θ₀‖", logy=True)
     paths.append(save(fig, figdir / "fig6_weights.png"))
     return paths
 
@@ -121,7 +168,9 @@ def _final(runs: list[list[dict]], key: str, epoch: int | None = None):
     return mean_std(vals)
 
 
-def _table(groups, setting) -> tuple[str, dict]:
+def _table(groups, setting, expected: dict | None = None) -> tuple[str, dict]:
+    """The final-numbers table of ``setting`` (finished runs; the ``seeds`` column reads
+    ``finished / expected`` when ``expected[opt]`` is known) and its summary."""
     keys = _cka_keys(groups)
     first_cka, last_cka = (keys[0], keys[-1]) if keys else (None, None)
     rows, summary = [], {}
@@ -137,7 +186,10 @@ def _table(groups, setting) -> tuple[str, dict]:
         for name, key in (("cka_first", first_cka), ("cka_last", last_cka)):
             s[name] = _final(runs, key, last_epoch) if key else (math.nan, math.nan, 0)
         summary[opt] = s
-        rows.append([LABELS.get(opt, opt), f"{len(runs)}", f"{last_epoch}",
+        n_exp = (expected or {}).get(opt)
+        rows.append([LABELS.get(opt, opt),
+                     f"{len(runs)}" if n_exp is None else f"{len(runs)} / {n_exp}",
+                     f"{last_epoch}",
                      fmt(*s["train_loss"]), fmt(*s["train_acc"], pct=True),
                      fmt(*s["test_loss"]), fmt(*s["test_acc"], pct=True),
                      fmt(*s["best_test_acc"], pct=True),
@@ -147,7 +199,7 @@ def _table(groups, setting) -> tuple[str, dict]:
                      + fmt(*s["cka_last"], digits=4),
                      fmt(*s["wcos/__all__"], digits=4),
                      fmt(*s["exact_frac"], pct=True, digits=3)])
-    headers = ["optimizer", "seeds", "epochs", "train loss", "train acc", "test loss",
+    headers = ["optimizer", "seeds (finished)", "epochs", "train loss", "train acc", "test loss",
                "test acc", "best test acc", "% loss change/batch (ep 1 / last)",
                "NTK sim to init", "CKA to init (first / last layer)", "weight cos to init",
                "exact GN steps"]
@@ -198,7 +250,7 @@ def _findings(summaries: dict) -> str:
                          + ", ".join(f"{LABELS.get(o, o)} {fmt(*v['cka_first'], digits=4)} / "
                                      f"{fmt(*v['cka_last'], digits=4)}"
                                      for o, v in s.items()) + ".")
-    return "\n".join(lines)
+    return "\n".join(lines) or "No finished run yet."
 
 
 def _lr_summary(runs: list[dict]) -> str:
@@ -229,20 +281,142 @@ def _rank_policies(runs: list[dict]) -> str:
     return ", ".join(f"`{p}`" for p in policies) or "–"
 
 
+def _resources(out: Path, run: dict) -> list[dict]:
+    return RunDir(Path(out) / "runs" / run["name"]).rows(RESOURCES_LOG)
+
+
+def _progress_section(runs: list[dict], cfg: dict) -> tuple[str, str]:
+    """``(one-line summary per setting, table)`` of every run the preset asks for (and any
+    other run directory found): status, epochs logged of the total, latest accuracies."""
+    by_name = {r["name"]: r for r in runs}
+    names = _expected_runs(cfg)
+    names += sorted(n for n in by_name if n not in names)
+    preset = cfg.get("preset") or {}
+    table, counts = [], {}
+    for name in names:
+        r = by_name.get(name, {"name": name, "rows": [], "result": None, "error": None,
+                               "config": None})
+        status = run_status(r)
+        setting = name.split("/")[0]
+        total = spec_of(r).get("epochs") or (preset.get(setting) or {}).get("epochs")
+        last = r["rows"][-1] if r["rows"] else {}
+        done = last.get("epoch")
+        counts.setdefault(setting, {}).setdefault(status, []).append(done)
+        table.append([name, status if status != "unfinished" else f"**{status}**",
+                      "–" if done is None else f"{done} / {total}",
+                      fmt(last.get("train_acc"), pct=True), fmt(last.get("test_acc"), pct=True),
+                      "–" if last.get("time_s") is None else f"{last['time_s']:.0f}"])
+    lines = []
+    for setting, c in counts.items():
+        n = sum(len(v) for v in c.values())
+        parts = [f"{len(c.get('finished', []))} of {n} runs finished"]
+        if c.get("unfinished"):
+            parts.append(f"{len(c['unfinished'])} unfinished (at epoch "
+                         + ", ".join(str(e) for e in c["unfinished"]) + ")")
+        for st in ("failed", "not started"):
+            if c.get(st):
+                parts.append(f"{len(c[st])} {st}")
+        lines.append(f"* **{SETTING_TITLES.get(setting, setting)}:** " + ", ".join(parts) + ".")
+    return "\n".join(lines), tabulate(
+        table, headers=["run", "status", "epochs logged", "train acc (latest)",
+                        "test acc (latest)", "training time (s)"], tablefmt="github")
+
+
+def _cpu_and_wall(out: Path, group: list[dict]) -> tuple[float, float]:
+    """Σ CPU seconds and Σ wall-clock seconds over consecutive resource rows of one session
+    (epoch ``e − 1`` → ``e`` with a wall-clock gap within 5 s of the training clock's: a
+    session's first row, whose CPU time includes building the model, is left out)."""
+    cpu = wall = 0.0
+    for r in group:
+        res = _resources(out, r)
+        for prev, row in zip(res, res[1:], strict=False):
+            dw = row["wall_clock"] - prev["wall_clock"]
+            dt = (row.get("time_s") or 0.0) - (prev.get("time_s") or 0.0)
+            if row["epoch"] == prev["epoch"] + 1 and abs(dw - dt) < 5.0:
+                cpu += row.get("cpu_s") or 0.0
+                wall += dw
+    return cpu, wall
+
+
+def _resources_section(out: Path, runs: list[dict]) -> str:
+    """Training time, CPU use, peak memory and machine load per setting and optimizer, from
+    each run's ``resources.jsonl`` and the training clock of its ``log.jsonl``."""
+    table = []
+    for setting in SETTING_TITLES:
+        sel = [r for r in runs if (r["config"] or {}).get("setting") == setting and r["rows"]]
+        if not sel:
+            continue
+        opts = _optimizers({(setting, short_name(spec_of(r).get("optimizer", ""))): None
+                            for r in sel}, setting)
+        for opt in opts + ["__all__"]:
+            group = [r for r in sel
+                     if opt == "__all__" or short_name(spec_of(r).get("optimizer", "")) == opt]
+            res = [row for r in group for row in _resources(out, r)]
+            fin = [r for r in group if run_status(r) == "finished"]
+            train_s = sum(r["rows"][-1].get("time_s") or 0.0 for r in group)
+            per_run = mean_std([r["rows"][-1].get("time_s") for r in fin])
+            epochs = sum(r["rows"][-1]["epoch"] for r in group)
+            cpu, wall = _cpu_and_wall(out, group)
+            load = [row["load1"] for row in res if row.get("load1") is not None]
+            rss = [row["maxrss_mib"] for row in res if row.get("maxrss_mib") is not None]
+            span = ((max(x["wall_clock"] for x in res) - min(x["wall_clock"] for x in res))
+                    if res else math.nan)
+            label = "**all**" if opt == "__all__" else LABELS.get(opt, opt)
+            table.append([
+                SETTING_TITLES[setting], label, f"{len(fin)} / {len(group)}", f"{epochs}",
+                f"{train_s:.4g}", fmt(*per_run, digits=4),
+                f"{train_s / epochs:.2f}" if epochs else "–",
+                f"{cpu / wall:.2f}" if wall else "–",
+                f"{max(rss):.0f}" if rss else "–",
+                (f"{sum(load) / len(load):.1f} [{min(load):.1f}–{max(load):.1f}]"
+                 if load else "–"),
+                f"{span:.0f}" if math.isfinite(span) else "–"])
+    if not table:
+        return ""
+    return ("\n## Time, memory and machine load\n\nFrom each run's `log.jsonl` (training clock "
+            "`time_s`, summed over resumed sessions; it includes the per-epoch evaluations, "
+            "diagnostics and checkpoints) and `resources.jsonl` (one row per logged epoch). Peak "
+            "RSS is the sweep process's `ru_maxrss` (one process runs the runs one after the "
+            "other, so it is the peak up to that run). CPU / wall is the process's user + system "
+            "CPU seconds per wall-clock second between consecutive epochs of a session (2 = both "
+            "of 2 cores busy). The "
+            "load average (1 min) is the whole machine's, other users' jobs included. The "
+            "wall-clock span runs from the first to the last logged epoch of the group and "
+            "includes any pause between resumed sessions.\n\n"
+            + tabulate(table, headers=[
+                "setting", "optimizer", "runs finished", "epochs logged",
+                "training time, sum (s)", "per finished run (s)", "s / epoch",
+                "CPU / wall", "peak RSS (MiB)", "load avg, mean [min–max]",
+                "wall-clock span (s)"], tablefmt="github") + "\n")
+
+
 def build_exact_gn_report(out: Path, cfg: dict) -> Path:
     """Rebuild ``OUT/report.md`` and ``OUT/figures/*.png`` from the logs; ``cfg`` is the
-    sweep's ``config.json``."""
+    sweep's ``config.json``. Works on a partially finished sweep (see the module docstring)."""
     runs = collect_runs(out)
     groups = _group(runs)
-    figures = make_figures(out, groups)
+    partial = _group(runs, "unfinished")
+    figures = make_figures(out, groups, partial)
     preset = cfg.get("preset", {})
+    n_seeds = len(preset.get("seeds", [])) or None
+    progress, progress_table = _progress_section(runs, cfg)
     tables, summaries = [], {}
     for setting in ("full_batch", "mini_batch"):
         if any(s == setting for s, _ in groups):
-            t, summ = _table(groups, setting)
+            t, summ = _table(groups, setting,
+                             {o: n_seeds for (s, o) in groups if s == setting})
             summaries[setting] = summ
             tables.append(f"### {SETTING_TITLES[setting].capitalize()}\n\n"
                           f"{cfg.get('data_describe', {}).get(setting, '')}\n\n{t}\n")
+        elif setting in preset:
+            tables.append(f"### {SETTING_TITLES[setting].capitalize()}\n\nNo finished run "
+                          "yet (see Sweep progress).\n")
+    finished = {r["name"] for r in runs if run_status(r) == "finished"}
+    complete = ("Every run of the preset finished."
+                if set(_expected_runs(cfg)) <= finished and len(finished) == len(runs) else
+                "**This sweep is not finished.** The tables and findings below use finished "
+                "runs only; the figures draw unfinished runs dashed. `gnrev reproduce ... "
+                "--resume` continues it.")
     fb, mb = preset.get("full_batch", {}), preset.get("mini_batch", {})
     text = f"""# Exact Gauss-Newton in a RevMLP vs Adam and SGD (reproduction)
 
@@ -263,15 +437,28 @@ empirical NTK of the logits on the first {preset.get('probe_size')} training ima
 consecutive epochs. CKA: linear CKA of the representations after each coupling half-layer
 (`blocks.l.f`, `blocks.l.g`) against init on the same probe batch.
 
-## What the logs say
+## Sweep progress
+
+{progress}
+
+{complete}
+
+<details><summary>every run</summary>
+
+{progress_table}
+
+</details>
+
+## What the logs say (finished runs)
 
 {_findings(summaries)}
 
-## Final numbers (mean ± std over seeds, last epoch)
+## Final numbers (finished runs; mean ± std over seeds, last epoch)
 
 {chr(10).join(tables)}
 ## Figures
 
 """ + "\n".join(f"![{p.stem}](figures/{p.name})" for p in figures) + "\n"
+    text += _resources_section(out, runs)
     text += failures_section(out)
     return write_report(out, text)

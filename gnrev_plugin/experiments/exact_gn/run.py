@@ -23,11 +23,24 @@ optimizer outside the paper's three runs with its registered default ``lr``.
 Layout of ``OUT``: ``config.json`` (the sweep), ``sweep.jsonl`` (status of every run),
 ``runs/<setting>/<optimizer>/seed<k>/{config.json, log.jsonl, checkpoint.pt, result.json}``,
 ``figures/*.png`` and ``report.md`` (rebuilt from the logs by ``gnrev report OUT``).
+
+**Resources.** Next to each run's ``log.jsonl``, :func:`record_resources` appends one row per
+logged epoch to ``resources.jsonl``: the run's training time so far (``time_s``, the log's clock,
+summed over resumed sessions), the wall-clock time, the process's peak resident set size so far
+(``getrusage(RUSAGE_SELF).ru_maxrss``; the sweep runs in one process, so it is the peak of this
+run and of the runs before it in the same session), the CPU seconds the process spent since the
+previous row, the 1/5/15-minute load averages of the machine (others' jobs included) and the
+number of torch threads. The report sums and summarises them per setting.
 """
 
 from __future__ import annotations
 
+import os
+import resource
+import time
 from pathlib import Path
+
+import torch
 
 from gnrev_plugin import data as gdata
 from gnrev_plugin.build import RunSpec, load_data, short_name
@@ -35,13 +48,13 @@ from gnrev_plugin.plugins import get_registry
 
 from ..diagnostics import RevMLPDiagnostics
 from ..presets import get_preset
-from ..rundir import RunDir
+from ..rundir import RunDir, append_jsonl
 from ..sweep import Job, run_jobs
 from ..training import train_run
 from .report import build_exact_gn_report
 
-__all__ = ["SETTINGS", "MODEL", "REFERENCE_LR", "reference_lr", "load_exact_gn_data",
-           "exact_gn_run_specs", "run_exact_gn"]
+__all__ = ["SETTINGS", "MODEL", "REFERENCE_LR", "RESOURCES_LOG", "reference_lr",
+           "load_exact_gn_data", "exact_gn_run_specs", "record_resources", "run_exact_gn"]
 
 SETTINGS = ("full_batch", "mini_batch")
 
@@ -54,6 +67,41 @@ REFERENCE_LR = {
     "full_batch": {"gnrev.exact_gn": 0.5, "gnrev.adam": 1e-4, "gnrev.sgd": 0.1},
     "mini_batch": {"gnrev.exact_gn": 0.1, "gnrev.adam": 1e-4, "gnrev.sgd": 0.1},
 }
+
+
+#: Per-epoch resource rows of a run (see the module docstring).
+RESOURCES_LOG = "resources.jsonl"
+
+
+def _cpu_seconds() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def record_resources(run: RunDir):
+    """``on_epoch(row)`` for :func:`~gnrev_plugin.experiments.training.train_run` that appends
+    ``{epoch, time_s, wall_clock, maxrss_mib, cpu_s, load1, load5, load15, threads}`` to the
+    run's ``resources.jsonl``; ``cpu_s`` is the process's user + system CPU time since the
+    previous row of this session (since the call for the first one). On resume, rows past the
+    resumed epoch are dropped first (as the training log is), so each epoch has one row."""
+    last_cpu = [_cpu_seconds()]
+    cut = [False]
+
+    def on_epoch(row: dict) -> None:
+        if not cut[0]:   # the first row of a session: drop rows of epochs being redone
+            cut[0] = True
+            keep = [r for r in run.rows(RESOURCES_LOG) if r["epoch"] < row["epoch"]]
+            if len(keep) != len(run.rows(RESOURCES_LOG)):
+                run.truncate_log(keep, RESOURCES_LOG)
+        now = _cpu_seconds()
+        load = os.getloadavg()
+        append_jsonl(run.file(RESOURCES_LOG), dict(
+            epoch=row["epoch"], time_s=row.get("time_s"), wall_clock=time.time(),
+            maxrss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+            cpu_s=now - last_cpu[0], load1=load[0], load5=load[1], load15=load[2],
+            threads=torch.get_num_threads()))
+        last_cpu[0] = now
+    return on_epoch
 
 
 def reference_lr(optimizer: str, setting: str, num_blocks: int) -> float:
@@ -97,7 +145,10 @@ def load_exact_gn_data(preset: dict, data: str, data_dir: str | None
 
 def exact_gn_run_specs(preset: dict, data: str, device: str = "cpu"
                        ) -> list[tuple[str, RunSpec, dict]]:
-    """``[(run name, run spec, extra config)]`` for every setting × optimizer × seed.
+    """``[(run name, run spec, extra config)]`` for every setting × seed × optimizer, in the
+    order the sweep runs them: full batch before mini-batch and, within a setting, every
+    optimizer at the first seed before the next seed (a sweep stopped early compares the
+    optimizers on the same seeds).
 
     The spec is resolved through the registry (registered names, every default filled in); the
     extra config records the ``setting`` and where the learning rate came from.
@@ -107,17 +158,20 @@ def exact_gn_run_specs(preset: dict, data: str, device: str = "cpu"
     for setting in SETTINGS:
         s = preset[setting]
         batch = s["subset"] if setting == "full_batch" else s["batch_size"]
+        lrs = {}
         for opt in preset["optimizers"]:
             name = reg.resolve_name("optimizer", opt)
             override = preset.get("lr", {}).get(setting, {}).get(short_name(name))
             if override is not None:
-                lr_from, opt_kwargs = "preset", {"lr": override}
+                lrs[name] = ("preset", {"lr": override})
             elif name in REFERENCE_LR[setting]:
-                lr_from = "reference"
-                opt_kwargs = {"lr": reference_lr(name, setting, preset["blocks"])}
+                lrs[name] = ("reference",
+                             {"lr": reference_lr(name, setting, preset["blocks"])})
             else:
-                lr_from, opt_kwargs = "registered default", {}
-            for seed in preset["seeds"]:
+                lrs[name] = ("registered default", {})
+        # seed-major: a sweep stopped early has every optimizer at the same seeds
+        for seed in preset["seeds"]:
+            for name, (lr_from, opt_kwargs) in lrs.items():
                 spec = RunSpec(
                     model=MODEL,
                     model_kwargs=dict(hidden=preset["hidden"], num_blocks=preset["blocks"],
@@ -154,7 +208,7 @@ def run_exact_gn(out: str | Path, preset_name: str = "quick", data: str = "mnist
         def fn(spec=spec, run=run, ds=ds, name=name, extra=extra):
             return train_run(spec, ds, run, resume=resume, progress=progress,
                              diagnostics_factory=RevMLPDiagnostics.factory(spec.probe_size),
-                             desc=name, extra_config=extra)
+                             desc=name, extra_config=extra, on_epoch=record_resources(run))
         jobs.append(Job(name, run.path, fn))
     statuses = run_jobs(out, jobs, progress=progress, desc="exact-gn runs")
     build_exact_gn_report(out, top.read_config())
