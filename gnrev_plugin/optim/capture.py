@@ -287,11 +287,18 @@ class OutputCapture:
         """Return the captured batch and its loss call, and clear the capture.
 
         Raises:
-            LossCaptureError: no forward/backward was captured, the loss is not the expected kind,
+            LossCaptureError: the step runs inside an enabled ``torch.autocast`` region, no
+                forward/backward was captured, the loss is not the expected kind,
                 several different losses were applied, or the gradient at the output is not the
                 recorded loss's.
         """
         batch, self.batch = self.batch, None
+        amp = None if batch is None else autocast_dtype(batch.captured_output.device.type)
+        if amp is not None:
+            raise LossCaptureError(
+                f"opt.step() was called inside torch.autocast({amp}): the Gauss-Newton system "
+                "must not be built in the autocast dtype. Leave the autocast region before "
+                "opt.step() (autocast only the forward pass and the loss, as with torch.amp)")
         if batch is None:
             raise LossCaptureError(
                 "no forward pass of the model was captured: call model(x) with autograd enabled, "
