@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -39,9 +40,15 @@ class StepResult:
 
 
 def train_step(opt, model: nn.Module, loss_fn: nn.Module, x: torch.Tensor,
-               target: torch.Tensor, reevaluate: bool = True) -> StepResult:
+               target: torch.Tensor, reevaluate: bool = True,
+               reduce: Callable[[float, int], float] | None = None) -> StepResult:
     """One optimizer step on ``(x, target)``, then ``ℓ_B`` re-evaluated on the same batch
     (``reevaluate=False`` skips that forward pass; ``loss_after`` is then ``nan``).
+
+    ``reduce(mean, n)``: when ``(x, target)`` is this process's shard of a global batch
+    (``gnrev train --nproc``), turns a shard mean into the global-batch mean
+    (:func:`gnrev_plugin.optim.distributed.mean_over_ranks`). ``step_on_batch`` already returns
+    the global loss.
 
     A rank-deficient Gauss-Newton step is recorded in the optimizer's ``last_step_exact`` (the
     runners log the fraction of exact steps), so its warning is silenced here.
@@ -56,11 +63,15 @@ def train_step(opt, model: nn.Module, loss_fn: nn.Module, x: torch.Tensor,
             loss.backward()
             opt.step()
             loss_before = float(loss.detach())
+            if reduce is not None:
+                loss_before = reduce(loss_before, len(x))
     exact = getattr(opt, "last_step_exact", None)
     loss_after = math.nan
     if reevaluate:
         with torch.no_grad():
             loss_after = float(loss_fn(model(x), target))
+        if reduce is not None:
+            loss_after = reduce(loss_after, len(x))
     return StepResult(loss_before, loss_after, None if exact is None else bool(exact))
 
 

@@ -11,6 +11,7 @@ matrix products may round differently from the full batch's; the Grams here have
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -18,8 +19,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from realdata import REAL_MNIST, needs_real_mnist
 from torch import nn
 
+from gnrev_plugin.cli import main
+from gnrev_plugin.experiments.distributed_run import check_batching
+from gnrev_plugin.experiments.rundir import read_jsonl
 from gnrev_plugin.nn import RevMLP
 from gnrev_plugin.optim import DenseGN, ExactGN
 from gnrev_plugin.optim.distributed import DistributedStepError, contiguous_shard
@@ -278,3 +283,39 @@ def test_exact_gn_nccl_matches_full_batch(tmp_path):
         got = torch.load(tmp_path / f"rank{r}.pt")
         for p, q in zip(got, ref, strict=True):
             assert _rel(p, q) <= 1e-8
+
+
+# -- gnrev train --nproc ------------------------------------------------------------------------
+TRAIN = ["train", "--data", "mnist", "--data-dir", str(REAL_MNIST), "--train-size", "96",
+         "--epochs", "2", "--batch-size", "32", "--model-opt", "hidden=64", "--no-progress"]
+
+
+@needs_real_mnist
+def test_train_nproc_2_logs_the_one_process_losses(tmp_path):
+    """Two processes with 16-sample shards of every 32-sample batch log the one-process run's
+    per-epoch losses. float32 (the run's dtype): the shards' forward passes round differently
+    from the whole batch's, so losses agree to ``1e-5`` relative (measured ≈ 1e-7), the
+    per-batch loss changes (percent) to ``1e-3``, accuracies and exact fractions exactly."""
+    assert main([*TRAIN, "--out", str(tmp_path / "one")]) == 0
+    assert main([*TRAIN, "--out", str(tmp_path / "two"), "--nproc", "2"]) == 0
+    one, two = (read_jsonl(tmp_path / k / "log.jsonl") for k in ("one", "two"))
+    assert [r["epoch"] for r in two] == [0, 1, 2]
+    for a, b in zip(one, two, strict=True):
+        for key in ("train_loss", "test_loss"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5), key
+        for key in ("train_acc", "test_acc", "exact_frac", "steps"):
+            assert b[key] == a[key], key
+        for key in ("batch_loss_change_pct", "batch_loss_change_pct_first"):
+            if a.get(key) is not None:
+                assert b[key] == pytest.approx(a[key], abs=1e-3), key
+    assert two[-1]["train_loss"] < two[0]["train_loss"]
+    config = json.loads((tmp_path / "two" / "config.json").read_text())
+    assert config["nproc"] == 2 and "nproc" not in json.loads(
+        (tmp_path / "one" / "config.json").read_text())
+
+
+def test_train_nproc_refuses_a_batch_it_cannot_split(capsys):
+    assert main(["train", "--batch-size", "33", "--nproc", "2", "--no-progress"]) == 2
+    assert "not divisible by --nproc 2" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="last batch of each epoch has 1 samples"):
+        check_batching(97, 32, 2)

@@ -4,11 +4,17 @@ dataset, logging per-epoch loss, accuracy and run metrics.
 Every name is resolved through the plugin registry (``gnrev list``); built-ins may be named
 without their ``gnrev.`` prefix. The run is a :class:`~gnrev_plugin.build.RunSpec`, written
 resolved (with every default filled in) to ``OUT/config.json``.
+
+``--nproc N`` trains on ``N`` local processes launched through torch.distributed's launcher (gloo
+on CPU, NCCL on CUDA): the global batch ``--batch-size`` is split into ``N`` equal contiguous
+shards, and the Gauss-Newton step is taken on their union, so the logged losses are those of the
+one-process run (:mod:`gnrev_plugin.experiments.distributed_run`).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -60,7 +66,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="run directory (default: runs/train-<optimizer>-"
                    "<data>-<time>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (per process; with --nproc N default: cores / N)")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="train on N local processes (torch.distributed; gloo on CPU, nccl on "
+                        "CUDA), each taking a contiguous 1/N of every batch; the Gauss-Newton "
+                        "step is that of the whole batch (default 1)")
     p.add_argument("--no-progress", action="store_true", help="hide the tqdm bar")
 
 
@@ -68,10 +79,55 @@ def run(args: argparse.Namespace) -> int:
     from gnrev_plugin.plugins import PluginError
 
     try:
+        if getattr(args, "nproc", 1) != 1:
+            return _launch(args)
         return _run(args)
     except (PluginError, KeyError) as err:  # unknown names, a plugin that cannot load
         print(f"gnrev train: error: {err}", file=sys.stderr)
         return 2
+
+
+def _default_out(args: argparse.Namespace, spec) -> Path:
+    from gnrev_plugin.build import short_name
+
+    return Path(args.out) if args.out else Path("runs") / (
+        f"train-{short_name(spec.optimizer)}-{short_name(spec.dataset)}-"
+        f"{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def _launch(args: argparse.Namespace) -> int:
+    """Start ``--nproc`` processes that each run :func:`_run` (rank 0 prints and writes)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    from gnrev_plugin.experiments.distributed_run import backend_for, check_batching, launch
+    from gnrev_plugin.plugins import get_registry
+
+    try:
+        check_batching(args.batch_size, args.batch_size, args.nproc)
+    except ValueError as err:
+        print(f"gnrev train: error: {err}", file=sys.stderr)
+        return 2
+    spec = spec_from_args(args).resolve(get_registry())
+    args = argparse.Namespace(**vars(args))
+    args.out = str(_default_out(args, spec))      # one run directory for every rank
+    try:
+        codes = launch(_rank_main, args.nproc, args, backend=backend_for(spec.device))
+    except ChildFailedError as err:
+        print(f"gnrev train: error: a training process failed ({err.name}); its traceback "
+              "is above", file=sys.stderr)
+        return 1
+    return max(codes.values())
+
+
+def _rank_main(args: argparse.Namespace) -> int:
+    """One launched process: threads, its GPU, then the ordinary run."""
+    import torch
+
+    if args.threads is None:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.nproc))
+    if torch.device(args.device).type == "cuda":
+        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return run(argparse.Namespace(**{**vars(args), "nproc": 1}))
 
 
 def spec_from_args(args: argparse.Namespace):
@@ -94,6 +150,7 @@ def _run(args: argparse.Namespace) -> int:
     import torch
 
     from gnrev_plugin.build import load_data, short_name
+    from gnrev_plugin.experiments.distributed_run import rank_and_world
     from gnrev_plugin.experiments.rundir import RunDir
     from gnrev_plugin.experiments.training import train_run
     from gnrev_plugin.plugins import get_registry
@@ -104,9 +161,7 @@ def _run(args: argparse.Namespace) -> int:
     spec = spec_from_args(args).resolve(reg)
     ds = load_data(spec.dataset, spec.dataset_kwargs,
                    input_multiple=reg.entry("model", spec.model).input_multiple, registry=reg)
-    out = Path(args.out) if args.out else Path("runs") / (
-        f"train-{short_name(spec.optimizer)}-{short_name(spec.dataset)}-"
-        f"{time.strftime('%Y%m%d-%H%M%S')}")
+    out = _default_out(args, spec)
     mk = ", ".join(f"{k}={v}" for k, v in spec.model_kwargs.items())
     ok = ", ".join(f"{k}={v}" for k, v in spec.optimizer_kwargs.items())
     print(f"gnrev train: {spec.model}(d={ds.in_features}, C={ds.num_classes}, {mk}) with "
@@ -128,7 +183,9 @@ def _run(args: argparse.Namespace) -> int:
               f"{100 * row['train_acc']:5.2f}%  test loss {row['test_loss']:.4f} acc "
               f"{100 * row['test_acc']:5.2f}%{extra}  ({row['time_s']:.1f}s)", flush=True)
 
+    world = rank_and_world()[1]
     train_run(spec, ds, RunDir(out), resume=args.resume, progress=not args.no_progress,
-              on_epoch=show, desc=short_name(spec.optimizer), registry=reg)
+              on_epoch=show, desc=short_name(spec.optimizer), registry=reg,
+              extra_config={"nproc": world} if world > 1 else None)
     print(f"done: {out}")
     return 0

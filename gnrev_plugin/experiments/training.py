@@ -13,6 +13,11 @@ Resume is exact: the batch order of an epoch depends only on ``(seed, epoch)``
 checkpointed after every epoch's log row; on resume the log is cut back to the checkpoint's
 epoch, so a crash between the log write and the checkpoint write (or anywhere else) loses at most
 the epoch in flight. Timings (``time_s``) naturally differ.
+
+On ``N`` processes (``gnrev train --nproc N``, :mod:`gnrev_plugin.experiments.distributed_run`)
+every rank builds the same model and walks the same batch order, steps on its contiguous shard of
+each batch (the Gauss-Newton step is that of the whole batch), and only rank 0 evaluates, logs
+and checkpoints; the per-batch losses are reduced to the global batch's.
 """
 
 from __future__ import annotations
@@ -24,9 +29,11 @@ import torch
 
 from gnrev_plugin import data as gdata
 from gnrev_plugin.build import RunSpec, build, evaluate_run_metrics, loss_targets, short_name
+from gnrev_plugin.optim.distributed import mean_over_ranks
 from gnrev_plugin.plugins import Registry
 from gnrev_plugin.stepping import evaluate, train_step
 
+from .distributed_run import check_batching, local_rows, rank_and_world
 from .rundir import RunDir
 
 __all__ = ["train_run", "RunInterrupted"]
@@ -67,12 +74,25 @@ def train_run(
     built = build(spec, in_features=dataset.in_features, num_classes=dataset.num_classes,
                   registry=registry)
     spec = built.spec
-    run.write_config({"spec": spec.to_dict(), "data_info": dataset.info, **(extra_config or {})},
-                     resume=resume)
-    if resume and run.done:
-        return run.read_result()
+    rank, world = rank_and_world()
+    root = rank == 0
     model, opt, loss_fn = built.model, built.optimizer, built.loss_fn
     dev = next(model.parameters()).device
+    reduce = None
+    if world > 1:
+        if not hasattr(opt, "process_group"):
+            raise ValueError(f"{spec.optimizer} cannot step on a batch shared by {world} "
+                             "processes; --nproc > 1 needs a Gauss-Newton optimizer "
+                             "(gnrev.exact_gn, gnrev.dense_gn)")
+        check_batching(len(dataset.y_train), spec.batch_size, world)
+
+        def reduce(value: float, n: int) -> float:
+            return mean_over_ranks(value, n, dev)
+    if root:
+        run.write_config({"spec": spec.to_dict(), "data_info": dataset.info,
+                          **(extra_config or {})}, resume=resume)
+    if resume and run.done:
+        return run.read_result()
     dtype = next(model.parameters()).dtype
     C = dataset.num_classes
 
@@ -94,13 +114,17 @@ def train_run(
         if diag is not None and ckpt.get("diagnostics") is not None:
             diag.load_state_dict(ckpt["diagnostics"])
         start = ckpt["epoch"] + 1
-        run.truncate_log([r for r in run.rows() if r["epoch"] <= ckpt["epoch"]])
+        if root:
+            run.truncate_log([r for r in run.rows() if r["epoch"] <= ckpt["epoch"]])
         elapsed = ckpt.get("elapsed", 0.0)
     else:
-        run.reset()
+        if root:
+            run.reset()
         start, elapsed = 0, 0.0
 
-    def log_epoch(epoch: int, stats: dict) -> dict:
+    def log_epoch(epoch: int, stats: dict) -> dict | None:
+        if not root:             # other ranks hold the same model; rank 0 evaluates and logs
+            return None
         tr_loss, tr_acc = evaluate(model, loss_fn, x_tr, y_tr, t_tr)
         te_loss, te_acc = evaluate(model, loss_fn, x_te, y_te, t_te)
         row = dict(epoch=epoch, train_loss=tr_loss, train_acc=tr_acc, test_loss=te_loss,
@@ -130,7 +154,8 @@ def train_run(
     n = len(y_tr)
     steps_per_epoch = -(-n // spec.batch_size)
     bar = tqdm(total=max(0, spec.epochs - start + 1) * steps_per_epoch,
-               desc=desc or short_name(spec.optimizer), disable=not progress, leave=False,
+               desc=desc or short_name(spec.optimizer), disable=not (progress and root),
+               leave=False,
                dynamic_ncols=True)
     try:
         for epoch in range(start, spec.epochs + 1):
@@ -138,7 +163,9 @@ def train_run(
             order = gdata.epoch_permutation(n, spec.seed, epoch).to(dev)
             for s in range(0, n, spec.batch_size):
                 idx = order[s:s + spec.batch_size]
-                res = train_step(opt, model, loss_fn, x_tr[idx], t_tr[idx])
+                if world > 1:
+                    idx = local_rows(idx)
+                res = train_step(opt, model, loss_fn, x_tr[idx], t_tr[idx], reduce=reduce)
                 if not torch.isfinite(torch.tensor(res.loss_after)):
                     raise FloatingPointError(f"non-finite loss after a step at epoch {epoch}")
                 pcts.append(res.pct_change)
@@ -153,6 +180,8 @@ def train_run(
                 steps=epoch * steps_per_epoch))
     finally:
         bar.close()
+    if not root:
+        return dict(final=None, epochs=spec.epochs, spec=spec.to_dict())
     rows = run.rows()
     final = rows[-1] if rows else row
     result = dict(final=final, epochs=spec.epochs, spec=spec.to_dict())

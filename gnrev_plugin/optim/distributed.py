@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 __all__ = ["AUTO", "Comm", "resolve_group", "unwrap_model", "DistributedStepError",
-           "contiguous_shard"]
+           "contiguous_shard", "mean_over_ranks"]
 
 #: ``process_group=AUTO`` (the optimizers' default): the WORLD group when ``torch.distributed``
 #: is initialised with more than one rank, otherwise a single-process step.
@@ -107,6 +107,16 @@ def contiguous_shard(n: int, rank: int, world: int) -> slice:
     base, extra = divmod(n, world)
     start = rank * base + min(rank, extra)
     return slice(start, start + base + (rank < extra))
+
+
+def mean_over_ranks(value: float, n: int, device: torch.device | str = "cpu",
+                    group=None) -> float:
+    """``Σ_r n_r v_r / Σ_r n_r``: the global-batch mean from each rank's mean ``v_r`` over its
+    ``n_r`` samples (one ``all_reduce`` of two numbers; ``device`` must be CUDA for NCCL)."""
+    dist = _dist()
+    t = torch.tensor([float(value) * n, float(n)], dtype=torch.float64, device=device)
+    dist.all_reduce(t, group=group)
+    return float(t[0] / t[1])
 
 
 def _picklable(err: BaseException) -> BaseException:

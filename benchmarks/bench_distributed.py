@@ -1,0 +1,125 @@
+"""Benchmark: one ExactGN step on 1 process against 2 gloo ranks at the same global batch.
+
+The model is the runners' default RevMLP (d = 784, M = 1024, L = 2, linear first block, ReLU
+above, fixed readout, float32); the global batch is the first ``n`` (default 1024) images of
+the shared real MNIST split. Each process runs **one thread**. The one-process step runs in a
+spawned process too (so both columns pay the same process setup), then the two-rank job; each
+times ``--steps`` explicit steps after one warm-up and reports the median. The two-rank row also
+splits rank 0's step into its parts (local forward + Newton target, gather, root solve,
+broadcast + apply). The table ends with the ratio (goal: 2 ranks ≤ 0.7 × 1 rank) and the load
+average before and after.
+
+Usage: ``python benchmarks/bench_distributed.py [--n 1024] [--hidden 1024] [--steps 5]
+[--data-dir DIR]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from tabulate import tabulate
+
+from gnrev_plugin.data import load_idx_dataset
+from gnrev_plugin.nn import RevMLP
+from gnrev_plugin.optim import ExactGN
+from gnrev_plugin.optim import distributed as gdist
+from gnrev_plugin.optim.distributed import contiguous_shard
+
+
+class _Timed:
+    """Wraps ``owner.name`` to accumulate its wall time under ``key`` in ``acc``."""
+
+    def __init__(self, owner, name: str, key: str, acc: dict) -> None:
+        fn = getattr(owner, name)
+
+        def timed(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                acc[key] = acc.get(key, 0.0) + time.perf_counter() - t0
+        setattr(owner, name, timed)
+
+
+def _worker(rank: int, world: int, store: str, out: str, args: dict) -> None:
+    torch.set_num_threads(1)
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
+                                world_size=world)
+    try:
+        ds = load_idx_dataset(args["data_dir"], train_size=args["n"], test_size=10)
+        x, y = ds.x_train[:args["n"]], ds.y_train[:args["n"]]
+        rows = contiguous_shard(len(x), rank, world)
+        x, y = x[rows].contiguous(), y[rows].contiguous()
+        model = RevMLP(784, args["hidden"], 2, num_classes=10, seed=0)
+        opt = ExactGN(model.parameters(), lr=0.2, loss="cross_entropy", rank_policy="warn",
+                      model=model)
+        parts: dict[str, float] = {}
+        _Timed(opt, "_prepare_batch", "forward", parts)
+        _Timed(opt, "_solve", "solve", parts)
+        _Timed(opt, "_finish", "apply", parts)
+        _Timed(gdist.Comm, "gather_rows", "gather", parts)
+        _Timed(gdist.Comm, "broadcast_result", "broadcast", parts)
+        times, split = [], []
+        for step in range(args["steps"] + 1):
+            if world > 1:
+                dist.barrier()
+            parts.clear()
+            t0 = time.perf_counter()
+            opt.step_on_batch(x, y)
+            if step:                                   # the first is a warm-up
+                times.append(time.perf_counter() - t0)
+                split.append(dict(parts))
+        med = statistics.median(times)
+        mid = split[times.index(sorted(times)[len(times) // 2])]
+        torch.save(dict(median=med, all=times, parts=mid, exact=opt.last_step_exact),
+                   os.path.join(out, f"w{world}r{rank}.pt"))
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--n", type=int, default=1024, help="global batch")
+    p.add_argument("--hidden", type=int, default=1024, help="M")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
+    p.add_argument("--data-dir", default=None, help="MNIST IDX folder (default: the shared one)")
+    a = p.parse_args()
+    args = dict(n=a.n, hidden=a.hidden, steps=a.steps, data_dir=a.data_dir)
+    load0 = os.getloadavg()
+    res = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for world in (1, 2):
+            mp.start_processes(_worker, args=(world, os.path.join(tmp, f"store{world}"), tmp,
+                                              args),
+                               nprocs=world, start_method="spawn")
+            res[world] = torch.load(os.path.join(tmp, f"w{world}r0.pt"))
+    load1 = os.getloadavg()
+    one, two = res[1]["median"], res[2]["median"]
+
+    def fmt(parts: dict) -> str:
+        return ", ".join(f"{k} {v * 1e3:.0f}" for k, v in parts.items())
+    rows = [["1 process", f"{one:.3f}", "1.00", fmt(res[1]["parts"]), res[1]["exact"]],
+            ["2 gloo ranks", f"{two:.3f}", f"{two / one:.2f}", fmt(res[2]["parts"]),
+             res[2]["exact"]]]
+    print(f"ExactGN step, RevMLP d=784 M={a.hidden} L=2 (linear first block), global batch "
+          f"{a.n} of real MNIST, float32, 1 thread per process; median of {a.steps} steps")
+    print(tabulate(rows, headers=["", "step s", "ratio", "rank 0 parts (ms)", "exact"]))
+    print(f"goal 2-rank ≤ 0.7 × 1-rank: {'met' if two <= 0.7 * one else 'missed'} "
+          f"(ratio {two / one:.2f})")
+    print("all steps (s): 1 rank " + " ".join(f"{t:.3f}" for t in res[1]["all"])
+          + " | 2 ranks " + " ".join(f"{t:.3f}" for t in res[2]["all"]))
+    print(f"load average before {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}, after "
+          f"{load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f} ({os.cpu_count()} CPUs)")
+
+
+if __name__ == "__main__":
+    main()
