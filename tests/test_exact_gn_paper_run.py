@@ -2,6 +2,7 @@
 per-epoch resource log (time, peak memory, CPU, load) and a report built from a partially
 finished sweep that marks unfinished and not-started runs instead of dropping or mixing them."""
 
+import json
 import re
 
 import matplotlib.pyplot as plt
@@ -11,6 +12,7 @@ from realdata import REAL_MNIST, needs_real_mnist
 
 from gnrev_plugin.cli import main
 from gnrev_plugin.experiments import training
+from gnrev_plugin.experiments.catalog import build_report
 from gnrev_plugin.experiments.exact_gn import exact_gn_run_specs, run_exact_gn
 from gnrev_plugin.experiments.exact_gn.report import RESOURCES_LOG, _panel
 from gnrev_plugin.experiments.presets import get_preset
@@ -106,11 +108,16 @@ def test_resources_have_one_row_per_epoch_tied_to_the_log(tmp_path):
     assert rss == sorted(rss) and rss[0] > 50      # MiB (ru_maxrss is KiB on Linux)
     assert all(r["cpu_s"] >= 0 and r["threads"] == torch.get_num_threads()
                and r["load1"] >= 0 for r in res)
-    # the report's resource row sums the logs' training clocks and takes the peak RSS
+    # the report's resource row sums the logs' training clocks, takes the peak of the peak RSS
+    # and the mean [min–max] of the load (rows rewritten with distinct values)
+    for r, m, load in zip(res, (300.0, 700.0, 500.0), (1.0, 5.0, 3.0), strict=True):
+        r.update(maxrss_mib=m, load1=load)
+    (run / RESOURCES_LOG).write_text("".join(json.dumps(r) + "\n" for r in res))
+    build_report(tmp_path)
     report = (tmp_path / "report.md").read_text()
     row = re.search(r"\| full batch +\| \*\*all\*\* +\|([^\n]*)", report).group(1)
     cells = [c.strip() for c in row.split("|")]
     assert cells[0] == "1 / 1" and cells[1] == "2"
     assert float(cells[2]) == pytest.approx(log[-1]["time_s"], rel=1e-3)
-    assert cells[6] == f"{max(rss):.0f}"
+    assert cells[6:8] == ["700", "3.0 [1.0–5.0]"]
 
