@@ -22,6 +22,7 @@ from torch import nn
 
 from gnrev_plugin.nn import RevMLP
 from gnrev_plugin.optim import DenseGN, ExactGN, LossCaptureError
+from gnrev_plugin.optim.capture import OutputCapture
 
 TOL_F32 = 1e-4
 LR = 0.7
@@ -128,16 +129,47 @@ def test_extra_loss_term_under_autocast_is_still_refused():
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), snap, strict=True))
 
 
-def test_step_inside_the_autocast_region_is_refused():
+def test_capture_refuses_to_be_consumed_inside_the_autocast_region():
+    """The capture's safety net: consumed inside autocast, the GN system would be built in bf16
+    (an unpatched optimizer then takes a rank-1 step), so it raises instead."""
     x, y = _batch("mse", "cpu")
     model = _model(False, "cpu")
-    opt = ExactGN(model.parameters(), lr=LR, loss="mse")
-    snap = snapshot(model)
+    capture = OutputCapture(model)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         nn.functional.mse_loss(model(x), y).backward()
         with pytest.raises(LossCaptureError, match="inside torch.autocast"):
-            opt.step()
-    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), snap, strict=True))
+            capture.consume("mse")
+    capture.close()
+
+
+NEEDS_PATCH = pytest.mark.xfail(
+    strict=True, reason="needs ExactGN/DenseGN.step and step_on_batch to run under "
+    "gnrev_plugin.optim.capture.autocast_disabled (patch in helper B's report); remove this "
+    "marker when it is applied")
+
+
+@NEEDS_PATCH
+@pytest.mark.parametrize("path", ["exact drop-in", "exact explicit", "dense drop-in",
+                                  "dense explicit"])
+def test_step_called_inside_the_autocast_region_is_the_float32_step(path):
+    x, y = _batch("cross_entropy", "cpu", n=4)
+    cls = ExactGN if path.startswith("exact") else DenseGN
+    a, b = _model(False, "cpu"), _model(False, "cpu")
+    opt_a = cls(a.parameters(), lr=LR, loss="cross_entropy", model=a)
+    opt_b = cls(b.parameters(), lr=LR, loss="cross_entropy", model=b)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        if path.endswith("drop-in"):
+            nn.functional.cross_entropy(a(x), y).backward()
+            opt_a.step()
+        else:
+            opt_a.step_on_batch(x, y)
+    if path.endswith("drop-in"):
+        nn.functional.cross_entropy(b(x), y).backward()
+        opt_b.step()
+    else:
+        opt_b.step_on_batch(x, y)
+    assert opt_a.last_step_exact
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
 
 
 @pytest.mark.cuda

@@ -44,6 +44,7 @@ call). The capture therefore
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
@@ -60,7 +61,7 @@ from ..nn.discovery import compiled_wrappers_of, unwrap_compiled
 from .errors import LossCaptureError
 from .targets import loss_gradient_direction
 
-__all__ = ["OutputCapture", "CapturedBatch", "suspended", "autocast_dtype"]
+__all__ = ["OutputCapture", "CapturedBatch", "suspended", "autocast_dtype", "autocast_disabled"]
 
 _SUSPENDED = 0
 
@@ -94,6 +95,25 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
     if not torch.is_autocast_enabled(device_type):
         return None
     return torch.get_autocast_dtype(device_type)
+
+
+class autocast_disabled:  # noqa: N801 - used as a context manager like torch.no_grad
+    """Within this context :func:`torch.autocast` is off for CPU and for the device type of
+    ``module``'s parameters, so a Gauss-Newton step called inside an autocast region still builds
+    and solves its systems in their stated dtypes (not in the autocast dtype)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        first = next(iter(module.parameters()), None)
+        kinds = {"cpu"} if first is None else {"cpu", first.device.type}
+        self._kinds = sorted(k for k in kinds if torch.amp.is_autocast_available(k))
+        self._stack = ExitStack()
+
+    def __enter__(self) -> None:
+        for kind in self._kinds:
+            self._stack.enter_context(torch.autocast(kind, enabled=False))
+
+    def __exit__(self, *exc) -> bool | None:
+        return self._stack.__exit__(*exc)
 
 
 class CapturedBatch:
