@@ -132,7 +132,8 @@ def test_solvers_are_named_and_parametrised_by_the_registry():
         cls = make_solver(name.removeprefix("gnrev."))
         assert cls.name == name
         defaults = reg.entry("optimizer", name).defaults
-        assert cls.parameters == {"batch_size": [128], **{k: [v] for k, v in defaults.items()}}
+        assert cls.parameters == {"batch_size": [128], "device": ["cpu"],
+                                  **{k: [v] for k, v in defaults.items()}}
     assert make_solver("exact_gn").parameters["rank_policy"] == ["warn"]  # the runners' policy
 
 

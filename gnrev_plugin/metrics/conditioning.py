@@ -102,7 +102,7 @@ def condition_number_from_eigenvalues(eigenvalues: torch.Tensor, rtol: float | N
                                           10.0 ** -e for e in range(2, 16, 2))
                                       ) -> ConditionReport:
     """κ on the column space from the eigenvalues of a PSD matrix (see :class:`ConditionReport`)."""
-    ev = torch.as_tensor(eigenvalues).detach().double().cpu().flatten().sort(descending=True).values
+    ev = torch.as_tensor(eigenvalues, device="cpu").detach().double().flatten().sort(descending=True).values
     if ev.numel() == 0 or not ev[0] > 0:
         raise ValueError("the matrix has no positive eigenvalue; κ is undefined")
     rtol = default_rtol(ev.numel(), torch.float64) if rtol is None else float(rtol)
@@ -258,7 +258,8 @@ def deep_linear_gn_spectrum(Ws: Sequence[torch.Tensor], Sigma: torch.Tensor | No
     M = spectrum_lemma_matrix(Ws)
     k = Ws[-1].shape[0]
     if Sigma is not None:
-        R = torch.kron(_psd_sqrt(Sigma.double()), torch.eye(k, dtype=torch.float64))
+        R = torch.kron(_psd_sqrt(Sigma.double()),
+                       torch.eye(k, dtype=torch.float64, device=Sigma.device))
         M = R @ M @ R
     return torch.linalg.eigvalsh(0.5 * (M + M.T)).flip(0)
 
@@ -353,7 +354,7 @@ def two_layer_relu_gram(W: torch.Tensor, V: torch.Tensor, X: torch.Tensor) -> to
     H = X @ V.T                                   # (n, m)
     phi, D = torch.relu(H), (H > 0).double()
     n, k = X.shape[0], W.shape[0]
-    first = torch.kron(phi @ phi.T, torch.eye(k, dtype=torch.float64))
+    first = torch.kron(phi @ phi.T, torch.eye(k, dtype=torch.float64, device=X.device))
     WD = W[None] * D[:, None, :]                  # (n, k, m): W D_i
     second = torch.einsum("iau,jbu->iajb", WD, WD) * (X @ X.T)[:, None, :, None]
     return first + second.reshape(n * k, n * k)

@@ -88,7 +88,7 @@ def _seeded(seed: int, device: torch.device | str = "cpu") -> Iterator[None]:
 
 def _draw_seed(gen: torch.Generator) -> int:
     """The next per-call seed of a summary's seed sequence."""
-    return int(torch.randint(2**31 - 1, (1,), generator=gen))
+    return int(torch.randint(2**31 - 1, (1,), generator=gen, device="cpu"))
 
 
 def estimate_trace(op: PyTorchLinearOperator, estimator: str = "hutchpp", num_matvecs: int = 90,
@@ -586,8 +586,8 @@ class HessianDecomposition:
     def _surrogate_check(self, gen: torch.Generator, num_probes: int = 2) -> SurrogateCheck:
         P = self.num_params
         p0 = self.params[0]
-        V = torch.randn(P, num_probes, generator=gen, dtype=torch.float64).to(p0.dtype)
-        V = V.to(p0.device)
+        V = torch.randn(P, num_probes, generator=gen, dtype=torch.float64, device="cpu")
+        V = V.to(p0.device, p0.dtype)
         a = self.nme_surrogate @ V
         b = self.nme @ V
         diff = (a - b).abs().max().item()

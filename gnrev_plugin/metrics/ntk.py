@@ -318,7 +318,8 @@ def random_probe_similarity(model_a: nn.Module, model_b: nn.Module, X: torch.Ten
     with torch.no_grad():
         shape = output_fn(model_a, X).shape
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    v = torch.randn(num_probes, *shape, generator=gen, dtype=torch.float64).mean(0).to(X.device)
+    v = torch.randn(num_probes, *shape, generator=gen, dtype=torch.float64,
+                    device="cpu").mean(0).to(X.device)
     a = _kernel_probe(model_a, X, v, output_fn, mode)
     b = _kernel_probe(model_b, X, v, output_fn, mode)
     if a.shape != b.shape:

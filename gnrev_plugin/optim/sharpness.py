@@ -508,7 +508,7 @@ def _dot(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> torch.
 def _make_generator(seed: int | None, params: list[torch.Tensor]) -> torch.Generator:
     device = params[0].device if params else torch.device("cpu")
     if seed is None:
-        seed = int(torch.randint(0, 2**62, ()))
+        seed = int(torch.randint(0, 2**62, (), device="cpu"))
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an integer or None, got {seed!r}")
     gen = torch.Generator(device=device)

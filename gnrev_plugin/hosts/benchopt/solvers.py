@@ -3,8 +3,17 @@
 :func:`make_solver(name) <make_solver>` returns a benchopt solver class whose ``name`` is the
 registry name (``gnrev.exact_gn``, ``gnrev.adam``, a plugin's ``toy.sign_sgd``, ...), so
 ``benchopt run BENCH -s NAME`` selects it and results are named by it. Its benchopt
-``parameters`` are ``batch_size`` and the registry entry's defaults (``lr``, and for the GN
-family the runners' ``rank_policy``), so ``-s "gnrev.exact_gn[lr=0.5]"`` works.
+``parameters`` are ``batch_size``, ``device`` and the registry entry's defaults (``lr``, and for
+the GN family the runners' ``rank_policy``), so ``-s "gnrev.exact_gn[lr=0.5]"`` works.
+
+**Device.** ``device`` (default :data:`gnrev_plugin.defaults.RUN_DEFAULTS` ``["device"]``, i.e.
+``"cpu"``) is the torch device the solver trains on: ``-s "gnrev.exact_gn[device=cuda]"`` moves
+the model from ``model_init_fn`` and the training data there (the default model is built there
+by :func:`gnrev_plugin.build.build_model`). It is checked by
+:func:`gnrev_plugin.build.resolve_device`: ``device=cuda`` on a machine without a GPU makes the
+solver skip, saying so (and ``set_objective`` raises that ``ValueError``). The epoch order is
+drawn on the CPU from the run's seed, so every device sees the same batches. The result's model
+lives on ``device``; the shipped objective evaluates it there.
 
 Every solver trains ``model = model_init_fn()`` by mini-batch epochs and is sampled once per
 epoch (``sampling_strategy = "callback"``, ``get_next(k) = k + 1``, the pattern of benchopt's
@@ -39,7 +48,7 @@ import torch
 from benchopt import BaseSolver
 from benchopt.stopping_criterion import SufficientProgressCriterion
 
-from gnrev_plugin.build import build_loss, build_model, build_optimizer, loss_targets
+from gnrev_plugin.build import build_loss, build_model, build_optimizer, loss_targets, resolve_device
 from gnrev_plugin.defaults import RUN_DEFAULTS
 from gnrev_plugin.hosts.benchopt.problem import as_tensor
 from gnrev_plugin.plugins import get_registry
@@ -49,6 +58,8 @@ __all__ = ["RegistrySolver", "make_solver"]
 
 #: Mini-batch size of every solver unless ``-s "NAME[batch_size=...]"``.
 BATCH_SIZE = 128
+#: The solver parameters that belong to the runner, not to the optimizer.
+RUNNER_PARAMETERS = ("batch_size", "device")
 
 
 class RegistrySolver(BaseSolver):
@@ -65,12 +76,13 @@ class RegistrySolver(BaseSolver):
     stopping_criterion = SufficientProgressCriterion(
         eps=1e-8, patience=5, strategy="callback", key_to_monitor="objective_value"
     )
-    parameters = {"batch_size": [BATCH_SIZE]}
+    parameters = {"batch_size": [BATCH_SIZE], "device": [RUN_DEFAULTS["device"]]}
 
     # ------------------------------------------------------------------ data checks
     @staticmethod
-    def _problem(X, y, loss: str | None, model_init_fn):
-        """``(X, y, targets, loss, model_init_fn)`` or a string saying what is missing."""
+    def _problem(X, y, loss: str | None, model_init_fn, device: torch.device | None = None):
+        """``(X, y, targets, loss, model_init_fn)`` on ``device`` (default: where ``X`` is) or a
+        string saying what is missing."""
         X = as_tensor(X, dtype=torch.get_default_dtype())
         y = as_tensor(y)
         if X.dim() > 2:
@@ -103,8 +115,15 @@ class RegistrySolver(BaseSolver):
             return f"supports loss='cross_entropy' or 'mse', not {loss!r}"
         if model_init_fn is None:
             model_init_fn = partial(build_model, RUN_DEFAULTS["model"], in_features=X.shape[1],
-                                    num_classes=num_classes, seed=0)
+                                    num_classes=num_classes, seed=0,
+                                    device=X.device if device is None else device)
+        if device is not None:
+            X, y, targets = X.to(device), y.to(device), targets.to(device)
         return X, y, targets, loss, model_init_fn
+
+    def _device(self) -> torch.device:
+        """The ``device`` parameter, checked (``ValueError`` for a missing GPU)."""
+        return resolve_device(getattr(self, "device", RUN_DEFAULTS["device"]))
 
     def skip(self, X=None, y=None, framework: str = "pytorch", model_init_fn=None,
              loss: str | None = None, **objective_dict):
@@ -112,12 +131,16 @@ class RegistrySolver(BaseSolver):
             return True, f"{self.name} is a PyTorch solver (framework={framework!r})"
         if X is None or y is None:
             return True, f"{self.name} needs the training data as X, y in get_objective()"
-        problem = self._problem(X, y, loss, model_init_fn)
+        try:
+            device = self._device()
+        except (ValueError, RuntimeError) as err:  # a missing GPU, an unknown device string
+            return True, f"{self.name}[device={getattr(self, 'device', None)}]: {err}"
+        problem = self._problem(X, y, loss, model_init_fn, device)
         if isinstance(problem, str):
             return True, f"{self.name} {problem}"
         X, _, targets, loss, model_init_fn = problem
         try:  # one dry step on a fresh model: does this optimizer run on this model and loss?
-            model = model_init_fn()  # a fresh model, discarded after the dry step
+            model = model_init_fn().to(device)  # a fresh model, discarded after the dry step
             opt = build_optimizer(self.name, model, self._optimizer_kwargs(), loss=loss)
             batch = slice(0, min(self.batch_size, len(X)))
             train_step(opt, model, build_loss(loss), X[batch], targets[batch], reevaluate=False)
@@ -127,13 +150,14 @@ class RegistrySolver(BaseSolver):
         return False, None
 
     def _optimizer_kwargs(self) -> dict:
-        return {k: getattr(self, k) for k in self.parameters if k != "batch_size"}
+        return {k: getattr(self, k) for k in self.parameters if k not in RUNNER_PARAMETERS}
 
     # ------------------------------------------------------------------ benchopt API
     def set_objective(self, X, y, model_init_fn=None, loss: str | None = None,
                       framework: str = "pytorch", track_batch_loss_change: bool = False,
                       **unused):
-        problem = self._problem(X, y, loss, model_init_fn)
+        self.torch_device = self._device()
+        problem = self._problem(X, y, loss, model_init_fn, self.torch_device)
         if isinstance(problem, str):
             raise ValueError(f"{self.name} {problem}")
         self.X, self.y, self.targets, self.loss_kind, self.model_init_fn = problem
@@ -149,14 +173,14 @@ class RegistrySolver(BaseSolver):
         return stop_val + 1
 
     def run(self, cb):
-        self.model = self.model_init_fn()
+        self.model = self.model_init_fn().to(self.torch_device)
         self.optimizer = build_optimizer(self.name, self.model, self._optimizer_kwargs(),
                                          loss=self.loss_kind)
         self._batch_change, self._exact_fraction = math.nan, math.nan
-        gen = torch.Generator().manual_seed(self.seed)
+        gen = torch.Generator(device="cpu").manual_seed(self.seed)  # same batches on any device
         n = len(self.y)
         while cb():
-            order = torch.randperm(n, generator=gen)
+            order = torch.randperm(n, generator=gen, device="cpu").to(self.torch_device)
             changes, exact = [], []
             for start in range(0, n, self.batch_size):
                 idx = order[start:start + self.batch_size]
@@ -185,11 +209,15 @@ class RegistrySolver(BaseSolver):
 def make_solver(name: str) -> type[RegistrySolver]:
     """The benchopt solver class of registry optimizer ``name`` (``gnrev.`` optional for
     built-ins); its ``name`` is the registered name and its ``parameters`` are
-    ``batch_size`` plus the entry's defaults."""
+    ``batch_size``, ``device`` and the entry's defaults (an entry whose defaults name one of
+    :data:`RUNNER_PARAMETERS` is a ``ValueError``: the runner's parameter would hide it)."""
     reg = get_registry()
     name = reg.resolve_name("optimizer", name)
     entry = reg.entry("optimizer", name)
-    parameters = {"batch_size": [BATCH_SIZE], **{k: [v] for k, v in entry.defaults.items()}}
+    if clash := sorted(set(entry.defaults) & set(RUNNER_PARAMETERS)):
+        raise ValueError(f"optimizer {name!r} registers options {clash}, which are the benchopt "
+                         "solver's own parameters (mini-batch size, torch device); rename them")
+    parameters = {**RegistrySolver.parameters, **{k: [v] for k, v in entry.defaults.items()}}
     doc = (f"``{name}`` ({entry.description or entry.target}; from {entry.source.describe()}) "
            "as a benchopt solver.")
     return type("Solver", (RegistrySolver,), dict(name=name, parameters=parameters, __doc__=doc,

@@ -26,7 +26,14 @@ Checked against **deepobs 1.1.2** (the PyPI wheel of 2019-10; ``deepobs/version.
 5. **train_eval_size of the MNIST problems** (:func:`mnist_train_eval_size`). ``mnist_logreg`` and
    ``mnist_mlp`` call the module-global ``mnist(batch_size)`` of their own module in ``set_up``,
    always with DeepOBS's ``train_eval_size = 10,000``.
-6. **quadratic_deep's rotation** (:func:`fresh_quadratic_deep`). ``quadratic_deep.set_up`` draws
+6. **The default device** (:func:`default_device`, :func:`set_default_device`). DeepOBS's
+   PyTorch test problems take their device from ``deepobs.pytorch.config.get_default_device()``
+   (``TestProblem.__init__``: ``self._device = torch.device(config.get_default_device())``),
+   whose initial value is ``"cuda"`` if ``torch.cuda.is_available()`` else ``"cpu"`` and which
+   ``config.set_default_device(device)`` changes. gnrev's problems read the same setting. Without
+   DeepOBS installed, :func:`set_default_device` keeps the value here and the initial value is
+   DeepOBS's rule.
+7. **quadratic_deep's rotation** (:func:`fresh_quadratic_deep`). ``quadratic_deep.set_up`` draws
    its Hessian's eigenvectors from the module-level ``rng = np.random.RandomState(42)`` of
    ``deepobs/pytorch/testproblems/quadratic_deep.py``, which every ``set_up`` advances: in one
    process the second run would train on a different quadratic. The module's ``rng`` is reset
@@ -48,7 +55,8 @@ import warnings
 from collections.abc import Iterator
 
 __all__ = ["CHECKED_VERSION", "import_deepobs", "plain_argv", "register_test_problem",
-           "mnist_train_eval_size", "fresh_quadratic_deep"]
+           "mnist_train_eval_size", "default_device", "set_default_device",
+           "fresh_quadratic_deep"]
 
 #: The DeepOBS release this module was checked against.
 CHECKED_VERSION = "1.1.2"
@@ -134,9 +142,40 @@ def mnist_train_eval_size(problem_cls: type, train_eval_size: int) -> Iterator[N
         module.mnist = original
 
 
+#: The default device when DeepOBS is not installed (:func:`set_default_device`; item 6).
+_DEVICE_WITHOUT_DEEPOBS: str | None = None
+
+
+def _deepobs_installed() -> bool:
+    return "deepobs.pytorch" in sys.modules or importlib.util.find_spec("deepobs") is not None
+
+
+def default_device() -> str:
+    """DeepOBS's default device (item 6): ``deepobs.pytorch.config.get_default_device()`` when
+    DeepOBS is installed, else the value :func:`set_default_device` kept, else DeepOBS's initial
+    rule (``"cuda"`` if ``torch.cuda.is_available()`` else ``"cpu"``)."""
+    if _deepobs_installed():
+        return str(import_deepobs().pytorch.config.get_default_device())
+    if _DEVICE_WITHOUT_DEEPOBS is not None:
+        return _DEVICE_WITHOUT_DEEPOBS
+    import torch  # noqa: PLC0415
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def set_default_device(device: str) -> None:
+    """Set DeepOBS's default device (``deepobs.pytorch.config.set_default_device``; item 6): the
+    device of every test problem set up afterwards, DeepOBS's and gnrev's."""
+    global _DEVICE_WITHOUT_DEEPOBS
+    if _deepobs_installed():
+        import_deepobs().pytorch.config.set_default_device(str(device))
+    else:
+        _DEVICE_WITHOUT_DEEPOBS = str(device)
+
+
 def fresh_quadratic_deep() -> None:
     """Reset ``quadratic_deep``'s module-level rotation RNG to DeepOBS's ``RandomState(42)``
-    (item 6)."""
+    (item 7)."""
     import numpy as np  # noqa: PLC0415
 
     import_deepobs()

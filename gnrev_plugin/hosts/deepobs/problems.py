@@ -42,7 +42,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
-from gnrev_plugin.build import build_model, load_data
+from gnrev_plugin.build import build_model, load_data, resolve_device
 from gnrev_plugin.data import (
     Dataset,
     default_data_dir,
@@ -159,7 +159,7 @@ class TensorDataSet:
                              f"({batch_size}); DeepOBS drops incomplete batches")
         self._batch_size = batch_size
         self._train_eval_size = train_eval_size
-        perm = torch.randperm(n)
+        perm = torch.randperm(n, device="cpu")
         train_idx, valid_idx = perm[train_eval_size:], perm[:train_eval_size]
         train = TensorDataset(x_train[train_idx], y_train[train_idx])
         self._train_dataloader = DataLoader(train, batch_size=batch_size, shuffle=True,
@@ -167,7 +167,7 @@ class TensorDataSet:
         self._valid_dataloader = DataLoader(
             TensorDataset(x_train[valid_idx], y_train[valid_idx]), batch_size=batch_size,
             drop_last=True)
-        eval_idx = torch.randperm(len(train))[:train_eval_size]
+        eval_idx = torch.randperm(len(train), device="cpu")[:train_eval_size]
         self._train_eval_dataloader = DataLoader(Subset(train, eval_idx.tolist()),
                                                  batch_size=batch_size, drop_last=True)
         self._test_dataloader = DataLoader(TensorDataset(x_test, y_test), batch_size=batch_size,
@@ -210,7 +210,7 @@ class RegistryTestProblem:
         if weight_decay is not None:
             warnings.warn("Weight decay is non-zero but no weight decay is used for this model.",
                           RuntimeWarning)
-        self._device = torch.device("cpu")
+        self._device = resolve_device(compat.default_device())  # DeepOBS's convention
         self.data = None
         self.loss_function = None
         self.net: nn.Module | None = None

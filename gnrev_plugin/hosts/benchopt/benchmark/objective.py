@@ -13,6 +13,10 @@ records (``evaluate_result``):
 * ``exact_step_fraction``: for GN solvers, the fraction of the epoch's steps that were exact
   (``J Δθ = −α ε`` held); NaN for first-order solvers.
 
+Devices: the data stay where the dataset made them (CPU); ``evaluate_result`` evaluates a
+solver's model on the device its parameters live on (the solvers' ``device`` parameter,
+``-s "gnrev.exact_gn[device=cuda]"``), with the splits moved there once.
+
 Parameters: ``model`` is a registry model name (``gnrev list``); ``hidden`` its width option
 (here a CPU-sized 256; ``None`` leaves the registry default, for a model without that option),
 and ``model_options`` any further options as ``'k=v k=v'`` (values read as JSON), e.g.
@@ -24,8 +28,10 @@ from benchopt import BaseObjective, safe_import_context
 with safe_import_context() as import_ctx:
     import math
 
+    import torch
+
     from gnrev_plugin.build import build_loss, parse_options
-    from gnrev_plugin.hosts.benchopt.problem import model_factory
+    from gnrev_plugin.hosts.benchopt.problem import as_tensor, model_factory
     from gnrev_plugin.stepping import evaluate
 
 
@@ -46,6 +52,7 @@ class Objective(BaseObjective):
     def set_data(self, X_train, y_train, X_test, y_test, num_classes, unavailable=None):
         self.X_train, self.y_train = X_train, y_train
         self.X_test, self.y_test = X_test, y_test
+        self._on_device = {}
         self.num_classes = int(num_classes)
         self.loss_fn = build_loss("cross_entropy")
         try:
@@ -61,9 +68,20 @@ class Objective(BaseObjective):
         return dict(X=self.X_train, y=self.y_train, model_init_fn=self.model_init_fn,
                     loss="cross_entropy", framework="pytorch", track_batch_loss_change=True)
 
+    def _data_on(self, device):
+        """The four splits on ``device`` (a solver's ``device`` parameter puts its model there),
+        moved once per device."""
+        if device not in self._on_device:
+            self._on_device[device] = [as_tensor(a).to(device) for a in
+                                       (self.X_train, self.y_train, self.X_test, self.y_test)]
+        return self._on_device[device]
+
     def evaluate_result(self, model, batch_loss_change=math.nan, exact_step_fraction=math.nan):
-        train_loss, train_acc = evaluate(model, self.loss_fn, self.X_train, self.y_train)
-        test_loss, test_acc = evaluate(model, self.loss_fn, self.X_test, self.y_test)
+        p = next(model.parameters(), None)
+        X_train, y_train, X_test, y_test = self._data_on(
+            p.device if p is not None else torch.device("cpu"))
+        train_loss, train_acc = evaluate(model, self.loss_fn, X_train, y_train)
+        test_loss, test_acc = evaluate(model, self.loss_fn, X_test, y_test)
         return dict(value=train_loss, train_loss=train_loss, train_accuracy=train_acc,
                     test_loss=test_loss, test_accuracy=test_acc,
                     batch_loss_change=batch_loss_change,
