@@ -1,4 +1,4 @@
-"""The drop-in Gauss-Newton step under ``torch.autocast`` (bf16 on CPU; bf16/fp16 on CUDA).
+"""The drop-in Gauss-Newton step under ``torch.autocast`` (bf16/fp16 on CPU and on CUDA).
 
 What the step computes (``gnrev_plugin.optim.capture``, "Mixed precision"): the loss and
 ``backward`` run in the autocast dtype, but the Gauss-Newton system is built from a forward pass
@@ -96,9 +96,11 @@ def _check_autocast_step(device: str, amp: torch.dtype, loss: str, lin: bool,
         assert rel(delta, flat_params(b) - p0) <= TOL_F32
 
 
+@pytest.mark.parametrize("amp", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(("loss", "lin"), CASES)
-def test_bf16_autocast_dropin_step_is_the_float32_step(loss, lin):
-    _check_autocast_step("cpu", torch.bfloat16, loss, lin)
+def test_autocast_dropin_step_is_the_float32_step(amp, loss, lin):
+    """bf16 (CPU autocast's dtype) and fp16 with a GradScaler (scaled g; ``scaler.step(opt)``)."""
+    _check_autocast_step("cpu", amp, loss, lin, scaler=amp == torch.float16)
 
 
 def test_autocast_dense_gn_dropin_step_is_the_float32_step():
