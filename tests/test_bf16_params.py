@@ -157,3 +157,8 @@ def test_factor_dtype_is_a_param_group_hyperparameter():
     assert dense.state_dict()["param_groups"][0]["factor_dtype"] == torch.float32
     with pytest.raises(ValueError, match="factor_dtype"):
         DenseGN(mlp.parameters(), factor_dtype=torch.int32)
+    # by name, as `gnrev train --opt factor_dtype=float32` passes it
+    named = ExactGN(model.parameters(), factor_dtype="float32", model=model)
+    assert named.param_groups[0]["factor_dtype"] == torch.float32
+    with pytest.raises(ValueError, match="factor_dtype must be a torch dtype or its name"):
+        ExactGN(model.parameters(), factor_dtype="float31", model=model)

@@ -12,7 +12,7 @@ from .errors import NonFiniteError
 from .targets import CE_TARGETS, LOSSES
 
 __all__ = ["validate_gn_options", "check_finite", "check_all_finite", "apply_update",
-           "is_low_precision", "caller_stacklevel"]
+           "is_low_precision", "caller_stacklevel", "as_dtype"]
 
 #: Frames in these folders are this package's optimizers or torch (``torch.no_grad`` and
 #: ``Optimizer.step`` wrappers); a warning skips them to point at the caller.
@@ -28,6 +28,18 @@ def caller_stacklevel() -> int:
     while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
         frame, level = frame.f_back, level + 1
     return level
+
+
+def as_dtype(value, name: str) -> torch.dtype | None:
+    """``value`` as a ``torch.dtype``: a dtype, ``None``, or its name (``"float32"``,
+    ``"torch.float64"``: how ``gnrev train --opt factor_dtype=float32`` passes it)."""
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    if isinstance(value, str):
+        found = getattr(torch, value.removeprefix("torch."), None)
+        if isinstance(found, torch.dtype):
+            return found
+    raise ValueError(f"{name} must be a torch dtype or its name (e.g. 'float32'), got {value!r}")
 
 
 def is_low_precision(dtype: torch.dtype) -> bool:

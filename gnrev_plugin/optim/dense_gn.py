@@ -51,6 +51,7 @@ from . import distributed as gdist
 from .capture import OutputCapture, suspended
 from .common import (
     apply_update,
+    as_dtype,
     caller_stacklevel,
     check_finite,
     is_low_precision,
@@ -80,7 +81,8 @@ class DenseGN(torch.optim.Optimizer):
         weight_decay: decoupled, ``θ ← (1 − lr·wd)θ + Δθ``.
         rank_policy: ``"raise"`` or ``"warn"``.
         max_jacobian_entries: refuse to materialise a ``J`` larger than this.
-        factor_dtype: dtype ``J Jᵀ`` is factored and solved in (default float64); with
+        factor_dtype: dtype ``J Jᵀ`` is factored and solved in (default float64; or its name,
+            e.g. ``"float32"``); with
             bfloat16/float16 parameters the Jacobian and the Gram are computed in it too
             (module docstring); float32 for devices without fast float64.
         process_group: ``"auto"``, ``None`` or a process group (see :class:`ExactGN` and
@@ -116,6 +118,7 @@ class DenseGN(torch.optim.Optimizer):
         if solver not in ("cholesky", "eigh"):
             raise ValueError(f"DenseGN solver must be 'cholesky' or 'eigh', got {solver!r}")
         method = "damped" if damping else solver
+        factor_dtype = as_dtype(factor_dtype, "factor_dtype")
         SolverConfig(method, rtol, atol, damping, rank_rtol, factor_dtype=factor_dtype)
         defaults = dict(lr=lr, weight_decay=weight_decay, loss=loss, damping=damping,
                         solver=solver, rtol=rtol, atol=atol, rank_rtol=rank_rtol,

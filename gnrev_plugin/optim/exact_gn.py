@@ -60,6 +60,7 @@ from . import distributed as gdist
 from .capture import OutputCapture
 from .common import (
     apply_update,
+    as_dtype,
     caller_stacklevel,
     check_all_finite,
     is_low_precision,
@@ -133,7 +134,8 @@ class ExactGN(torch.optim.Optimizer):
         rank_rtol: numerical-rank threshold on Gram eigenvalues/pivots (default ``max(m, 100)·eps``
             for an ``m×m`` Gram).
         gram_dtype: dtype to form the Grams in (default: the working dtype).
-        factor_dtype: dtype the Grams are factored and solved in (default float64). With
+        factor_dtype: dtype the Grams are factored and solved in (default float64; dtypes may
+            also be given by name, e.g. ``"float32"``). With
             bfloat16/float16 parameters the whole step runs in it (module docstring): float64,
             or float32 for devices without fast float64 (THE option for that).
         residual_rtol: accuracy every exactly solved system must reach, ``‖E − AΔ‖ ≤
@@ -194,6 +196,8 @@ class ExactGN(torch.optim.Optimizer):
             raise ValueError(f"unknown rank_policy {rank_policy!r}; choose from {RANK_POLICIES}")
         if not weight_decay >= 0:
             raise ValueError(f"weight_decay must be ≥ 0, got {weight_decay}")
+        gram_dtype = as_dtype(gram_dtype, "gram_dtype")
+        factor_dtype = as_dtype(factor_dtype, "factor_dtype")
         defaults = dict(lr=lr, weight_decay=weight_decay, loss=loss, solver=solver,
                         damping=damping, rtol=rtol, atol=atol, rank_rtol=rank_rtol,
                         gram_dtype=gram_dtype, factor_dtype=factor_dtype,
