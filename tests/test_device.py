@@ -706,27 +706,51 @@ def test_train_cli_on_cuda(tmp_path):
             "--model-opt", "hidden=64", "--no-progress"]
     assert main([*args, "--out", str(tmp_path / "cpu")]) == 0
     assert main([*args, "--out", str(tmp_path / "cuda"), "--device", "cuda"]) == 0
-    config = json.loads((tmp_path / "cuda" / "config.json").read_text())
-    assert json.dumps(config).count('"cuda"') >= 1
+    assert json.loads((tmp_path / "cuda" / "config.json").read_text())["spec"]["device"] == "cuda"
     cpu, gpu = read_jsonl(tmp_path / "cpu" / "log.jsonl"), read_jsonl(tmp_path / "cuda" /
                                                                        "log.jsonl")
     assert len(cpu) == len(gpu)
     assert math.isclose(gpu[-1]["train_loss"], cpu[-1]["train_loss"], rel_tol=1e-3)
 
 
+# ============================================================================ gnrev reproduce
+def _experiment_specs(device: str) -> list:
+    """The run specs of the conditioning, NME and sharpness reproductions (smoke presets)."""
+    from gnrev_plugin.experiments.conditioning.run import training_spec
+    from gnrev_plugin.experiments.nme.run import nme_spec
+    from gnrev_plugin.experiments.presets import get_preset
+    from gnrev_plugin.experiments.sharpness.run import sharpness_configs, sharpness_spec
+
+    cond, nme, sharp = (get_preset(e, "smoke") for e in ("conditioning", "nme", "sharpness"))
+    tr = cond["training"]
+    return ([training_spec(tr, w, 0, cond["num_classes"], "mnist", device)
+             for w in tr["widths"]]
+            + [nme_spec(nme, a, 0, "mnist", device) for a in nme["activations"]]
+            + [sharpness_spec(sharp, cfg, 0, ds, device) for ds in sharp["datasets"]
+               for cfg in sharpness_configs(sharp)])
+
+
+def test_reproduce_experiments_put_the_device_in_every_spec():
+    """The device ``gnrev reproduce --device`` passes reaches every run's spec (which
+    :func:`gnrev_plugin.build.build` builds the model on; the runs move their data to it)."""
+    specs = _experiment_specs("cuda:1")
+    assert specs and {s.device for s in specs} == {"cuda:1"}
+
+
 @pytest.mark.cuda
 @needs_real_mnist
-def test_reproduce_exact_gn_smoke_on_cuda(tmp_path):
-    """``gnrev reproduce exact-gn --preset smoke --device cuda`` completes with every run done
-    and its specs on ``cuda``."""
+@pytest.mark.parametrize("experiment", ["exact-gn", "conditioning", "nme", "sharpness",
+                                        "laziness"])
+def test_reproduce_smoke_on_cuda_every_experiment(experiment, tmp_path):
+    """``gnrev reproduce EXPERIMENT --preset smoke --device cuda``: every run ends ``ok`` and
+    records ``cuda`` in its spec."""
     from gnrev_plugin.cli import main
+    from gnrev_plugin.experiments.catalog import EXPERIMENTS
 
+    if experiment not in EXPERIMENTS:
+        pytest.fail(f"{experiment} is not in the catalog: {sorted(EXPERIMENTS)}")
     out = tmp_path / "out"
-    assert main(["reproduce", "exact-gn", "--preset", "smoke", "--out", str(out),
+    assert main(["reproduce", experiment, "--preset", "smoke", "--out", str(out),
                  "--data-dir", str(REAL_MNIST), "--device", "cuda", "--no-progress"]) == 0
-    configs = sorted((out / "runs").rglob("config.json"))
-    assert configs
-    for path in configs:
-        spec = json.loads(path.read_text()).get("spec")
-        if spec is not None:
-            assert spec["device"] == "cuda", path
+    specs = [json.loads(p.read_text()).get("spec") for p in (out / "runs").rglob("config.json")]
+    assert all(s["device"] == "cuda" for s in specs if s is not None)
