@@ -323,8 +323,8 @@ class OutputCapture:
             raise LossCaptureError(
                 "no forward pass of the model was captured: call model(x) with autograd enabled, "
                 "then loss.backward(), before opt.step() (or use opt.step_on_batch(x, y)). For a "
-                "torch.compile'd model, build the optimizer after torch.compile(model) and before "
-                "the first compiled call (Dynamo ignores hooks added later)")
+                "torch.compile'd model, build the optimizer after torch.compile(model), so that it "
+                "can hook the compiled wrapper")
         if batch.grad is None:
             raise LossCaptureError("opt.step() was called before loss.backward(): the gradient "
                                    "of the loss at the model output was not captured")
