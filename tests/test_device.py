@@ -1,27 +1,30 @@
 """Devices: every metric, optimizer step and runner computes on the device of its model and data.
 
-**Without a GPU: the device trap.** The device bug to catch is a tensor built without a device
-(``torch.eye(n)``, ``torch.randn(..., generator=cpu_gen)``) that then meets the data: on a GPU
-that is a "tensors on different devices" error, on a CPU-only machine it is invisible, since the
-default device *is* the data's. :func:`device_trap` makes it visible: the model and data are
-built on the CPU first, then the code runs with torch's default device set to ``meta``
-(``with torch.device("meta")``), so every constructor that does not name its device makes a
-``meta`` tensor, while the data and everything derived from them stay on the CPU. A
-:class:`~torch.overrides.TorchFunctionMode` raises :class:`DeviceLeak` the moment one torch call
-gets both (torch alone is not enough: ``cpu_matrix @ meta_matrix`` silently returns garbage on
-the CPU); a ``meta`` tensor read as a number (``.item()``, ``.to("cpu")``) fails in torch itself.
-The value computed in the trap must equal the value computed outside it. A constructor that is
-meant to stay on the CPU says so (``device="cpu"``; a CPU generator's draws then move with
-``.to(device)``, the same numbers on every device). What the trap cannot see: a hard-coded
-``device="cpu"`` (it *is* the data's device here) — the ``cuda`` tests below cover those.
+**Without a GPU: the device trap** (:class:`DeviceTrap`). The bug to catch is a tensor that a
+GPU run would hold on the CPU — built without naming a device (``torch.eye(n)``: torch's default
+device is the CPU), drawn from a CPU generator, made by ``.cpu()`` / ``.to("cpu")`` /
+``device="cpu"`` — meeting the data. On a GPU that is a "tensors on different devices" error (or
+a silent copy per call); on a CPU-only machine it is invisible, since the data *are* on the CPU.
+The trap makes it visible without a GPU: a :class:`~torch.overrides.TorchFunctionMode` tags
+every such tensor (and what is computed from tags alone) as *host* and everything else as
+*data*, and raises :class:`DeviceLeak` when one torch call gets both (a 0-d host tensor is
+allowed, as torch allows CPU scalars beside GPU tensors), or on ``.numpy()`` of data.
+``x.to(X.device)`` turns a host tensor into data, as on a GPU. The value computed in the trap
+must equal the value computed outside it. The convention this enforces: a constructor names its
+device — the data's (``device=X.device``) or ``device="cpu"`` for a CPU-side draw whose values
+then move with ``.to(X.device)`` (the same numbers on every device).
 
-Code that builds modules (``nn.Linear`` follows the default device by design) runs outside the
-trap; only the computations on built models and data run inside it.
+Blind spots (the ``cuda`` tests cover them): ``torch.device("cpu")`` objects cannot be told from
+the data's device here; code that branches on ``device.type == "cpu"`` looks leaky; code run by
+autograd hooks during ``backward()`` (BackPACK's extension rules) is outside any torch function
+mode. Code that builds modules (``nn.Linear`` follows the default device by design) runs outside
+the trap; only computations on built models and data run inside it.
 
 **With a GPU** (``@pytest.mark.cuda``; skipped with the reason otherwise): every registered
-metric on CUDA against the CPU, the benchopt solver with ``device=cuda``, the DeepOBS runner
-with DeepOBS's default device ``cuda``, the AlgoPerf submission on a CUDA model,
-``gnrev train --device cuda`` and ``gnrev reproduce exact-gn --preset smoke --device cuda``.
+metric on CUDA against the CPU, every optimizer step, the benchopt solver with ``device=cuda``,
+the DeepOBS runner with DeepOBS's default device ``cuda``, the AlgoPerf submission on a CUDA
+model, ``gnrev train --device cuda`` and ``gnrev reproduce EXPERIMENT --preset smoke --device
+cuda`` for every experiment.
 """
 
 from __future__ import annotations
@@ -336,6 +339,32 @@ def _curvlinops_ops(device):
         step=to_dense(GaussNewtonStepOperator(rev, X, rank_policy="warn")))
 
 
+def _backpack(device):
+    """BackPACK's second-order extensions on gnrev's coupling leaves (``hosts/backpack.py``).
+    Their rules run in autograd hooks during ``backward()``, where torch function modes are not
+    active: the trap sees the forward only, and the ``cuda`` test is what checks the rules."""
+    pytest.importorskip("backpack", reason="backpack-for-pytorch is not installed")
+    from backpack import backpack, extend
+    from backpack.extensions import BatchGrad, DiagGGNExact, DiagHessian
+
+    from gnrev_plugin.hosts.backpack import enabled
+    from gnrev_plugin.nn import RevMLP
+
+    X, y = _data(device, c=6)
+    # 6 classes on width-4 couplings: the DiagHessian factor lists get compressed (compress())
+    model = extend(RevMLP(8, 4, 3, 6, activation="tanh", linear_first_block=False,
+                          seed=0).double().to(device))
+    loss_fn = extend(nn.CrossEntropyLoss())
+
+    def run():
+        with enabled():
+            loss = loss_fn(model(X), y)
+            with backpack(DiagGGNExact(), BatchGrad(), DiagHessian()):
+                loss.backward()
+        return {n: [p.diag_ggn_exact, p.grad_batch, p.diag_h] for n, p in model.named_parameters()}
+    return run
+
+
 def _run_metric(name: str, model_fn, **kw):
     def make(device):
         X, y = _data(device)
@@ -416,6 +445,7 @@ METRIC_CASES: dict[str, Case] = {
     "deep_linear": Case(_deep_linear),
     "two_layer_relu_gram": Case(_two_layer_relu),
     "hosts.curvlinops": Case(_curvlinops_ops),
+    "hosts.backpack": Case(_backpack),
 }
 
 
@@ -478,6 +508,32 @@ def test_optimizer_step_builds_no_tensor_on_the_default_device(name):
             opt.close()
         results.append(_plain(list(model.parameters())))
     _close(results[1], results[0], rtol=1e-12, atol=0.0)
+
+
+def _steps_on(name: str, device) -> list[torch.Tensor]:
+    X, y = _data(device)
+    model = _model_for(name, device)
+    opt = build_optimizer(name, model, {}, loss="cross_entropy")
+    for _ in range(2):
+        train_step(opt, model, CE, X, y, reevaluate=False)
+    if hasattr(opt, "close"):
+        opt.close()
+    return [p.detach() for p in model.parameters()]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", _optimizer_names())
+def test_optimizer_step_on_cuda_matches_the_cpu(name):
+    """Two steps of every registered optimizer on a CUDA model stay on the GPU and give the
+    CPU's parameters (float64, ``rtol = 1e-6``); the methods that draw noise or probes from a
+    generator on the parameters' device (``seed`` option) draw other numbers there: finite."""
+    gpu = _steps_on(name, CUDA)
+    assert {p.device.type for p in gpu} == {"cuda"}
+    if "seed" in get_registry().entry("optimizer", name).defaults:
+        assert all(bool(torch.isfinite(p).all()) for p in gpu)
+        return
+    for p, q in zip(gpu, _steps_on(name, CPU), strict=True):
+        torch.testing.assert_close(p.cpu(), q, rtol=1e-6, atol=1e-9)
 
 
 # ============================================================================ benchopt
