@@ -78,8 +78,9 @@ def test_optimizers_find_the_eager_module_behind_a_compiled_one():
     model = _model()
     compiled = torch.compile(model)
     assert unwrap_compiled(compiled) is model and unwrap_compiled(model) is model
-    assert compiled_wrappers_of(model) == [compiled]
+    assert compiled_wrappers_of(model, scan=True) == [compiled]
     assert find_module_owning(compiled.parameters()) is model
+    assert compiled_wrappers_of(model) == [compiled]      # remembered by that discovery scan
     assert ExactGN(compiled.parameters(), lr=LR).model is model
     assert DenseGN(compiled.parameters(), lr=LR).model is model
     # the explicit path runs the eager module: the same step as an eager twin
@@ -126,15 +127,22 @@ def test_fullgraph_compiled_model_dropin_step_equals_eager(graphs):
     _check_fullgraph_dropin("cpu", *graphs)
 
 
+def _mlp() -> nn.Sequential:
+    torch.manual_seed(7)
+    return nn.Sequential(nn.Linear(8, 12), nn.Tanh(), nn.Linear(12, 3)).double()
+
+
 @pytest.mark.slow
 def test_dense_gn_finds_and_steps_a_compiled_model(graphs):
+    """An ``nn.Sequential``: Dynamo inlines a torch.nn container's hooks into the wrapper's graph
+    and ignores hooks added after its first call, so only the wrapper's eager hook sees the loop."""
     backend, compiled_graphs = graphs
-    model, eager = _model(lin=False), _model(lin=False)
+    model, eager = _mlp(), _mlp()
     x, y = _batch("cross_entropy")
     compiled = torch.compile(model, backend=backend)
-    with torch.no_grad():
-        compiled(x)       # a first compiled call before the optimizer exists: Dynamo has traced
-    opt = DenseGN(compiled.parameters(), lr=LR, loss="cross_entropy")   # the model hook-free
+    compiled(x)           # a first compiled call (grad mode on, as in the loop) before the
+    opt = DenseGN(compiled.parameters(), lr=LR, loss="cross_entropy")        # optimizer exists
+    assert opt.model is model
     _loop(compiled, opt, x, y, "cross_entropy")
     assert compiled_graphs and opt.last_step_exact
     _loop(eager, DenseGN(eager.parameters(), lr=LR, loss="cross_entropy", model=eager), x, y,

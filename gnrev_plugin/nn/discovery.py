@@ -15,9 +15,10 @@ they look it up with :func:`find_module_owning`, the package's one discovery mec
 * exactly one must remain, else ``ValueError`` asks for ``model=...``.
 
 A ``torch.compile(model)`` wrapper (``OptimizedModule``) is never the answer: it is replaced by the
-module it wraps (:func:`unwrap_compiled`), whose eager forward the optimizer's own passes use; the
-capture of the drop-in step hooks the live wrappers (:func:`compiled_wrappers_of`) to see the
-training loop's compiled calls.
+module it wraps (:func:`unwrap_compiled`), whose eager forward the optimizer's own passes use. The
+same scan remembers the live wrappers (weakly), and the capture of the drop-in step hooks those of
+its model (:func:`compiled_wrappers_of`) to see the training loop's compiled calls eagerly. (A
+scan of the heap costs tens of milliseconds, so only discovery, which scans anyway, does it.)
 
 Passing ``model=`` explicitly always wins and costs nothing; the registry's runners
 (:func:`gnrev_plugin.build.build_optimizer`) always do.
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import gc
 import warnings
+import weakref
 from collections.abc import Iterable
 
 import torch
@@ -46,21 +48,35 @@ def unwrap_compiled(module: nn.Module) -> nn.Module:
     return module
 
 
-def compiled_wrappers_of(module: nn.Module) -> list[nn.Module]:
-    """The live ``torch.compile`` wrappers (``OptimizedModule``) whose ``_orig_mod`` is ``module``
-    (directly or through further wrappers); ``[]`` while Dynamo is not imported (no scan)."""
+def compiled_wrappers_of(module: nn.Module, *, scan: bool = False) -> list[nn.Module]:
+    """The ``torch.compile`` wrappers (``OptimizedModule``) whose ``_orig_mod`` is ``module``
+    (directly or through further wrappers), among the live ones the last discovery scan
+    (:func:`find_module_owning`) saw, or, with ``scan=True``, among all live ones (a heap scan).
+    ``[]`` while Dynamo is not imported."""
     cls = compiled_module_type()
     if cls is None:
         return []
-    return [w for w in _live_instances(cls) if unwrap_compiled(w) is module]
+    wrappers = _live_instances(cls) if scan else list(_SEEN_WRAPPERS)
+    return [w for w in wrappers if unwrap_compiled(w) is module]
 
 
-def _live_instances(cls: type) -> list:
+#: The live ``torch.compile`` wrappers seen by the last :func:`find_module_owning` scan.
+_SEEN_WRAPPERS: weakref.WeakSet = weakref.WeakSet()
+
+
+def _live_instances(cls: type | tuple[type, ...], also: type | None = None) -> list:
     """The objects the garbage collector tracks whose type is ``cls`` or a subclass (by
-    ``type``, so dead weak proxies, whose ``isinstance`` raises, are skipped)."""
+    ``type``, so dead weak proxies, whose ``isinstance`` raises, are skipped). With ``also``,
+    instances of ``also`` are excluded and remembered in ``_SEEN_WRAPPERS`` (same pass)."""
     with warnings.catch_warnings():  # isinstance() on some deprecated torch objects warns
         warnings.simplefilter("ignore")
-        return [m for m in gc.get_objects() if issubclass(type(m), cls)]
+        objs = [m for m in gc.get_objects() if issubclass(type(m), cls)]
+    if also is None:
+        return objs
+    seen = [m for m in objs if isinstance(m, also)]
+    _SEEN_WRAPPERS.clear()
+    _SEEN_WRAPPERS.update(seen)
+    return [m for m in objs if not isinstance(m, also)]
 
 
 def find_module_owning(params: Iterable[torch.Tensor], cls: type[nn.Module] = nn.Module,
@@ -69,8 +85,13 @@ def find_module_owning(params: Iterable[torch.Tensor], cls: type[nn.Module] = nn
     (see the module docstring; never a ``torch.compile`` wrapper, see :func:`unwrap_compiled`).
     ``what`` names the model kind in the error message."""
     ids = {id(p) for p in params}
-    compiled = compiled_module_type() or ()
-    live = [m for m in _live_instances(cls) if not isinstance(m, compiled)]
+    compiled = compiled_module_type()
+    if compiled is None:
+        live = _live_instances(cls)
+    elif issubclass(compiled, cls):
+        live = _live_instances(cls, also=compiled)
+    else:   # e.g. cls=RevMLP: collect the wrappers in the same pass
+        live = _live_instances((cls, compiled), also=compiled)
     cands = [m for m in live if ids and ids <= {id(p) for p in m.parameters()}]
     if not cands:
         raise ValueError(f"no live {what} owns all of the given parameters; pass model=... to "

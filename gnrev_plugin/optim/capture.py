@@ -31,7 +31,8 @@ check uses the autocast output as the loss saw it, with a tolerance widened to t
 forward hooks* (traced by Dynamo, which does not re-check hooks added after the first compiled
 call). The capture therefore
 
-* hooks the live compiled wrappers of the model (found when the capture is built, see
+* hooks the compiled wrappers of the model it knows when it is built (the one it is given, and
+  those the optimizer's discovery scan saw, see
   :func:`~gnrev_plugin.nn.discovery.compiled_wrappers_of`): their hooks run eagerly, outside the
   graph, and record the call (``fullgraph=True`` works);
 * makes the model's own hook a no-op while Dynamo traces it on behalf of such a wrapper (so it
@@ -208,7 +209,8 @@ class OutputCapture:
 
     Args:
         model: the module whose output the loss is applied to, or a ``torch.compile`` wrapper of
-            it (the hooks go on the eager module and on its live compiled wrappers).
+            it (the hooks go on the eager module, on that wrapper and on the wrappers the last
+            discovery scan saw).
         extra: optional callable ``extra(module)`` evaluated right after each captured forward
             (e.g. to pick up a RevMLP's recorded activations); ``module`` is the eager module.
     """
@@ -224,7 +226,10 @@ class OutputCapture:
         self._eager_record = (torch.compiler.disable(self._record)
                               if compiled_module_type() is not None else None)
         self._handles = [self.model.register_forward_hook(self._forward_hook)]
-        for wrapper in compiled_wrappers_of(self.model):
+        wrappers = compiled_wrappers_of(self.model)
+        if model is not self.model and not any(w is model for w in wrappers):
+            wrappers.append(model)
+        for wrapper in wrappers:
             self._handles += [
                 wrapper.register_forward_pre_hook(self._enter_wrapper),
                 wrapper.register_forward_hook(self._wrapper_hook, always_call=True)]
