@@ -247,7 +247,7 @@ def _data(device, n=6, d=8, c=3, seed=0):
 
 
 def _rev(device, seed=0, d=8, c=3):
-    return build_model("gnrev.revmlp", dict(hidden=8, num_blocks=2, init_std=0.3),
+    return build_model("gnrev.revmlp", dict(hidden=16, num_blocks=2, init_std=0.3),
                        in_features=d, num_classes=c, seed=seed).double().to(device)
 
 
@@ -336,7 +336,7 @@ def _curvlinops_ops(device):
     return lambda: dict(
         nme=to_dense(NMELinearOperator(mlp, CE, params, [(X, y)], check_deterministic=False)),
         ntk=to_dense(NTKLinearOperator(mlp, params, X, check_deterministic=False)),
-        step=to_dense(GaussNewtonStepOperator(rev, X, rank_policy="warn")))
+        step=to_dense(GaussNewtonStepOperator(rev, X, rank_policy="raise")))  # exact: stable
 
 
 def _backpack(device):
@@ -717,7 +717,7 @@ class _Workload:
 
 
 def _algoperf_steps(optimizer: str, device, trapped: bool = False, steps: int = 2):
-    X, y = _data(device, n=10)
+    X, y = _data(device)
     model = _model_for(optimizer, device)
     hps = {"learning_rate": 0.3}
     with device_trap() if trapped else contextlib.nullcontext():
