@@ -357,7 +357,8 @@ def minibatches(
     n = len(y)
     if batch_size < 1:
         raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
-    order = epoch_permutation(n, seed, epoch) if shuffle else torch.arange(n)
+    # the permutation is drawn on the CPU (the same on every device), then indexes on x's device
+    order = (epoch_permutation(n, seed, epoch) if shuffle else torch.arange(n)).to(x.device)
     stop = n - n % batch_size if drop_last else n
     for start in range(0, stop, batch_size):
         idx = order[start:start + batch_size]

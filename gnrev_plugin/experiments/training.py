@@ -22,6 +22,7 @@ and checkpoints; the per-batch losses are reduced to the global batch's.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 
@@ -166,7 +167,7 @@ def train_run(
                 if world > 1:
                     idx = local_rows(idx)
                 res = train_step(opt, model, loss_fn, x_tr[idx], t_tr[idx], reduce=reduce)
-                if not torch.isfinite(torch.tensor(res.loss_after)):
+                if not math.isfinite(res.loss_after):
                     raise FloatingPointError(f"non-finite loss after a step at epoch {epoch}")
                 pcts.append(res.pct_change)
                 if res.exact is not None:

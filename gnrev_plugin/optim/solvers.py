@@ -359,8 +359,8 @@ class GramSystem:
     @staticmethod
     def _inverse_iteration(L: torch.Tensor, steps: int = 2) -> torch.Tensor:
         """Unit ``x`` after ``steps`` of ``x ← (L Lᵀ)⁻¹ x`` from a fixed pseudo-random start."""
-        g = torch.Generator().manual_seed(0x5EED)
-        x = torch.randn(L.shape[0], 1, generator=g, dtype=L.dtype).to(L.device)
+        g = torch.Generator(device="cpu").manual_seed(0x5EED)
+        x = torch.randn(L.shape[0], 1, generator=g, dtype=L.dtype, device="cpu").to(L.device)
         for _ in range(steps):
             x = torch.cholesky_solve(x, L)
             x = x / x.norm().clamp_min(torch.finfo(L.dtype).tiny)
@@ -393,13 +393,12 @@ class GramSystem:
         """
         K = self.K
         Kc = self._symmetric().cpu()
-        eye = torch.eye(self.n, dtype=K.dtype)
+        eye = torch.eye(self.n, dtype=K.dtype, device="cpu")
         with single_threaded():          # pivoted QR is BLAS-2 heavy: always one thread
             res = torch.linalg.lstsq(Kc, eye, rcond=self.rank_rtol, driver="gelsy")
         pinv = res.solution
         self._pinv = 0.5 * (pinv + pinv.mT)
-        if K.device.type != "cpu":
-            self._pinv = self._pinv.to(K.device)
+        self._pinv = self._pinv.to(K.device)   # a no-op on the CPU
         self.rank = int(res.rank)
         self.method = "qrcp"
 
