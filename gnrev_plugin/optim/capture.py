@@ -27,9 +27,10 @@ check uses the autocast output as the loss saw it, with a tolerance widened to t
 ``g`` in the autocast dtype (see :meth:`OutputCapture._check_gradient`).
 
 **torch.compile.** ``torch.compile(model)`` returns a wrapper (``OptimizedModule``) whose own
-``__call__`` runs eagerly and whose compiled region runs ``model.__call__`` *including model's
-forward hooks* (traced by Dynamo, which does not re-check hooks added after the first compiled
-call). The capture therefore
+``__call__`` and hooks run eagerly and whose compiled region runs ``model.__call__``, *including
+model's forward hooks*: Dynamo inlines them into the graph for ``torch.nn`` containers such as
+``nn.Sequential`` (and then ignores hooks added after the wrapper's first call) and compiles them
+as frames of their own for user-defined modules such as the RevMLP. The capture therefore
 
 * hooks the compiled wrappers of the model it knows when it is built (the one it is given, and
   those the optimizer's discovery scan saw, see
