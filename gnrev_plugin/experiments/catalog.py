@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .conditioning import build_conditioning_report, run_conditioning
 from .exact_gn import build_exact_gn_report, run_exact_gn
+from .laziness import build_laziness_report, run_laziness
 from .nme import build_nme_report, run_nme
 from .rundir import RunDir
 from .sharpness import build_sharpness_report, run_sharpness
@@ -44,6 +45,8 @@ EXPERIMENTS: dict[str, Experiment] = {
                    build_nme_report),
         Experiment("sharpness", "Dauphin, Agarwala & Mobahi, NeurIPS 2024", run_sharpness,
                    build_sharpness_report),
+        Experiment("laziness", "Buffelli et al., NeurIPS 2024 (is exact GN lazy?)", run_laziness,
+                   build_laziness_report),
     )
 }
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 
 __all__ = ["EXACT_GN_PRESETS", "CONDITIONING_PRESETS", "NME_PRESETS", "SHARPNESS_PRESETS",
-           "get_preset", "PRESET_NAMES", "EXPERIMENT_NAMES"]
+           "LAZINESS_PRESETS", "get_preset", "PRESET_NAMES", "EXPERIMENT_NAMES"]
 
 PRESET_NAMES = ("quick", "paper", "smoke")
 
@@ -126,8 +126,45 @@ SHARPNESS_PRESETS: dict[str, dict] = {
     ),
 }
 
+#: The reference code's truncated pseudo-inverse as ExactGN options (singular values
+#: ``s < 1e-2·s_max`` or ``s < 1e-5`` dropped); ``exact`` = the registered defaults.
+_GN_STEPS = {"exact": {}, "truncated": {"solver": "eigh", "rtol": 1e-2, "atol": 1e-5}}
+
+#: Is exact GN lazy? (:mod:`~gnrev_plugin.experiments.laziness.run`). One factor at a time around
+#: ``base``: the ``widths`` axis runs every optimizer × GN step, the ``alphas`` axis GN (both
+#: steps) at the base width, the ``inits`` axis every optimizer × step at the base width
+#: (``paper``: init std 1e-3; ``fan_in``: 1/√M). ``base.alpha = None``: the reference full-batch
+#: GN step α = L·0.5 = 1.0; Adam/SGD use the reference 1e-4 / 0.1. Full batch (``batch_size =
+#: None``) of the first ``subset`` training images; ``every``: diagnostics every that many epochs.
+#: ``quick`` (20 configurations × 2 seeds) aims at 10 minutes on 2 CPU cores for MNIST-1D;
+#: ``paper``: the paper's widths
+#: (512 … 8000), full batch 1024, 100 epochs, 3 seeds.
+LAZINESS_PRESETS: dict[str, dict] = {
+    "paper": dict(
+        blocks=2, linear_first_block=True, seeds=[0, 1, 2], probe_size=128, num_probes=100,
+        every=5, subset=1024, test_size=None, batch_size=None, epochs=100,
+        base=dict(width=2048, init="paper", alpha=None),
+        widths=[512, 1024, 2048, 4000, 8000], alphas=[0.2, 0.5, 2.0], inits=["fan_in"],
+        optimizers=["exact_gn", "adam", "sgd"], steps=_GN_STEPS,
+    ),
+    "quick": dict(
+        blocks=2, linear_first_block=True, seeds=[0, 1], probe_size=64, num_probes=100,
+        every=4, subset=256, test_size=1000, batch_size=None, epochs=20,
+        base=dict(width=512, init="paper", alpha=None),
+        widths=[256, 512, 1024], alphas=[0.2, 0.5], inits=["fan_in"],
+        optimizers=["exact_gn", "adam", "sgd"], steps=_GN_STEPS,
+    ),
+    "smoke": dict(
+        blocks=2, linear_first_block=True, seeds=[0], probe_size=8, num_probes=10,
+        every=2, subset=24, test_size=32, batch_size=None, epochs=2,
+        base=dict(width=32, init="paper", alpha=None),
+        widths=[16, 32], alphas=[0.5], inits=["fan_in"],
+        optimizers=["exact_gn", "adam", "sgd"], steps=_GN_STEPS,
+    ),
+}
+
 _ALL = {"exact-gn": EXACT_GN_PRESETS, "conditioning": CONDITIONING_PRESETS, "nme": NME_PRESETS,
-        "sharpness": SHARPNESS_PRESETS}
+        "sharpness": SHARPNESS_PRESETS, "laziness": LAZINESS_PRESETS}
 
 #: The experiments of ``gnrev reproduce`` (the keys of
 #: :data:`~gnrev_plugin.experiments.catalog.EXPERIMENTS`, which imports their code).
@@ -135,7 +172,8 @@ EXPERIMENT_NAMES = tuple(_ALL)
 
 
 def get_preset(experiment: str, name: str) -> dict:
-    """A deep copy of a preset (``experiment`` ∈ exact-gn, conditioning, nme, sharpness)."""
+    """A deep copy of a preset (``experiment`` ∈ exact-gn, conditioning, nme, sharpness,
+    laziness)."""
     if experiment not in _ALL:
         raise ValueError(f"unknown experiment {experiment!r}; known: {sorted(_ALL)}")
     if name not in _ALL[experiment]:
