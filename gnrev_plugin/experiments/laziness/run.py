@@ -109,20 +109,22 @@ def laziness_configs(preset: dict) -> list[dict]:
 
 def laziness_run_specs(preset: dict, data: str, device: str = "cpu"
                        ) -> list[tuple[str, RunSpec, dict]]:
-    """``[(run name, resolved run spec, extra config)]`` for every configuration × seed."""
+    """``[(run name, resolved run spec, extra config)]`` for every seed × configuration (all
+    configurations of the first seed first)."""
     reg = get_registry()
     n_train = preset["subset"]
     batch = preset.get("batch_size") or n_train
     runs = []
-    for c in laziness_configs(preset):
-        opt = reg.resolve_name("optimizer", c["optimizer"])
-        opt_kwargs = {"lr": c["lr"]}
-        if c["step"] != "-":
-            if c["step"] not in preset["steps"]:
-                raise ValueError(f"unknown step {c['step']!r}")
-            opt_kwargs.update(preset["steps"][c["step"]])
-        std = init_std(c["init"], c["width"])
-        for seed in preset["seeds"]:
+    configs = laziness_configs(preset)
+    for seed in preset["seeds"]:        # seed-major: a partial sweep holds whole seeds first
+        for c in configs:
+            opt = reg.resolve_name("optimizer", c["optimizer"])
+            opt_kwargs = {"lr": c["lr"]}
+            if c["step"] != "-":
+                if c["step"] not in preset["steps"]:
+                    raise ValueError(f"unknown step {c['step']!r}")
+                opt_kwargs.update(preset["steps"][c["step"]])
+            std = init_std(c["init"], c["width"])
             spec = RunSpec(
                 model=MODEL,
                 model_kwargs=dict(hidden=c["width"], num_blocks=preset["blocks"],
