@@ -370,7 +370,9 @@ def _resources_section(out: Path, runs: list[dict]) -> str:
                 f"{max(rss):.0f}" if rss else "–",
                 (f"{sum(load) / len(load):.1f} [{min(load):.1f}–{max(load):.1f}]"
                  if load else "–"),
-                f"{span:.0f}" if math.isfinite(span) else "–"])
+                f"{span:.0f}" if math.isfinite(span) else "–",
+                "/".join(str(t) for t in sorted({row.get("threads") for row in res} - {None}))
+                or "–"])
     if not table:
         return ""
     return ("\n## Time, memory and machine load\n\nFrom each run's `log.jsonl` (training clock "
@@ -387,7 +389,7 @@ def _resources_section(out: Path, runs: list[dict]) -> str:
                 "setting", "optimizer", "runs finished", "epochs logged",
                 "training time, sum (s)", "per finished run (s)", "s / epoch",
                 "CPU / wall", "peak RSS (MiB)", "load avg, mean [min–max]",
-                "wall-clock span (s)"], tablefmt="github") + "\n")
+                "wall-clock span (s)", "torch threads"], tablefmt="github") + "\n")
 
 
 def build_exact_gn_report(out: Path, cfg: dict) -> Path:
