@@ -144,13 +144,6 @@ def test_capture_refuses_to_be_consumed_inside_the_autocast_region():
     capture.close()
 
 
-NEEDS_PATCH = pytest.mark.xfail(
-    strict=True, reason="needs ExactGN/DenseGN.step and step_on_batch to run under "
-    "gnrev_plugin.optim.capture.autocast_disabled (patch in helper B's report); remove this "
-    "marker when it is applied")
-
-
-@NEEDS_PATCH
 @pytest.mark.parametrize("path", ["exact drop-in", "exact explicit", "dense drop-in",
                                   "dense explicit"])
 def test_step_called_inside_the_autocast_region_is_the_float32_step(path):

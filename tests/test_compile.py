@@ -92,9 +92,6 @@ def test_optimizers_find_the_eager_module_behind_a_compiled_one():
                                                  strict=True))
 
 
-@pytest.mark.xfail(strict=True, reason="needs gnrev_plugin.optim.distributed.unwrap_model to "
-                   "unwrap torch.compile wrappers (patch in helper B's report); remove this "
-                   "marker when it is applied")
 def test_the_compiled_model_itself_can_be_passed_as_model():
     model = _model()
     compiled = torch.compile(model)

@@ -48,7 +48,7 @@ from torch.func import functional_call, jacrev, vmap
 
 from ..nn.discovery import find_module_owning
 from . import distributed as gdist
-from .capture import OutputCapture, suspended
+from .capture import OutputCapture, autocast_disabled, suspended
 from .common import (
     apply_update,
     as_dtype,
@@ -157,15 +157,17 @@ class DenseGN(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        batch, call = self._capture.consume(self.defaults["loss"])
-        ls = float(call.options.get("label_smoothing", 0.0) or 0.0)
-        self._step(batch.inputs, call.target, ls)
+        with autocast_disabled(self.model):     # an opt.step() inside torch.autocast
+            batch, call = self._capture.consume(self.defaults["loss"])
+            ls = float(call.options.get("label_smoothing", 0.0) or 0.0)
+            self._step(batch.inputs, call.target, ls)
         return loss
 
     @torch.no_grad()
     def step_on_batch(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Explicit path on ``(x, y)``; returns the mean-reduced loss before the step."""
-        return self._step(x, y, 0.0)
+        with autocast_disabled(self.model):
+            return self._step(x, y, 0.0)
 
     def close(self) -> None:
         """Remove the hooks this optimizer put on the model."""

@@ -47,6 +47,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..nn.discovery import unwrap_compiled
+
 __all__ = ["AUTO", "Comm", "resolve_group", "unwrap_model", "DistributedStepError",
            "contiguous_shard", "mean_over_ranks"]
 
@@ -93,10 +95,15 @@ def resolve_group(spec) -> object | None:
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module inside ``DistributedDataParallel`` / ``DataParallel`` wrappers (else ``model``)."""
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        model = model.module
-    return model
+    """The module inside ``DistributedDataParallel`` / ``DataParallel`` and ``torch.compile``
+    wrappers, nested in any order (else ``model``)."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif (inner := unwrap_compiled(model)) is not model:
+            model = inner
+        else:
+            return model
 
 
 def contiguous_shard(n: int, rank: int, world: int) -> slice:

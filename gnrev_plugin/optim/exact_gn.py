@@ -57,7 +57,7 @@ import torch
 from ..nn.coupling import BlockActivations
 from ..nn.revmlp import RevMLP, find_revmlp_owning
 from . import distributed as gdist
-from .capture import OutputCapture
+from .capture import OutputCapture, autocast_disabled
 from .common import (
     apply_update,
     as_dtype,
@@ -276,7 +276,8 @@ class ExactGN(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._run(self._prepare_captured)
+        with autocast_disabled(self.model):     # an opt.step() inside torch.autocast
+            self._run(self._prepare_captured)
         return loss
 
     def _prepare_captured(self):
@@ -319,7 +320,8 @@ class ExactGN(torch.optim.Optimizer):
                 or Newton target, or inputs so large that the Grams overflow. All before any work;
                 the parameters are unchanged.
         """
-        return self._run(lambda: self._prepare_batch(x, y))
+        with autocast_disabled(self.model):
+            return self._run(lambda: self._prepare_batch(x, y))
 
     def _prepare_batch(self, x, y):
         """The explicit step's local part: activations, Newton target, inputs, loss."""
