@@ -1,6 +1,6 @@
 """The Gauss-Newton optimizers with ``torch.compile``'d models (Inductor on CPU; CUDA variants).
 
-What is claimed (``gnrev_plugin.optim.capture``, "torch.compile"; ``docs/scaling_precision.md``):
+What is claimed (``gnrev_plugin.optim.capture``, "torch.compile"; ``docs/scaling.md``):
 
 * the optimizers find the eager module behind ``torch.compile(model)`` (``_orig_mod``), from the
   wrapper's parameters or the wrapper itself;
