@@ -188,7 +188,7 @@ def _kernel_times(model, X, v) -> torch.Tensor:
     backward pass, then ``J g = ∂/∂u ⟨Jᵀ u, g⟩`` by a double backward (no ``torch.func``)."""
     params = [p for p in model.parameters() if p.requires_grad]
     out = model.features(X)
-    g = torch.autograd.grad(out, params, grad_outputs=v)
+    g = torch.autograd.grad(out, params, grad_outputs=v, retain_graph=True)
     u = torch.zeros_like(out, requires_grad=True)
     jt_u = torch.autograd.grad(out, params, grad_outputs=u, create_graph=True)
     inner = sum((a * b).sum() for a, b in zip(jt_u, g, strict=True))

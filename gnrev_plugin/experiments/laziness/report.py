@@ -276,11 +276,14 @@ def _ntk_map(table: list[dict]) -> tuple[str, list[str]]:
         near_ntk.append((verdict_ntk, m, M, init, lr))
         near_cka.append((verdict_cka, m, M, init, lr))
         lazier.append((rel, m, M, init, lr))
+        ol = {o: _ms(v, "train_loss") for o, v in others.items()}
         rows.append([_label(m), M, init, f"{lr:g}", len(runs), _f(_ms(runs, "train_loss")),
+                     f"{_f(ol['adam'])} / {_f(ol['sgd'])}",
                      _f(p), _f(a), _f(op["adam"]), _f(op["sgd"]), verdict_ntk, rel,
                      _f(c, 4), _f(oc["adam"], 4), _f(oc["sgd"], 4), verdict_cka,
                      _f(_ms(runs, "exact_frac"), 3, pct=True)])
-    headers = ["GN step", "M", "init", "α", "seeds", "train loss", "NTK sim (probe)",
+    headers = ["GN step", "M", "init", "α", "seeds", "train loss", "Adam / SGD train loss",
+               "NTK sim (probe)",
                "NTK alignment", "Adam probe", "SGD probe", f"NTK near init (≥ {NTK_NEAR})",
                "GN vs Adam/SGD (probe)", "CKA last", "Adam CKA", "SGD CKA",
                f"CKA near init (≥ {CKA_NEAR})", "exact steps"]
@@ -367,7 +370,7 @@ def _trunc_map(table: list[dict]) -> tuple[str, list[str]]:
                      _f(mean_std(tr[s]["exact_frac"] for s in seeds), 3, pct=True), v])
     headers = ["M", "init", "α", "seeds", "test acc exact", "test acc truncated",
                "truncated − exact", "train loss exact", "train loss truncated",
-               "truncated steps exact", "truncation improves test acc?"]
+               "exact steps (truncated runs)", "truncation improves test acc?"]
 
     def where(v):
         sel = [f"M={M} {init} α={lr:g}" for v_, M, init, lr in verdicts if v_ == v]
