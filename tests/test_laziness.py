@@ -236,3 +236,36 @@ def test_recorded_laziness_metrics_match_a_dense_float64_oracle(smoke, name):
     assert float(row["cka_last"]) == pytest.approx(cka, abs=2e-6)
     # a run that trained moved off init: the check above is not comparing two 1s
     assert align < 1 - 1e-4 or probe < 1 - 1e-4
+
+
+def _summary(method_step, M, seed, test_acc):
+    opt, _, step = method_step.partition("-")
+    return dict(optimizer=opt, step=step or "-", width=M, init="paper", lr=1.0, seed=seed,
+                test_acc=test_acc, train_loss=0.1, exact_frac=1.0, axes="width")
+
+
+def test_truncation_verdict_is_seed_paired():
+    """Constructed summaries: truncated better on both seeds, worse on both, and split."""
+    from gnrev_plugin.experiments.laziness.report import _trunc_map
+
+    table = []
+    for M, (e0, t0, e1, t1) in {8: (0.5, 0.6, 0.4, 0.45), 16: (0.5, 0.4, 0.5, 0.45),
+                                32: (0.5, 0.6, 0.5, 0.45)}.items():
+        table += [_summary("exact_gn-exact", M, 0, e0), _summary("exact_gn-truncated", M, 0, t0),
+                  _summary("exact_gn-exact", M, 1, e1), _summary("exact_gn-truncated", M, 1, t1)]
+    text, lines = _trunc_map(table)
+    verdict = {int(c[0]): c[-1] for c in ([x.strip() for x in line.strip("|").split("|")]
+                                          for line in text.splitlines()[2:])}
+    assert verdict == {8: "improves (every seed)", 16: "worsens (every seed)", 32: "mixed"}
+    assert "improves on every seed at M=8 paper α=1;" in lines[0]
+
+
+def test_width_trend_counts_small_steps_as_flat():
+    from gnrev_plugin.experiments.laziness.report import FLAT, _trend
+
+    def t(*mus):
+        return _trend([(i, (m, 0.0, 1)) for i, m in enumerate(mus)])
+    assert t(0.2, 0.3, 0.4).startswith("holds")
+    assert t(0.4, 0.3, 0.2).startswith("reversed")
+    assert t(0.2, 0.4, 0.3) == "mixed, up overall"
+    assert t(0.5, 0.5 + FLAT / 2, 0.5).startswith("flat")
