@@ -99,4 +99,4 @@ def test_benchopt_and_the_leaderboard_name_the_plugins_optimizer(toy_env, tmp_pa
     [parquet] = list((bench / "outputs").glob("*.parquet"))
     board = _run(toy_env, "gnrev", "leaderboard", str(parquet)).stdout
     [row] = [ln for ln in board.splitlines() if "toy.sign_sgd[" in ln]
-    assert "toy.sign_sgd[batch_size=128,lr=0.01]" in row
+    assert "toy.sign_sgd[batch_size=128,device=cpu,lr=0.01]" in row
