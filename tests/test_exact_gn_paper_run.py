@@ -4,6 +4,8 @@ finished sweep that marks unfinished and not-started runs instead of dropping or
 
 import json
 import re
+import shutil
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pytest
@@ -121,3 +123,29 @@ def test_resources_have_one_row_per_epoch_tied_to_the_log(tmp_path):
     assert float(cells[2]) == pytest.approx(log[-1]["time_s"], rel=1e-3)
     assert cells[6:8] == ["700", "3.0 [1.0–5.0]"]
 
+
+
+DOCS_RUN = Path(__file__).parents[1] / "docs/paper_preset"
+
+
+def test_committed_paper_run_is_todays_paper_preset():
+    """docs/paper_preset was made with today's ``paper`` preset (bug: the preset changed and the
+    committed numbers no longer describe it)."""
+    cfg = json.loads((DOCS_RUN / "config.json").read_text())
+    assert cfg["experiment"] == "exact-gn" and cfg["preset_name"] == "paper"
+    assert cfg["preset"] == get_preset("exact-gn", "paper")
+
+
+def test_committed_paper_run_rebuilds_its_report_from_logs_alone(tmp_path):
+    """``gnrev report`` rebuilds docs/paper_preset's report from its JSON logs (no checkpoints
+    are committed) and marks each run's status as the committed report does."""
+    out = tmp_path / "paper"
+    shutil.copytree(DOCS_RUN, out)
+    assert not list(out.rglob("checkpoint.pt"))
+    (out / "report.md").unlink()
+    assert main(["report", str(out)]) == 0
+    rebuilt = (out / "report.md").read_text()
+    committed = (DOCS_RUN / "report.md").read_text()
+    status = re.compile(r"^\| ((?:full|mini)_batch/\S+) +\| (\S+(?: \S+)?) +\|", re.M)
+    assert status.findall(rebuilt) == status.findall(committed)
+    assert len(status.findall(rebuilt)) == 18
