@@ -244,7 +244,7 @@ class DenseGN(torch.optim.Optimizer):
             else:
                 jac = vmap(jacrev(lambda q, xi: f(q, xi[None])[0]), in_dims=(None, 0))(p, x)
         J = torch.cat([jac[n].reshape(out.numel(), -1) for n in self.names], dim=1)
-        return out, [J], lambda lam: _split_flat(J.mT @ lam, self.params)
+        return out, [J], lambda lam: gdist.unflatten(J.mT @ lam, self.params)
 
     def _jacobian_linear(self, x: torch.Tensor, dtype: torch.dtype | None):
         """``F``, each layer's ``[a, G]`` (inputs ``n×in``, output-VJPs ``G`` as ``n×C×out``)
@@ -419,10 +419,3 @@ class _batch_statistics_only:  # noqa: N801
         for m, (mean, var, track) in zip(self.mods, self.saved, strict=True):
             m.running_mean, m.running_var, m.track_running_stats = mean, var, track
 
-
-def _split_flat(v: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
-    out, i = [], 0
-    for p in params:
-        out.append(v[i:i + p.numel()].reshape(p.shape))
-        i += p.numel()
-    return out
