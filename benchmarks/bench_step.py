@@ -23,13 +23,22 @@ Rows:
   scheduler (on a shared machine wall time also measures the other jobs).
 
 Usage: ``python benchmarks/bench_step.py [--quick] [--data-dir DIR] [--rounds R]``
-(``--quick``: the small rows only). The table ends with the machine's load average before and
-after the run.
+(``--quick``: the small rows only).
+
+``--device cuda [--size n,d,M] [--json PATH]`` prints only the accelerator table: at one size
+(default the paper's, 1024, 784, 8000, Gaussian inputs) ExactGN (explicit and drop-in) against
+Adam in float32 and under ``torch.autocast(dtype=torch.bfloat16)`` (the step itself runs in
+float32/float64: :func:`~gnrev_plugin.optim.capture.autocast_disabled`), timed with
+``torch.cuda.synchronize``; absolute milliseconds and ratios. ``--device cpu --size 64,16,32``
+runs the same code on the CPU (``benchmarks/gpu_check.sh --dry-run``).
+
+The table ends with the machine's load average before and after the run.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -222,13 +231,86 @@ def dense_rows(rounds: int) -> dict[str, float]:
     return interleaved({"sgd": sgd_step, "dense_gn": lambda: gn.step_on_batch(x, y)}, rounds)
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_rows(device: str, n: int, d: int, M: int, rounds: int) -> list[dict]:
+    """ExactGN (explicit, drop-in) and Adam on ``device`` at ``(n, d, M)``, float32 and bf16
+    autocast: median milliseconds over ``rounds`` interleaved rounds (synchronised) and ratios."""
+    dev = torch.device(device)
+    x, y = (t.to(dev) for t in gaussian_batch(n, d))
+    cfg = dict(in_features=d, hidden=M, num_blocks=2, num_classes=10, seed=0)
+    return [_precision_row(dev, x, y, cfg, prec, rounds)
+            for prec in ("float32", "bf16 autocast")]
+
+
+def _precision_row(dev: torch.device, x, y, cfg: dict, prec: str, rounds: int) -> dict:
+    """One row of :func:`device_rows`: fresh models, ``prec`` ``"float32"`` or ``"bf16 autocast"``."""
+    crit = nn.CrossEntropyLoss()
+    models = {k: RevMLP(**cfg).to(dev) for k in ("adam", "explicit", "drop_in")}
+    adam = torch.optim.Adam(models["adam"].parameters(), lr=1e-4)
+    kw = dict(lr=1e-2, loss="cross_entropy", rank_policy="warn")
+    exp = ExactGN(models["explicit"].parameters(), **kw)
+    drop = ExactGN(models["drop_in"].parameters(), **kw)
+    amp = prec != "float32"
+
+    def backward_step(model, opt):
+        opt.zero_grad()
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+            loss = crit(model(x), y)
+        loss.backward()
+        opt.step()
+
+    def timed(fn):
+        def run():
+            fn()
+            _sync(dev)
+        return run
+    fns = {"adam": timed(lambda: backward_step(models["adam"], adam)),
+           "explicit": timed(lambda: exp.step_on_batch(x, y)),
+           "drop_in": timed(lambda: backward_step(models["drop_in"], drop))}
+    t = interleaved(fns, rounds, warmup=2)
+    n, d = x.shape
+    return dict(device=str(dev), size=f"({n}, {d}, {cfg['hidden']})", precision=prec,
+                adam_ms=t["adam"] * 1e3, explicit_ms=t["explicit"] * 1e3,
+                drop_in_ms=t["drop_in"] * 1e3, explicit_ratio=t["explicit"] / t["adam"],
+                drop_in_ratio=t["drop_in"] / t["adam"], exact=exp.last_step_exact)
+
+
+def device_main(args) -> None:
+    n, d, M = (int(v) for v in args.size.split(","))
+    rows = device_rows(args.device, n, d, M, args.rounds)
+    name = (torch.cuda.get_device_name(torch.device(args.device))
+            if torch.device(args.device).type == "cuda" else "cpu")
+    print(f"torch {torch.__version__}, {name}, RevMLP L = 2 (linear first block), "
+          f"cross-entropy, Gaussian inputs; median of {args.rounds} interleaved rounds")
+    print(tabulate([[r["size"], r["precision"], f"{r['explicit_ratio']:.2f}×",
+                     f"{r['drop_in_ratio']:.2f}×", f"{r['explicit_ms']:.1f}",
+                     f"{r['drop_in_ms']:.1f}", f"{r['adam_ms']:.1f}", r["exact"]] for r in rows],
+                   headers=["size (n, d, M)", "precision", "explicit / Adam", "drop-in / Adam",
+                            "explicit ms", "drop-in ms", "Adam ms", "exact"],
+                   tablefmt="github"))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="the small rows only")
+    ap.add_argument("--device", default=None,
+                    help="only the accelerator table, on this device (cuda, cuda:1, or cpu)")
+    ap.add_argument("--size", default="1024,784,8000", help="n,d,M of the --device table")
+    ap.add_argument("--json", default=None, help="also write the --device table as JSON here")
     ap.add_argument("--rounds", type=int, default=7, help="interleaved rounds (paper size: 3)")
     ap.add_argument("--data-dir", default=None, help="MNIST IDX folder (default: the shared one)")
     args = ap.parse_args()
     warnings.simplefilter("ignore", RuntimeWarning)       # the batch > width rows are inexact
+    if args.device is not None:
+        device_main(args)
+        return
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     load0 = os.getloadavg()
     t0 = time.perf_counter()
