@@ -126,11 +126,13 @@ class BlockSystems:
 
     For a linear block ``J_f[V] = V P_f`` with ``P_f = C_f W_fᵀ`` (``(d/2)×(d/2)``), built once per
     step, and the systems factor through ``[X L_C, 1]``; otherwise the block's own features and
-    ``(σ' ⊙ (V C)) Wᵀ``.
+    ``(σ' ⊙ (V C)) Wᵀ``. ``factor`` builds each half-layer system (``factor_half_layer``, or the
+    row-split one of :func:`~gnrev_plugin.optim.distributed_solve.row_split_factory`).
     """
 
     def __init__(self, model: RevMLP, idx: int, acts, config: SolverConfig,
-                 inputs: torch.Tensor | None, cache: dict | None) -> None:
+                 inputs: torch.Tensor | None, cache: dict | None,
+                 factor=factor_half_layer) -> None:
         block: AdditiveCoupling = model.blocks[idx]
         self.block = block
         self.P_f = self.P_g = None
@@ -158,10 +160,8 @@ class BlockSystems:
                 L, Q = fac
                 core = inner[j] @ L if inner[j] is not None else getattr(acts, h) @ Q.mT
                 factors[j] = LinearFactor(core, Q)                 # X̃ = X L_C  (= h Q_Cᵀ)
-        self.f = factor_half_layer(None if factors[0] else acts.s_f, config, factors[0],
-                                   defer=True)
-        self.g = factor_half_layer(None if factors[1] else acts.s_g, config, factors[1],
-                                   defer=True)
+        self.f = factor(None if factors[0] else acts.s_f, config, factors[0], defer=True)
+        self.g = factor(None if factors[1] else acts.s_g, config, factors[1], defer=True)
         self.jvp_f = _HalfJac(block.f, None if linear else acts.h_f, self.P_f)
         self.jvp_g = _HalfJac(block.g, None if linear else acts.h_g, self.P_g)
 

@@ -263,6 +263,91 @@ class Comm:
         _dist().all_reduce(t, group=self.group)
         return t
 
+    # -- the row-split solve (:mod:`gnrev_plugin.optim.distributed_solve`) --------------------
+    @property
+    def n_total(self) -> int:
+        """The global batch ``n = Σ_r n_r`` (after :meth:`agree`)."""
+        return sum(self.sizes)
+
+    def _global(self, rank: int) -> int:
+        return _dist().get_global_rank(self.group, rank)
+
+    def check(self, err: BaseException | None) -> None:
+        """Raise on every rank if any rank failed: for a failure of the *global* system (e.g. a
+        Gram factored on its owner), so every rank raises the first failing rank's exception
+        (its own where it failed). One all-reduce when nothing failed."""
+        flag = torch.tensor([0.0 if err is None else 1.0], dtype=torch.float64,
+                            device=self.device)
+        _dist().all_reduce(flag, group=self.group)
+        if float(flag) == 0.0:
+            return
+        errors: list = [None] * self.world
+        _dist().all_gather_object(errors, None if err is None else _picklable(err),
+                                  group=self.group)
+        raise err if err is not None else next(e for e in errors if e is not None)
+
+    def all_gather_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """``[t_0; t_1; …]`` (``n × w``) on every rank from each rank's ``n_r × w`` block."""
+        w, n_local = t.shape[1], self.sizes[self.rank]
+        buf = torch.zeros(max(self.sizes), w, dtype=t.dtype, device=self.device)
+        buf[:n_local] = t
+        parts = [torch.empty_like(buf) for _ in range(self.world)]
+        _dist().all_gather(parts, buf, group=self.group)
+        return torch.cat([b[:s] for b, s in zip(parts, self.sizes, strict=True)])
+
+    def gather_flat(self, vec: torch.Tensor, lengths: Sequence[int], dst: int
+                    ) -> list[torch.Tensor] | None:
+        """Each rank's 1-D ``vec`` (``lengths[r]`` numbers) on group rank ``dst`` (a list in rank
+        order), ``None`` elsewhere."""
+        buf = torch.zeros(max(max(lengths), 1), dtype=vec.dtype, device=self.device)
+        buf[:vec.numel()] = vec
+        bufs = [torch.empty_like(buf) for _ in range(self.world)] if self.rank == dst else None
+        _dist().gather(buf, bufs, dst=self._global(dst), group=self.group)
+        return None if bufs is None else [b[:n] for b, n in zip(bufs, lengths, strict=True)]
+
+    def gather_rows_to(self, t: torch.Tensor, dst: int) -> torch.Tensor | None:
+        """``[t_0; t_1; …]`` (``n × w``) on group rank ``dst`` only (``None`` elsewhere)."""
+        w = t.shape[1]
+        got = self.gather_flat(t.reshape(-1), [s * w for s in self.sizes], dst)
+        return None if got is None else torch.cat(got).reshape(-1, w)
+
+    def scatter_rows(self, full: torch.Tensor | None, src: int, width: int,
+                     dtype: torch.dtype) -> torch.Tensor:
+        """This rank's rows of ``full`` (``n × width``, given on group rank ``src`` only)."""
+        rows, n_local = max(self.sizes), self.sizes[self.rank]
+        out = torch.empty(rows, width, dtype=dtype, device=self.device)
+        chunks = None
+        if self.rank == src:
+            chunks, start = [], 0
+            for s in self.sizes:
+                c = torch.zeros(rows, width, dtype=dtype, device=self.device)
+                c[:s] = full[start:start + s]
+                chunks.append(c)
+                start += s
+        _dist().scatter(out, chunks, src=self._global(src), group=self.group)
+        return out[:n_local]
+
+    def reduce_to(self, t: torch.Tensor, dst: int) -> torch.Tensor | None:
+        """``Σ_r t_r`` on group rank ``dst`` (``None`` elsewhere; ``t`` is overwritten)."""
+        t = t.contiguous()
+        _dist().reduce(t, dst=self._global(dst), group=self.group)
+        return t if self.rank == dst else None
+
+    def broadcast_from(self, t: torch.Tensor | None, src: int, shape: Sequence[int],
+                       dtype: torch.dtype) -> torch.Tensor:
+        """Group rank ``src``'s ``t`` (of ``shape`` and ``dtype``) on every rank."""
+        if self.rank != src:
+            t = torch.empty(*shape, dtype=dtype, device=self.device)
+        t = t.contiguous()
+        _dist().broadcast(t, src=self._global(src), group=self.group)
+        return t
+
+    def sum_squares(self, *tensors: torch.Tensor) -> list[float]:
+        """``Σ_r ‖t_r‖²`` of each of ``tensors`` over the ranks (one all-reduce)."""
+        t = torch.stack([x.to(torch.float64).square().sum() for x in tensors])
+        _dist().all_reduce(t, group=self.group)
+        return t.tolist()
+
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     """``a`` and ``b`` view the same memory the same way (e.g. ReLU's ``h`` and ``s``, two

@@ -34,10 +34,12 @@ so large that the Grams overflow) raises a ``ValueError``/:class:`NonFiniteError
 work.
 
 **Distributed.** When ``torch.distributed`` is initialised (``process_group="auto"``, the
-default) the GN batch is the union of all ranks' local batches, in rank order: the features
-each half-layer's system needs are gathered on rank 0, which solves the global system with the
-code above and broadcasts ``Δθ`` and the report, so every rank applies the same step and reports
-the global ``last_step_exact`` (:mod:`gnrev_plugin.optim.distributed`, with its costs).
+default) the GN batch is the union of all ranks' local batches, in rank order. Each rank runs
+the sweeps above on its own rows; the half-layer systems are row-split
+(:mod:`gnrev_plugin.optim.distributed_solve`: Gram tiles per rank, each Gram factored on one
+owner rank, ``ΔW = Σ_r S_rᵀΛ_r`` all-reduced, global residuals), so every rank applies the same
+step and reports the global ``last_step_exact``. ``solver="svd"`` gathers the rows on rank 0
+instead (:mod:`gnrev_plugin.optim.distributed`).
 
 **Low-precision parameters.** With bfloat16/float16 parameters the step runs on a shadow copy of
 the model in ``factor_dtype`` (float64 by default; float32 for devices without fast float64):
@@ -349,6 +351,16 @@ class ExactGN(torch.optim.Optimizer):
         total, n = comm.agree(err, 0.0 if loss is None else float(loss) * n_local, n_local)
         acts, eps, x, loss = prepared
         model = self._shadow.current(self.model, x)
+        if self.param_groups[0]["solver"] == "svd":          # factors A itself: on the root
+            self._finish(*self._solve_on_root(comm, model, acts, eps, x))
+        else:                                                # every rank its rows
+            self._finish(*self._solve(model, acts, eps, x, comm))
+        return None if loss is None else torch.as_tensor(total / n, dtype=loss.dtype,
+                                                         device=loss.device)
+
+    def _solve_on_root(self, comm: gdist.Comm, model: RevMLP, acts, eps, x
+                       ) -> tuple[dict, list[torch.Tensor]]:
+        """The rows gathered on the root, which solves and broadcasts (``solver="svd"``)."""
         gathered = gather_block_rows(comm, model, acts, eps, x)
         outcome = flat = None
         if comm.is_root:
@@ -359,19 +371,17 @@ class ExactGN(torch.optim.Optimizer):
                 outcome = e
         report, flat = comm.broadcast_result(outcome, flat)
         like = [p for idx in self.blocks for p in self.model.blocks[idx].parameters()]
-        self._finish(report, gdist.unflatten(flat, like))
-        return None if loss is None else torch.as_tensor(total / n, dtype=loss.dtype,
-                                                         device=loss.device)
+        return report, gdist.unflatten(flat, like)
 
-    def _solve(self, model: RevMLP, acts, eps: torch.Tensor, inputs: torch.Tensor | None
-               ) -> tuple[dict, list[torch.Tensor]]:
+    def _solve(self, model: RevMLP, acts, eps: torch.Tensor, inputs: torch.Tensor | None,
+               comm: gdist.Comm | None = None) -> tuple[dict, list[torch.Tensor]]:
         """``Δθ = −α J† ε`` of the participating blocks (in their parameter order) and the step
-        report (``last_step_info``)."""
+        report (``last_step_info``); row-split over ``comm``'s ranks when given."""
         group = self.param_groups[0]
         alpha = group["lr"] * (len(self.blocks) if group["step_convention"] == "reference" else 1)
         res = right_inverse(model, acts, -alpha * eps, _solver_config(group), self.blocks,
                             group["rank_policy"], verify=group["verify"], inputs=inputs,
-                            cache=self._factor_cache)
+                            cache=self._factor_cache, comm=comm)
         deltas = [d for idx in self.blocks for d in res.updates[idx].tensors()]
         return {**res.report(), "alpha": alpha, "solver": group["solver"]}, deltas
 

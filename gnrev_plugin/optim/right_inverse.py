@@ -170,6 +170,7 @@ def right_inverse(
     *,
     inputs: torch.Tensor | None = None,
     cache: dict | None = None,
+    comm=None,
 ) -> RightInverseResult:
     r"""Compute ``Δθ`` with ``J Δθ = target`` for the participating ``blocks`` (module docstring).
 
@@ -192,6 +193,10 @@ def right_inverse(
         inputs: the flattened model input ``X`` (``n×d``): a linear first block then factors
             through ``[X2 L_C, 1]`` directly (without it, through ``h Q_Cᵀ``).
         cache: a dict that keeps the projections' factors ``(L_C, Q_C)`` between calls.
+        comm: a :class:`~gnrev_plugin.optim.distributed.Comm` (after its ``agree``): ``acts``,
+            ``target`` and ``inputs`` are this rank's rows of the global batch and the systems
+            are solved row-split (:mod:`gnrev_plugin.optim.distributed_solve`); every rank gets
+            the same updates and report.
 
     Returns:
         The per-block updates, whether the step is exact, and one :class:`BlockReport` per
@@ -206,10 +211,10 @@ def right_inverse(
     if not P:
         raise ValueError("no block participates in the step")
     E = pull_back_readout(model, target, cache)
-    systems = _factor_blocks(model, acts, P, config, inputs, cache)
+    systems = _factor_blocks(model, acts, P, config, inputs, cache, comm)
     jacs = [systems[i] if i in systems else FrozenBlockJacobian(b, acts[i])   # frozen blocks
             for i, b in enumerate(model.blocks)]                             # pass tangents
-    n = target.shape[0]
+    n = target.shape[0] if comm is None else comm.n_total
     rank_deficient = [i for i in P if not systems[i].full_rank]
     if rank_deficient and rank_policy == "strict":
         raise RankDeficiencyError(
@@ -230,15 +235,26 @@ def right_inverse(
                                 residual_rtol=systems[P[0]].f.residual_rtol)
     if verify:
         got = param_jvp(model, acts, result.updates)
-        result.relative_residual = float((got - target).norm()
-                                         / target.norm().clamp_min(1e-300))
+        if comm is None:
+            miss, norm = float((got - target).norm()), float(target.norm())
+        else:
+            miss, norm = (v ** 0.5 for v in comm.sum_squares(got - target, target))
+        result.relative_residual = miss / max(norm, 1e-300)
     return result
 
 
 def _factor_blocks(model: RevMLP, acts: list, P: list[int], config: SolverConfig,
-                   inputs: torch.Tensor | None, cache: dict | None) -> dict[int, BlockSystems]:
+                   inputs: torch.Tensor | None, cache: dict | None, comm=None
+                   ) -> dict[int, BlockSystems]:
     """The participating blocks' systems, classified (full rank or not) with one host
-    synchronisation for all of them."""
+    synchronisation for all of them (row-split over ``comm``'s ranks when given)."""
+    if comm is not None:
+        from .distributed_solve import resolve_row_split, row_split_factory
+
+        factor = row_split_factory(comm)
+        systems = {i: BlockSystems(model, i, acts[i], config, inputs, cache, factor) for i in P}
+        resolve_row_split([s for i in P for s in (systems[i].f, systems[i].g)], comm)
+        return systems
     systems = {i: BlockSystems(model, i, acts[i], config, inputs, cache) for i in P}
     pending = [s for i in P for s in (systems[i].f, systems[i].g) if s.pending is not None]
     if pending:
