@@ -121,7 +121,7 @@ def _spawn(tmp, world: int, timeout: float = 900.0) -> list[dict]:
     return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
-@pytest.fixture(scope="module", params=[2, 3], ids=["2 ranks", "3 ranks"])
+@pytest.fixture(scope="module", params=[2, 3], ids=["2ranks", "3ranks"])
 def spawned(request, tmp_path_factory):
     world = request.param
     return world, _spawn(tmp_path_factory.mktemp(f"rowsplit{world}"), world)
