@@ -11,7 +11,8 @@ system kind: dual and primal Grams of ReLU blocks, the linear block's small side
 dual``/``linear primal``), rank loss (duplicated rows on different ranks: pivoted QR on the
 owner), the ``eigh`` and ``damped`` solvers, forced refinement and demotion
 (``residual_rtol=1e-30``), two consecutive steps, MSE through the drop-in step, and ``svd``
-(the root path).
+(the root path). DenseGN's Gram is row-split as well (each rank its rows ``J_r Jᵀ``): its
+three Jacobian methods are checked the same way.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from torch import nn
 
 from gnrev_plugin.nn import RevMLP
-from gnrev_plugin.optim import ExactGN
+from gnrev_plugin.optim import DenseGN, ExactGN
 from gnrev_plugin.optim.distributed import contiguous_shard
 from gnrev_plugin.optim.distributed_solve import gram_tiles
 
@@ -86,9 +88,32 @@ CASES = {
 }
 
 
+def _dense_step(jacobian: str, rank=None, world=None) -> dict:
+    """DenseGN on an MLP: the row blocks ``J_r Jᵀ`` of the Gram formed per rank (N·C = 26
+    outputs ≤ P = 93 parameters: an exact step)."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 2)).double()
+    x, y = _data(11, N, 6, 2)
+    if rank is not None:
+        rows = contiguous_shard(len(x), rank, world)
+        x, y = x[rows], y[rows]
+    opt = DenseGN(model.parameters(), lr=0.5, loss="cross_entropy", jacobian=jacobian)
+    opt.step_on_batch(x, y)
+    return dict(params=[p.detach().clone() for p in model.parameters()],
+                exact=opt.last_step_exact, info=opt.last_step_info)
+
+
+DENSE_CASES = ("linear", "per_sample", "rows")
+
+
 def _run_case(name: str, rank=None, world=None) -> dict:
+    if name.startswith("dense_"):
+        return _dense_step(name.removeprefix("dense_"), rank, world)
     model_kw, opt_kw, data_kw, extra = CASES[name]
     return _step(model_kw, opt_kw, data_kw, rank, world, **extra)
+
+
+ALL_CASES = [*CASES, *(f"dense_{j}" for j in DENSE_CASES)]
 
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
@@ -97,7 +122,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
                             world_size=world)
     try:
         out = {}
-        for name in CASES:
+        for name in ALL_CASES:
             try:
                 out[name] = _run_case(name, rank, world)
             except Exception as err:  # noqa: BLE001 - reported to the test, not swallowed
@@ -129,14 +154,14 @@ def spawned(request, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference():
-    return {name: _run_case(name) for name in CASES}
+    return {name: _run_case(name) for name in ALL_CASES}
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", ALL_CASES)
 def test_row_split_step_equals_the_single_process_step(spawned, reference, name):
     world, results = spawned
     ref = reference[name]
@@ -148,6 +173,9 @@ def test_row_split_step_equals_the_single_process_step(spawned, reference, name)
                                        f"{_rel(p, q):.2e}"
         assert got["exact"] == ref["exact"]
         ours, theirs = got["info"], ref["info"]
+        if name.startswith("dense_"):
+            assert ours == theirs
+            continue
         for b, c in zip(ours["blocks"], theirs["blocks"], strict=True):
             for key in ("n", "rank_f", "rank_g", "full_rank", "role", "kind_f", "kind_g",
                         "accurate", "refined"):
@@ -164,12 +192,13 @@ def test_row_split_step_equals_the_single_process_step(spawned, reference, name)
 
 def test_the_cases_reach_every_system_kind(reference):
     """The single-process reports show the cases exercise what the docstring lists."""
-    kinds = {b[k] for r in reference.values() for b in r["info"]["blocks"]
+    kinds = {b[k] for name in CASES for b in reference[name]["info"]["blocks"]
              for k in ("kind_f", "kind_g")}
     assert {"dual", "primal", "linear dual", "linear primal", "dual + qrcp"} <= kinds
     assert not any(b["accurate"] for b in reference["refine_and_demote"]["info"]["blocks"])
     assert reference["dual_relu"]["exact"] is True
     assert reference["svd_root_path"]["info"]["blocks"][0]["kind_f"] == "svd"
+    assert all(reference[f"dense_{j}"]["exact"] for j in DENSE_CASES)
 
 
 @pytest.mark.parametrize("sizes", [[13], [7, 6], [5, 4, 4], [1, 1, 1], [4, 4, 4, 1], [6, 6, 6],

@@ -27,10 +27,11 @@ Rank handling follows :class:`ExactGN`: ``rank_policy="raise"`` raises
 duplicated samples...), ``"warn"`` takes the least-squares step ``J⁺`` and warns.
 
 **Distributed** (``process_group``, default ``"auto"``: WORLD when ``torch.distributed`` is
-initialised): the batch is the union of the ranks' local batches. Rank ``r`` gathers its rows of
-``J`` (``jacobian="linear"``: each layer's inputs ``a`` and output-VJPs ``G``) on rank 0, which
-forms and factors the global ``J Jᵀ`` and broadcasts ``Λ = (J Jᵀ + λI)⁻¹ vec(−α ε)``; then
-``Δθ = Σ_r J_rᵀ Λ_r`` is one all-reduce (:mod:`gnrev_plugin.optim.distributed`).
+initialised): the batch is the union of the ranks' local batches. The rows of ``J``
+(``jacobian="linear"``: each layer's inputs ``a`` and output-VJPs ``G``) are all-gathered and
+rank ``r`` forms its row block ``J_r Jᵀ`` of the Gram; rank 0 gathers the blocks, factors the
+global ``J Jᵀ`` and broadcasts ``Λ = (J Jᵀ + λI)⁻¹ vec(−α ε)``; then ``Δθ = Σ_r J_rᵀ Λ_r`` is one
+all-reduce (:mod:`gnrev_plugin.optim.distributed`).
 
 **Low-precision parameters** (bfloat16/float16): the Jacobian, the Gram and its solve are
 computed in ``factor_dtype`` (float64 by default, float32 for devices without fast float64) at
@@ -293,23 +294,28 @@ class DenseGN(torch.optim.Optimizer):
                 flags.append((prefix + "weight" in given, prefix + "bias" in given))
         return flags
 
-    def _gram(self, method: str, parts: list[torch.Tensor], n: int, C: int) -> torch.Tensor:
-        """``J Jᵀ`` (``nC×nC``) from :meth:`_jacobian_dense`'s or :meth:`_jacobian_linear`'s
-        parts (possibly gathered over ranks). Linear: ``Θ = Σ_ℓ (a aᵀ + 1) ⊗ 1_{C×C} ⊙ (G Gᵀ)``."""
+    def _gram(self, method: str, parts: list[torch.Tensor], C: int,
+              right: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """``J Jᵀ`` from :meth:`_jacobian_dense`'s or :meth:`_jacobian_linear`'s parts, or with
+        ``right`` (the parts of all rows) the row block ``J_r Jᵀ`` (``n_r C × nC``) of the rows
+        in ``parts``. Linear: ``Θ = Σ_ℓ (a aᵀ + 1) ⊗ 1_{C×C} ⊙ (G Gᵀ)``."""
+        right = parts if right is None else right
         if method != "linear":
-            J = parts[0].reshape(n * C, -1)
-            return J @ J.mT
+            P = sum(q.numel() for q in self.params)
+            return parts[0].reshape(-1, P) @ right[0].reshape(-1, P).mT
         ref = parts[0]
-        K = torch.zeros(n * C, n * C, dtype=ref.dtype, device=ref.device)
+        n_l, n_r = parts[0].shape[0], right[0].shape[0]
+        K = torch.zeros(n_l * C, n_r * C, dtype=ref.dtype, device=ref.device)
         for j, (use_w, use_b) in enumerate(self._linear_flags()):
             a, G = parts[2 * j], parts[2 * j + 1]
-            AA = torch.zeros(n, n, dtype=ref.dtype, device=ref.device)
+            b, H = right[2 * j], right[2 * j + 1]
+            AA = torch.zeros(n_l, n_r, dtype=ref.dtype, device=ref.device)
             if use_w:
-                AA = AA + a @ a.mT
+                AA = AA + a @ b.mT
             if use_b:
                 AA = AA + 1.0
-            Gt = G.reshape(n * C, -1)
-            K += AA.repeat_interleave(C, 0).repeat_interleave(C, 1) * (Gt @ Gt.mT)
+            K += (AA.repeat_interleave(C, 0).repeat_interleave(C, 1)
+                  * (G.reshape(n_l * C, -1) @ H.reshape(n_r * C, -1).mT))
         return K
 
     def _local(self, x: torch.Tensor, y: torch.Tensor, label_smoothing: float):
@@ -374,7 +380,7 @@ class DenseGN(torch.optim.Optimizer):
         if comm is None:
             method, out, parts, apply_jt, loss, eps = self._local(x, y, label_smoothing)
             n, C = out.shape
-            report, lam = self._solve(method, self._gram(method, parts, n, C), eps)
+            report, lam = self._solve(method, self._gram(method, parts, C), eps)
             self._finish(report, apply_jt(lam.to(out.dtype)))
             return loss
         err = local = None
@@ -386,12 +392,16 @@ class DenseGN(torch.optim.Optimizer):
         total, n = comm.agree(err, 0.0 if local is None else float(local[4]) * n_local, n_local)
         method, out, parts, apply_jt, loss, eps = local
         C = out.shape[1]
-        rows = [t.reshape(n_local, -1) if method != "linear" else t for t in parts]
-        got = comm.gather_rows([*rows, eps])
+        # row-split Gram: this rank's rows J_r Jᵀ against the all-gathered parts; the root
+        # gathers the row blocks (and ε), factors and solves
+        every = [comm.all_gather_rows(t.reshape(n_local, -1)).reshape(-1, *t.shape[1:])
+                 for t in parts]
+        mine = self._gram(method, parts, C, every)
+        got = comm.gather_rows([mine.reshape(n_local, -1), eps])
         outcome = lam = None
         if comm.is_root:
             try:
-                outcome, lam = self._solve(method, self._gram(method, got[:-1], n, C), got[-1])
+                outcome, lam = self._solve(method, got[0].reshape(n * C, n * C), got[1])
             except Exception as e:  # noqa: BLE001 - re-raised on every rank
                 outcome = e
         report, lam = comm.broadcast_result(outcome, lam)
