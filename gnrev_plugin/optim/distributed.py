@@ -11,28 +11,32 @@ the GN step of the union). Instead, per step:
    local validation errors become errors on every rank (no rank is left waiting in a
    collective), and every rank learns the global loss and the local batch sizes (uneven ``n_r``
    are supported: shards are padded to ``max_r n_r`` for the transfer and trimmed after).
-2. **Gather** (:meth:`Comm.gather_rows`): the row-wise data the global system needs are gathered
-   on the *root* (group rank 0) in rank order, i.e. the global batch is the concatenation
-   ``[X_0; X_1; …]``. ExactGN: every participating half-layer's features ``S`` (``n_r × M``; for
-   a linear block the ``n_r × d/2`` inputs ``X2``, ``Y1`` instead), the flattened inputs and the
-   Newton targets ``ε`` (``n_r × C``), packed into one buffer and sent in one ``gather``.
-   DenseGN: the local Jacobian rows (``n_r C × P``) or, for ``jacobian="linear"``, each layer's
-   inputs ``a`` and output-VJPs ``G``.
-3. **Solve on the root** with the unchanged single-process code on the gathered global system,
-   then **broadcast** (:meth:`Comm.broadcast_result`) the outcome (the step report, or the
-   exception, which every rank then raises) and the flat update (ExactGN: ``Δθ``; DenseGN: the
-   dual variable ``Λ``, after which ``Δθ = Σ_r J_rᵀ Λ_r`` is one ``all_reduce``). Every rank
-   applies bitwise the same update, so replicas never drift, and ``last_step_exact`` and the
-   residuals are the global ones on every rank.
+2. **Solve, row-split** (ExactGN, :mod:`gnrev_plugin.optim.distributed_solve`): every rank runs
+   the inverse-JVP sweeps on its own rows; each half-layer system's Gram is formed in tiles
+   (dual: rank ``r`` its share of the lower triangle of ``S Sᵀ`` from the all-gathered
+   features; primal: ``B_rᵀB_r``, reduced) and factored on one *owner* rank, the owners chosen
+   so that the factorisations run in parallel; ``ΔW = Σ_r S_rᵀΛ_r`` is an all-reduce and the
+   residuals ``Σ_r ‖E_r − A_r Δ‖²`` are global, so every rank takes the same decisions and
+   applies bitwise the same update. ``solver="svd"`` (which factors ``A`` itself) instead
+   **gathers** the rows on the *root* (group rank 0, :meth:`Comm.gather_rows`), solves there
+   with the single-process code and **broadcasts** (:meth:`Comm.broadcast_result`) the report
+   (or the exception, which every rank then raises) and ``Δθ``.
+3. **DenseGN**: the rows of ``J`` (``jacobian="linear"``: each layer's inputs ``a`` and
+   output-VJPs ``G``) are all-gathered, rank ``r`` forms its row block ``J_r Jᵀ`` of the Gram,
+   the root gathers the blocks, factors ``J Jᵀ`` and broadcasts ``Λ``; ``Δθ = Σ_r J_rᵀ Λ_r`` is
+   one all-reduce.
 
-**Costs per step** (``n`` the global batch, ``M`` the width, ``W`` ranks, ``b`` bytes per
-element). ExactGN, per nonlinear half-layer: the gather moves ``n·M`` features, the root
-receives ``(W−1)/W · n·M·b`` bytes and holds ``O(n·M)`` memory for them (other ranks only their
-``n_r·M``); a linear half-layer moves ``n·d/2`` instead. The root forms and factors the global
-Gram (``O(n²M)`` and ``O(n³)`` for ``n ≤ M+1``) alone: the factorisation is *not* split, the
-forward pass and the Newton targets are. The broadcast of ``Δθ`` is one parameter vector per
-step. DenseGN: the gathered Jacobian is ``n·C × P`` (``jacobian="linear"``: ``n×(in_ℓ + C·out_ℓ)``
-per layer), ``Λ`` is ``n·C`` numbers and ``Δθ`` one all-reduce of ``P`` numbers.
+**Costs per step** (``n`` the global batch, ``M`` the width, ``p = M+1`` (or ``d/2+1`` for a
+linear block), ``W`` ranks, ``b`` bytes per element), ExactGN, per half-layer system: dual
+(``n ≤ p``): an all-gather of ``n·p`` features (every rank receives ``(W−1)/W·n·p·b`` bytes),
+``≈ n²p/(2W)`` multiply-adds for the Gram tiles per rank, a gather of ``≈ n²/2`` Gram entries
+on the owner, the ``O(n³)`` factorisation on the owner; per solve with ``c`` right-hand columns
+a gather and a scatter of ``n·c`` numbers and an all-reduce of ``c·p``. Primal (``n > p``): a
+reduce of ``p²`` numbers, ``n_r p²/2`` multiply-adds per rank, the ``O(p³)`` factorisation on
+the owner; per solve a reduce and a broadcast of ``c·p``. The sweeps, the products ``S_rᵀΛ_r``
+and the achieved changes are row-local (``1/W`` of the one-process work). DenseGN: the
+all-gathered Jacobian parts (``n·C × P``, or ``n×(in_ℓ + C·out_ℓ)`` per layer), ``n_r C × nC``
+Gram rows per rank, ``Λ`` is ``n·C`` numbers and ``Δθ`` one all-reduce of ``P`` numbers.
 
 All collectives go through this module. Tensors stay on the parameters' device, so NCCL on CUDA
 works like gloo on CPU (object collectives pickle small Python objects: the step report or an
