@@ -57,6 +57,13 @@ def test_every_declared_batch_step_optimizer_really_has_step_on_batch():
         assert isinstance(opt, BatchStepOptimizer)
 
 
+@pytest.mark.parametrize("cls", REGULARIZERS)
+def test_the_registry_factories_declare_what_they_build(cls):
+    import gnrev_plugin.regularizer_entries as entries
+
+    assert capabilities_of(getattr(entries, cls.__name__)) == capabilities_of(cls) == {BATCH_STEP}
+
+
 def test_plain_torch_optimizers_declare_nothing():
     opt = torch.optim.SGD(_mlp().parameters(), lr=0.1)
     assert capabilities_of(opt) == frozenset() and capabilities_of(object()) == frozenset()
