@@ -56,6 +56,7 @@ def _with_registry_base(cls: type) -> Any:
             base = registry_base(base)
         return cls(params, *args, base=base, **kwargs)
 
+    build.capabilities = cls.capabilities     # what the built optimizer declares
     return build
 
 

@@ -92,13 +92,33 @@ class LinearBlockActivations:
 
 
 def is_linear_block(block: AdditiveCoupling) -> bool:
+    """Whether both half-layers of ``block`` are linear (``σ`` = identity).
+
+    Args:
+        block: an additive coupling block.
+
+    Returns:
+        ``True`` if the block is linear in its input.
+    """
     return block.f.activation.is_linear and block.g.activation.is_linear
 
 
 def linear_block_forward(block: AdditiveCoupling, z: torch.Tensor
                          ) -> tuple[torch.Tensor, LinearBlockActivations]:
-    """``[Y1, Y2]`` of a linear block through ``P_f = C_f W_fᵀ``, ``P_g = C_g W_gᵀ``: two
-    ``(d/2)²M`` products instead of four ``n (d/2) M`` ones."""
+    r"""``[Y1, Y2]`` of a linear block through ``P_f = C_f W_fᵀ``, ``P_g = C_g W_gᵀ``: two
+    ``(d/2)²M`` products instead of four ``n (d/2) M`` ones.
+
+    .. math::
+
+        Y_1 = X_1 + X_2 P_f + b_f, \qquad Y_2 = X_2 + Y_1 P_g + b_g.
+
+    Args:
+        block: a linear block (:func:`is_linear_block`).
+        z: its input ``X`` (``n×d``).
+
+    Returns:
+        ``([Y1, Y2], activations)``.
+    """
     P_f = block.f.projection @ block.f.weight.mT
     P_g = block.g.projection @ block.g.weight.mT
     x1, x2 = block.split(z)
@@ -109,7 +129,15 @@ def linear_block_forward(block: AdditiveCoupling, z: torch.Tensor
 
 def step_forward(model: RevMLP, x: torch.Tensor) -> tuple[torch.Tensor, list]:
     """``X^(L)`` and per-block activations for the explicit step: linear blocks through
-    :func:`linear_block_forward`, the others through their ``forward_with_activations``."""
+    :func:`linear_block_forward`, the others through their ``forward_with_activations``.
+
+    Args:
+        model: the RevMLP.
+        x: the inputs (flattened to ``n×d``).
+
+    Returns:
+        ``(X^(L), activations)``, one entry per block.
+    """
     z = x.reshape(x.shape[0], -1)
     acts = []
     for block in model.blocks:
@@ -174,7 +202,6 @@ class BlockSystems:
         v1, v2 = self.block.split(v)
         d1 = v1 + self.jvp_f(v2)
         return torch.cat([d1, v2 + self.jvp_g(d1)], dim=-1)
-
 
 
 class FrozenBlockJacobian:

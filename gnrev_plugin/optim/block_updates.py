@@ -17,6 +17,8 @@ __all__ = ["BlockUpdate", "BlockReport", "RightInverseResult", "check_accuracy",
 
 
 @dataclass
+
+
 class BlockUpdate:
     """``(ΔW_f, Δb_f, ΔW_g, Δb_g)`` of one block, in the layout of its ``nn.Linear`` parameters."""
 
@@ -30,6 +32,8 @@ class BlockUpdate:
 
 
 @dataclass
+
+
 class BlockReport:
     """Ranks of one block's systems, how they were solved and the role the block played.
 
@@ -57,6 +61,8 @@ class BlockReport:
 
 
 @dataclass
+
+
 class RightInverseResult:
     updates: dict[int, BlockUpdate]
     exact: bool
@@ -71,9 +77,22 @@ class RightInverseResult:
 
 
 def param_jvp(model: RevMLP, acts: list[BlockActivations],
-               updates: dict[int, BlockUpdate]) -> torch.Tensor:
-    """Independent check: ``J Δθ`` in output space recomputed from ``ΔW, Δb`` themselves, with the
-    blocks' own generic JVPs (no solver bookkeeping, no structured shortcut)."""
+              updates: dict[int, BlockUpdate]) -> torch.Tensor:
+    r"""Independent check: ``J Δθ`` in output space recomputed from ``ΔW, Δb`` themselves, with the
+    blocks' own generic JVPs (no solver bookkeeping, no structured shortcut).
+
+    .. math::
+
+        J Δθ = \Big(\sum_ℓ T_ℓ\, [S_f ΔW_f^T + Δb_f,\; J_g[\cdot] + S_g ΔW_g^T + Δb_g]\Big) U.
+
+    Args:
+        model: the RevMLP at the step's parameters.
+        acts: its per-block activations (with ``s``/``h`` features).
+        updates: the block updates.
+
+    Returns:
+        ``J Δθ``, shaped like the model output.
+    """
     acc = None
     for idx, block in enumerate(model.blocks):
         a = acts[idx]
@@ -88,19 +107,40 @@ def param_jvp(model: RevMLP, acts: list[BlockActivations],
     return acc if model.readout is None else acc @ model.readout
 
 
-
 def solve_kind(system: HalfLayerSystem) -> str:
+    """How a half-layer system was solved, for :class:`BlockReport`.
+
+    Args:
+        system: a resolved half-layer system.
+
+    Returns:
+        Its kind (``"dual"``, ``"linear primal"``...), with ``" + qrcp"`` after a rank-revealing
+        factorisation.
+    """
     return system.kind + (" + qrcp" if system.gram_method == "qrcp" else "")
 
 
 def check_accuracy(systems: dict[int, BlockSystems], updates: dict[int, BlockUpdate],
-                    blocks: list[int], full: list[int]
-                    ) -> tuple[dict[int, tuple[float, float]], dict[int, tuple[float, float]]]:
-    """Read every system's relative residual (one host synchronisation); refine the misses of
+                   blocks: list[int], full: list[int]
+                   ) -> tuple[dict[int, tuple[float, float]], dict[int, tuple[float, float]]]:
+    r"""Read every system's relative residual (one host synchronisation); refine the misses of
     exact shares once in float64.
 
     Returns the exact-share blocks that still miss ``residual_rtol`` (with their residuals) and
     the residuals of all ``blocks`` after refinement.
+
+    .. math::
+
+        \frac{\lVert E - A Δ\rVert}{\lVert E\rVert} \le \mathrm{residual\_rtol}.
+
+    Args:
+        systems: every participating block's systems.
+        updates: their updates (refined in place).
+        blocks: the participating blocks.
+        full: the blocks taking an exact share.
+
+    Returns:
+        ``(failing, residuals)`` as described above.
     """
     values = torch.stack([r for i in blocks for r in (updates[i].f.residual,
                                                       updates[i].g.residual)]).tolist()

@@ -68,6 +68,7 @@ from .common import (
     validate_gn_options,
 )
 from .exact_gn_checks import check_inputs, check_targets, check_values, participating_blocks
+from .protocols import BATCH_STEP, DISTRIBUTED, GAUSS_NEWTON
 from .right_inverse import (
     RANK_POLICIES,
     right_inverse,
@@ -163,6 +164,8 @@ class ExactGN(torch.optim.Optimizer):
         last_step_info: the ranks, solve kinds, residuals and roles of every block
             (:class:`~gnrev_plugin.optim.right_inverse.BlockReport`), ``alpha``, ``solver``.
     """
+
+    capabilities = frozenset({GAUSS_NEWTON, BATCH_STEP, DISTRIBUTED})
 
     def __init__(
         self,

@@ -47,7 +47,15 @@ def participating_blocks(model: RevMLP, params: list[torch.Tensor]) -> list[int]
 
 
 def check_inputs(m: RevMLP, x) -> torch.Tensor:
-    """The flattened batch, or a ``TypeError``/``ValueError`` naming what is wrong with it."""
+    """The flattened batch, or a ``TypeError``/``ValueError`` naming what is wrong with it.
+
+    Args:
+        m: the RevMLP (its input size and dtype).
+        x: the inputs.
+
+    Returns:
+        ``x`` as ``n×d``.
+    """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"ExactGN.step_on_batch expects the inputs as a tensor, got "
                         f"{type(x).__name__}")
@@ -69,9 +77,18 @@ def check_inputs(m: RevMLP, x) -> torch.Tensor:
                          f"input has {x[0].numel()} features (shape {tuple(x.shape)})")
     return x.reshape(x.shape[0], -1)
 
+
 def check_targets(loss: str, y, out_shape: tuple[int, int]) -> torch.Tensor | None:
-    """Shapes and dtypes of the targets (``ValueError``/``TypeError``); returns integer class
-    indices, whose range :func:`check_values` checks."""
+    """Shapes and dtypes of the targets (``ValueError``/``TypeError``).
+
+    Args:
+        loss: ``"mse"`` or ``"cross_entropy"``.
+        y: the targets.
+        out_shape: the output's ``(n, C)``.
+
+    Returns:
+        The integer class indices (whose range :func:`check_values` checks), else ``None``.
+    """
     n, c = out_shape
     if not isinstance(y, torch.Tensor):
         raise TypeError(f"targets must be a tensor, got {type(y).__name__}")
@@ -92,12 +109,20 @@ def check_targets(loss: str, y, out_shape: tuple[int, int]) -> torch.Tensor | No
                          f"or probabilities of shape ({n}, {c}); got {tuple(y.shape)} {y.dtype}")
     return y
 
+
 def check_values(x: torch.Tensor, named: dict[str, torch.Tensor],
                  labels: torch.Tensor | None, c: int) -> None:
     """One host synchronisation for all value checks before any work: ``NonFiniteError``
     for non-finite ``x`` or ``named`` tensors, or when the squared row norms of ``x`` overflow
     its dtype (the Grams ``S Sᵀ`` would too: finite but huge inputs, e.g. 1e30 in float32);
-    ``ValueError`` for class indices outside ``[0, c)``."""
+    ``ValueError`` for class indices outside ``[0, c)``.
+
+    Args:
+        x: the flattened inputs.
+        named: other tensors that must be finite, by name.
+        labels: class indices, or ``None``.
+        c: the number of outputs.
+    """
     sq = x.square().sum(1)           # non-finite iff x is, or its squares overflow
     flags = [torch.isfinite(t).all() for t in (*named.values(), sq)]
     if labels is not None:

@@ -79,11 +79,23 @@ def _readout_pinv(model: RevMLP, cache: dict | None) -> torch.Tensor:
 
 
 def pull_back_readout(model: RevMLP, target: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
-    """``E = T (UᵀU)⁻¹ Uᵀ`` (or ``T`` without readout): the min-norm ``E`` with ``E U = T``."""
+    r"""The min-norm ``E`` with ``E U = T`` (``T`` itself without readout).
+
+    .. math::
+
+        E = T (U^T U)^{-1} U^T.
+
+    Args:
+        model: the RevMLP (its readout ``U``).
+        target: the output-space target ``T``.
+        cache: keeps ``U⁺`` between calls.
+
+    Returns:
+        ``E`` in ``target``'s dtype.
+    """
     if model.readout is None:
         return target
     return (target.to(torch.float64) @ _readout_pinv(model, cache)).to(target.dtype)
-
 
 
 def _solve_block(bs: BlockSystems, t: torch.Tensor, w: float, m_full: torch.Tensor,
@@ -139,7 +151,6 @@ def _sweep(jacs: list, E: torch.Tensor, solve_blocks: list[int], w: float,
     return updates, m_top
 
 
-
 def _push_forward(model: RevMLP, jacs: list, updates: dict[int, BlockUpdate]) -> torch.Tensor:
     """Output change ``Σ_ℓ T_ℓ r_ℓ`` at ``X^(L)`` of the blocks' achieved changes ``r_ℓ``."""
     acc = None
@@ -151,7 +162,6 @@ def _push_forward(model: RevMLP, jacs: list, updates: dict[int, BlockUpdate]) ->
             r = torch.cat([u.f.achieved, u.g.achieved], dim=-1)
             acc = r if acc is None else acc + r
     return acc
-
 
 
 def _describe(systems: dict[int, BlockSystems], blocks: list[int], n: int) -> str:
@@ -276,6 +286,8 @@ def _thin_readout(model: RevMLP, target: torch.Tensor, config: SolverConfig,
 
 
 @dataclass
+
+
 class _StepContext:
     """What every attempt of one right-inverse step shares."""
 

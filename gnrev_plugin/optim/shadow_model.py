@@ -8,7 +8,26 @@ from ..compat.torch import tensor_version
 from ..nn.revmlp import RevMLP
 from .common import is_low_precision
 
-__all__ = ["LowPrecisionShadow"]
+__all__ = ["LowPrecisionShadow", "copy_revmlp"]
+
+
+def copy_revmlp(model: RevMLP, dtype: torch.dtype | None = None) -> RevMLP:
+    """A new RevMLP with ``model``'s configuration, parameter values, buffers and
+    ``requires_grad`` flags, but none of its hooks (BackPACK's, an optimizer's output capture).
+
+    Args:
+        model: the RevMLP to copy.
+        dtype: the copy's dtype (default: ``model``'s); values are converted by ``copy_``.
+
+    Returns:
+        The copy, on ``model``'s device.
+    """
+    p = next(model.parameters())
+    copy = RevMLP(**model.config, dtype=p.dtype if dtype is None else dtype).to(p.device)
+    copy.load_state_dict(model.state_dict())
+    for q, q0 in zip(copy.parameters(), model.parameters(), strict=True):
+        q.requires_grad_(q0.requires_grad)
+    return copy
 
 
 class LowPrecisionShadow:
@@ -40,7 +59,7 @@ class LowPrecisionShadow:
         shadow = self.model
         if shadow is None or shadow.blocks[0].f.weight.dtype != dtype \
                 or shadow.blocks[0].f.weight.device != weight.device:
-            shadow = RevMLP(**model.config, dtype=dtype).to(weight.device)
+            shadow = copy_revmlp(model, dtype)
             self.model, self._key = shadow, None
         for dst, src in zip(shadow.parameters(), model.parameters(), strict=True):
             dst.detach().copy_(src)

@@ -27,6 +27,16 @@ Params = dict[str, torch.Tensor]
 
 
 def check_number(name: str, value: Any, *, positive: bool = False) -> float:
+    """A finite number ``≥ 0`` (``> 0`` if ``positive``), or a ``ValueError`` naming ``name``.
+
+    Args:
+        name: the option's name.
+        value: its value.
+        positive: require ``> 0``.
+
+    Returns:
+        ``value`` as a float.
+    """
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
             or value < 0 or (positive and value == 0):
         what = "> 0" if positive else "≥ 0"
@@ -35,6 +45,15 @@ def check_number(name: str, value: Any, *, positive: bool = False) -> float:
 
 
 def check_int(name: str, value: Any) -> int:
+    """An integer ``≥ 1``, or a ``ValueError`` naming ``name``.
+
+    Args:
+        name: the option's name.
+        value: its value.
+
+    Returns:
+        ``value``.
+    """
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an integer ≥ 1, got {value!r}")
     return value
@@ -299,6 +318,13 @@ class SharpnessOptimizer(torch.optim.Optimizer):
 
 
 def check_default_loss_options(options: dict, kind: str) -> None:
+    """Refuse a captured loss call with options the drop-in step does not evaluate (``weight``,
+    a reduction other than ``mean``, label smoothing): a :class:`LossCaptureError`.
+
+    Args:
+        options: the loss call's keyword options.
+        kind: ``"cross_entropy"`` or ``"mse"``.
+    """
     bad = {}
     if options.get("weight") is not None:
         bad["weight"] = "a tensor"
@@ -313,14 +339,40 @@ def check_default_loss_options(options: dict, kind: str) -> None:
 
 
 def norm(tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    r"""The Euclidean norm over all parameters, :math:`\lVert g\rVert = (\sum_p \lVert g_p\rVert^2)^{1/2}`.
+
+    Args:
+        tensors: one tensor per parameter name.
+
+    Returns:
+        A 0-dim tensor.
+    """
     return torch.sqrt(sum((t * t).sum() for t in tensors.values()))
 
 
 def dot(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    r"""The inner product over all parameters, :math:`\langle a, b\rangle = \sum_p \langle a_p, b_p\rangle`.
+
+    Args:
+        a, b: one tensor per parameter name (``b`` has ``a``'s names).
+
+    Returns:
+        A 0-dim tensor.
+    """
     return sum((a[n] * b[n]).sum() for n in a)
 
 
 def make_generator(seed: int | None, params: list[torch.Tensor]) -> torch.Generator:
+    """A ``torch.Generator`` on the parameters' device, seeded with ``seed`` (drawn from torch's
+    global RNG when ``None``).
+
+    Args:
+        seed: an integer or ``None``.
+        params: the parameters (their device).
+
+    Returns:
+        The generator.
+    """
     device = params[0].device if params else torch.device("cpu")
     if seed is None:
         seed = int(torch.randint(0, 2**62, (), device="cpu"))

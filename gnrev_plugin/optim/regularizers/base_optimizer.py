@@ -63,8 +63,7 @@ def build_base(base: BaseFactory, groups: list[dict], base_kwargs: Mapping
     except TypeError as err:
         raise ValueError(f"base optimizer {shown} rejected base_kwargs "
                          f"{dict(base_kwargs)}: {err}") from err
-    if not isinstance(opt, torch.optim.Optimizer) or steps_on_batch(opt) \
-            or callable(getattr(opt, "step_on_batch", None)):
+    if not isinstance(opt, torch.optim.Optimizer) or steps_on_batch(opt):
         raise TypeError(f"base optimizer {shown} must be a torch.optim.Optimizer that steps from "
                         f"p.grad, got {type(opt).__name__}")
     if len(opt.param_groups) != len(groups) or any(
