@@ -134,7 +134,13 @@ def _sweep(jacs: list, E: torch.Tensor, solve_blocks: list[int], w: float,
     for idx in range(top, lowest - 1, -1):
         bs = jacs[idx]
         t1, t2 = bs.block.split(t)
-        m_full = m_top if (idx == top and m_top is not None) else bs.jvp_g(t1)
+        if idx == top and m_top is not None:
+            m_full = m_top
+        elif idx == top and top_factors is not None:       # t1 = Z R₁ has rank C: thin first
+            m_full = bs.jvp_g.low_rank(top_factors[0],      # product (n·C·M, not n·(d/2)·M)
+                                       top_factors[1][:, :bs.block.half])
+        else:
+            m_full = bs.jvp_g(t1)
         if idx == top:
             m_top = m_full
         if idx in solve_blocks:
