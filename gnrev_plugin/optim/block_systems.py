@@ -39,19 +39,30 @@ class _HalfJac:
         self.fn, self.h, self.P = fn, h, P
         self._deriv = None
 
-    def _back(self, vc: torch.Tensor) -> torch.Tensor:
+    def _masked(self, vc: torch.Tensor) -> torch.Tensor:
+        """``σ'(h) ⊙ vc`` in place (``σ'(h)`` formed on first use)."""
         act = self.fn.activation
         if not act.is_linear:
             if self._deriv is None:
                 self._deriv = (torch.sign(self.h).clamp_(min=0) if act.name == "relu"
                                else act.derivative(self.h))
             vc.mul_(self._deriv)
-        return vc @ self.fn.linear.weight.mT
+        return vc
+
+    def _back(self, vc: torch.Tensor) -> torch.Tensor:
+        return self._masked(vc) @ self.fn.linear.weight.mT
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
         if self.P is not None:
             return v @ self.P
         return self._back(v @ self.fn.projection)
+
+    def projected(self, v: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        """``J[V] B`` for a thin ``B`` (``(d/2)×c``): the last product costs ``n M c``, not
+        ``n M (d/2)``."""
+        if self.P is not None:
+            return v @ (self.P @ B)
+        return self._masked(v @ self.fn.projection) @ (self.fn.linear.weight.mT @ B)
 
     def low_rank(self, Z: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         """``J[Z B]`` for a thin ``Z`` (``n×c``): the first product costs ``n c M``, not

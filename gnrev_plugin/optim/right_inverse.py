@@ -157,15 +157,27 @@ def _sweep(jacs: list, E: torch.Tensor, solve_blocks: list[int], w: float,
     return updates, m_top
 
 
-def _push_forward(model: RevMLP, jacs: list, updates: dict[int, BlockUpdate]) -> torch.Tensor:
-    """Output change ``Σ_ℓ T_ℓ r_ℓ`` at ``X^(L)`` of the blocks' achieved changes ``r_ℓ``."""
+def _push_forward(model: RevMLP, jacs: list, updates: dict[int, BlockUpdate],
+                  readout: torch.Tensor | None = None) -> torch.Tensor:
+    """Output change ``Σ_ℓ T_ℓ r_ℓ`` at ``X^(L)`` of the blocks' achieved changes ``r_ℓ``, or with
+    ``readout`` its image ``(Σ_ℓ T_ℓ r_ℓ) U`` (``n×C``; the top block's ``J_g`` then ends in the
+    thin product ``J_g[·] U₂``)."""
     acc = None
+    top = len(model.blocks) - 1
     for idx in range(len(model.blocks)):
-        if acc is not None:
+        if acc is not None and idx == top and readout is not None:
+            half = model.blocks[top].half
+            v1, v2 = model.blocks[top].split(acc)
+            d1 = v1 + jacs[top].jvp_f(v2)
+            U1, U2 = readout[:half], readout[half:]
+            acc = d1 @ U1 + v2 @ U2 + jacs[top].jvp_g.projected(d1, U2)
+        elif acc is not None:
             acc = jacs[idx].jvp_input(acc)
         if idx in updates:
             u = updates[idx]
             r = torch.cat([u.f.achieved, u.g.achieved], dim=-1)
+            if idx == top and readout is not None:
+                r = r @ readout
             acc = r if acc is None else acc + r
     return acc
 
@@ -375,12 +387,11 @@ def _solve_least_squares_then_rest(ctx: _StepContext, P: list[int], full: list[i
     model, target, thin = ctx.model, ctx.target, ctx.thin
     ls, m_top = _sweep(ctx.jacs, ctx.E, deficient, 1.0 / len(P), exact_share=False,
                        top_factors=None if thin is None else (target, thin))
-    a = _push_forward(model, ctx.jacs, ls)
     rest = None
     if model.readout is None:
-        E_rem, m_top = target - a, None
+        E_rem, m_top = target - _push_forward(model, ctx.jacs, ls), None
     else:
-        Z = a @ model.readout
+        Z = _push_forward(model, ctx.jacs, ls, model.readout)
         E_rem = pull_back_readout(model, target - Z, ctx.cache)
         half = model.blocks[-1].half
         Ub = _readout_pinv(model, ctx.cache)[:, :half].to(Z.dtype)
