@@ -13,11 +13,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from gnrev_plugin.engine.rundir import RunDir
+
 from .conditioning import build_conditioning_report, run_conditioning
 from .exact_gn import build_exact_gn_report, run_exact_gn
 from .laziness import build_laziness_report, run_laziness
 from .nme import build_nme_report, run_nme
-from .rundir import RunDir
 from .sharpness import build_sharpness_report, run_sharpness
 
 __all__ = ["Experiment", "EXPERIMENTS", "build_report"]

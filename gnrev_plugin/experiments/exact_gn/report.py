@@ -19,9 +19,9 @@ from pathlib import Path
 from tabulate import tabulate
 
 from gnrev_plugin.build import short_name
+from gnrev_plugin.engine.rundir import RunDir
 
 from ..plotting import COLORS, LABELS, new_figure, plot_mean_std, save
-from ..rundir import RunDir
 from ..tables import collect_runs, failures_section, fmt, mean_std, spec_of, write_report
 
 __all__ = ["build_exact_gn_report", "RESOURCES_LOG", "run_status"]

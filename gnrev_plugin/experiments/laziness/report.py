@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 from tabulate import tabulate
 
+from gnrev_plugin.engine.rundir import atomic_write_text
+
 from ..plotting import COLORS, new_figure, plot_mean_std, save
-from ..rundir import atomic_write_text
 from ..tables import collect_runs, failures_section, fmt, mean_std, write_report
 
 __all__ = ["build_laziness_report", "laziness_rows", "write_laziness_csv", "CSV_COLUMNS",

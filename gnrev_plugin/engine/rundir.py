@@ -153,7 +153,7 @@ class RunDir:
         p = self.file(self.CHECKPOINT)
         if not p.exists():
             return None
-        return torch.load(p, map_location="cpu", weights_only=False)
+        return torch.load(p, map_location="cpu", weights_only=True)
 
     # results -----------------------------------------------------------------------------
     def write_result(self, result: dict) -> None:
@@ -190,7 +190,7 @@ def _bracket(name: str, kwargs: dict) -> str:
 
 def read_runs(folder: str | Path) -> list:
     """Curves (:class:`gnrev_plugin.results.Curve`) of every run directory under ``folder``
-    written by :func:`~gnrev_plugin.experiments.training.train_run` (``config.json`` holding the
+    written by :func:`~gnrev_plugin.engine.runner.train_run` (``config.json`` holding the
     resolved run spec, ``log.jsonl``). The optimizer is named by its registry name with its
     options, ``gnrev.exact_gn[lr=0.2,rank_policy=warn]``, like benchopt's solver names; the
     problem by the dataset, the model and the batch size (and the reproduction's setting)."""

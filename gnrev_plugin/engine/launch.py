@@ -1,4 +1,4 @@
-"""Run a training job on ``N`` local processes (``gnrev train --nproc N``): launch and shards.
+"""Launch a training job on ``N`` local processes (``gnrev train --nproc N``): launch and shards.
 
 :func:`launch` starts ``N`` processes through torch.distributed's own launcher
 (:func:`torch.distributed.launcher.api.elastic_launch`, as ``torchrun --standalone`` does: a c10d
