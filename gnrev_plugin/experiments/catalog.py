@@ -26,9 +26,10 @@ __all__ = ["Experiment", "EXPERIMENTS", "build_report"]
 
 @dataclass(frozen=True)
 class Experiment:
-    """A reproduction: ``run(out, preset_name=, data=, data_dir=, resume=, progress=, device=)``
-    returns one status dict per run (and writes the report); ``report(out, config)`` rebuilds the
-    report from the logs (``config`` = ``OUT/config.json``)."""
+    """A reproduction: ``run(out, preset_name=, data=, data_dir=, resume=, progress=, device=,
+    callbacks=)`` returns one status dict per run (and writes the report; ``callbacks`` join
+    every training run on the engine); ``report(out, config)`` rebuilds the report from the logs
+    (``config`` = ``OUT/config.json``)."""
 
     name: str
     paper: str

@@ -1,5 +1,9 @@
 """Leaderboard tables from benchmark results: benchopt, DeepOBS and gnrev run logs.
 
+It lives among the host adapters because it reads through their result readers, each of which
+sits beside its writer (and the engine's reader of gnrev run directories beside the engine's run
+directories); nothing below the hosts layer may import the host readers.
+
 Every source is read into :class:`~gnrev_plugin.results.Curve` objects (one training run, one
 seed, of one optimizer configuration on one problem) by the reader that lives next to the
 format's writer:
