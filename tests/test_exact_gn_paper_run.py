@@ -17,7 +17,8 @@ from gnrev_plugin.engine import Callback, Interrupted
 from gnrev_plugin.engine.rundir import read_jsonl
 from gnrev_plugin.experiments.catalog import build_report
 from gnrev_plugin.experiments.exact_gn import exact_gn_run_specs, run_exact_gn
-from gnrev_plugin.experiments.exact_gn.report import RESOURCES_LOG, _panel
+from gnrev_plugin.experiments.exact_gn.figures import _panel
+from gnrev_plugin.experiments.exact_gn.report import RESOURCES_LOG
 from gnrev_plugin.experiments.presets import get_preset
 
 TINY = dict(hidden=16, blocks=2, linear_first_block=True, seeds=[0, 1],
