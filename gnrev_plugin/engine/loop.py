@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -127,7 +127,6 @@ class TrainState:
     world: int = 1
     reduce: Callable[[float, int], float] | None = None
     stop_reason: str | None = None
-    extra: dict = field(default_factory=dict)
 
     @property
     def steps_per_epoch(self) -> int:
