@@ -756,7 +756,7 @@ def test_algoperf_submission_on_cuda_matches_the_cpu(optimizer):
 def test_train_cli_on_cuda(tmp_path):
     """``gnrev train --device cuda`` records the device and ends near the CPU run's loss."""
     from gnrev_plugin.cli import main
-    from gnrev_plugin.experiments.rundir import read_jsonl
+    from gnrev_plugin.engine.rundir import read_jsonl
 
     args = ["train", "--data", "teacher-student", "--epochs", "2", "--batch-size", "32",
             "--model-opt", "hidden=64", "--no-progress"]

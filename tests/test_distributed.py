@@ -23,8 +23,8 @@ from realdata import REAL_MNIST, needs_real_mnist
 from torch import nn
 
 from gnrev_plugin.cli import main
-from gnrev_plugin.experiments.distributed_run import check_batching
-from gnrev_plugin.experiments.rundir import read_jsonl
+from gnrev_plugin.engine.launch import check_batching
+from gnrev_plugin.engine.rundir import read_jsonl
 from gnrev_plugin.nn import RevMLP
 from gnrev_plugin.optim import DenseGN, ExactGN
 from gnrev_plugin.optim.distributed import DistributedStepError, contiguous_shard

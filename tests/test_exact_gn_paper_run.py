@@ -13,12 +13,13 @@ import torch
 from realdata import REAL_MNIST, needs_real_mnist
 
 from gnrev_plugin.cli import main
-from gnrev_plugin.experiments import training
+from gnrev_plugin.engine import Callback, Interrupted
+from gnrev_plugin.engine.rundir import read_jsonl
 from gnrev_plugin.experiments.catalog import build_report
 from gnrev_plugin.experiments.exact_gn import exact_gn_run_specs, run_exact_gn
-from gnrev_plugin.experiments.exact_gn.report import RESOURCES_LOG, _panel
+from gnrev_plugin.experiments.exact_gn.figures import _panel
+from gnrev_plugin.experiments.exact_gn.report import RESOURCES_LOG
 from gnrev_plugin.experiments.presets import get_preset
-from gnrev_plugin.experiments.rundir import read_jsonl
 
 TINY = dict(hidden=16, blocks=2, linear_first_block=True, seeds=[0, 1],
             optimizers=["adam", "sgd"], probe_size=8, full_batch=dict(subset=16, epochs=2),
@@ -44,14 +45,14 @@ def stopped_sweep(tmp_path_factory):
     out = tmp_path_factory.mktemp("stopped")
     calls = []
 
-    def kill(run, epoch, row):
-        calls.append(epoch)
-        if len(calls) == 5:   # run 1: epochs 0, 1, 2; run 2: epochs 0, 1
-            raise training.RunInterrupted("simulated kill")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(training, "_after_epoch_hook", kill)
-        with pytest.raises(training.RunInterrupted):
-            run_exact_gn(out, "tiny", data_dir=str(REAL_MNIST), progress=False, preset=TINY)
+    class Kill(Callback):
+        def on_checkpoint(self, state, row):
+            calls.append(row["epoch"])
+            if len(calls) == 5:   # run 1: epochs 0, 1, 2; run 2: epochs 0, 1
+                raise Interrupted("simulated kill")
+    with pytest.raises(Interrupted):
+        run_exact_gn(out, "tiny", data_dir=str(REAL_MNIST), progress=False, preset=TINY,
+                     callbacks=[Kill()])
     return out
 
 

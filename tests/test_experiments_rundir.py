@@ -1,6 +1,6 @@
 """Run-directory plumbing: atomic writes, torn JSONL lines, config checks on resume, plotting
 helpers, reference learning rates, the per-batch loss change, and exact resume of
-:func:`~gnrev_plugin.experiments.training.train_run` after a crash at each point of an epoch's
+:func:`~gnrev_plugin.engine.runner.train_run` after a crash at each point of an epoch's
 bookkeeping (in the middle of the log write, after the log row, after the checkpoint)."""
 
 import json
@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from gnrev_plugin.build import RunSpec, load_data
-from gnrev_plugin.experiments import rundir, training
+from gnrev_plugin.engine import BatchLossChange, Callback, Diagnostics, Interrupted, WallTime, rundir
+from gnrev_plugin.engine.runner import train_run
 from gnrev_plugin.experiments.diagnostics import RevMLPDiagnostics
 from gnrev_plugin.experiments.exact_gn import reference_lr
 from gnrev_plugin.experiments.plotting import mean_std_curve
@@ -178,10 +179,10 @@ def _resume_problem():
     return ds, spec
 
 
-def _train(path, resume=False):
+def _train(path, resume=False, kill=()):
     ds, spec = _resume_problem()
-    return training.train_run(spec, ds, rundir.RunDir(path), resume=resume, progress=False,
-                              diagnostics_factory=RevMLPDiagnostics.factory(8))
+    callbacks = [BatchLossChange(), Diagnostics(RevMLPDiagnostics.factory(8)), WallTime(), *kill]
+    return train_run(spec, ds, rundir.RunDir(path), callbacks, resume=resume, progress=False)
 
 
 def _log_without_times(path):
@@ -204,9 +205,14 @@ def test_a_crash_then_resume_logs_exactly_what_an_uninterrupted_run_logs(point, 
     final weights with the uninterrupted run."""
     out = tmp_path / "cut"
 
-    def crash(run, epoch, row):
-        if epoch == CRASH_EPOCH:
-            raise training.RunInterrupted(f"killed {point}")
+    class Crash(Callback):
+        def on_row_logged(self, state, row):
+            if point == "after_log" and row["epoch"] == CRASH_EPOCH:
+                raise Interrupted(f"killed {point}")
+
+        def on_checkpoint(self, state, row):
+            if point == "after_checkpoint" and row["epoch"] == CRASH_EPOCH:
+                raise Interrupted(f"killed {point}")
 
     if point == "mid_log_write":
         real_log = rundir.RunDir.log
@@ -215,14 +221,11 @@ def test_a_crash_then_resume_logs_exactly_what_an_uninterrupted_run_logs(point, 
             if row.get("epoch") == CRASH_EPOCH:
                 with open(self.file(name or self.LOG), "a") as fh:
                     fh.write('{"epoch": 2, "train_lo')             # the write is cut short
-                raise training.RunInterrupted("killed mid-write")
+                raise Interrupted("killed mid-write")
             return real_log(self, row, name)
         monkeypatch.setattr(rundir.RunDir, "log", torn_log)
-    else:
-        monkeypatch.setattr(training, "_after_log_hook" if point == "after_log"
-                            else "_after_epoch_hook", crash)
-    with pytest.raises(training.RunInterrupted):
-        _train(out)
+    with pytest.raises(Interrupted):
+        _train(out, kill=[Crash()])
     monkeypatch.undo()
 
     # the crash left the state it simulates

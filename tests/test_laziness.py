@@ -24,12 +24,12 @@ from realdata import REAL_MNIST, needs_real_mnist
 from torch.func import functional_call, jacrev
 
 from gnrev_plugin.build import RunSpec, build
+from gnrev_plugin.engine.rundir import RunDir
 from gnrev_plugin.experiments.catalog import EXPERIMENTS, build_report
 from gnrev_plugin.experiments.laziness import init_std, laziness_configs, laziness_run_specs, run_laziness
 from gnrev_plugin.experiments.laziness.report import CSV_COLUMNS
 from gnrev_plugin.experiments.laziness.run import load_laziness_data
 from gnrev_plugin.experiments.presets import get_preset
-from gnrev_plugin.experiments.rundir import RunDir
 
 pytestmark = needs_real_mnist
 

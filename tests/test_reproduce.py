@@ -11,9 +11,9 @@ from realdata import REAL_MNIST, needs_real_mnist
 
 from gnrev_plugin.cli import main
 from gnrev_plugin.defaults import RANK_POLICY
-from gnrev_plugin.experiments import training
+from gnrev_plugin.engine import Callback, Interrupted, runner
+from gnrev_plugin.engine.rundir import read_jsonl
 from gnrev_plugin.experiments.exact_gn import run_exact_gn
-from gnrev_plugin.experiments.rundir import read_jsonl
 
 pytestmark = needs_real_mnist
 
@@ -79,16 +79,16 @@ def test_resume_after_interruption_gives_the_same_logs(exact_gn_smoke, tmp_path,
     out = tmp_path / "cut"
     calls = []
 
-    def crash(run, epoch, row):
-        calls.append(epoch)
-        if len(calls) == 5:  # the second run, after its epoch 1
-            raise training.RunInterrupted("simulated kill")
-    monkeypatch.setattr(training, "_after_epoch_hook", crash)
+    class Crash(Callback):
+        def on_checkpoint(self, state, row):
+            calls.append(row["epoch"])
+            if len(calls) == 5:  # the second run, after its epoch 1
+                raise Interrupted("simulated kill")
     args = ["reproduce", "exact-gn", "--preset", "smoke", "--out", str(out), "--data-dir",
             str(REAL_MNIST), "--no-progress"]
-    with pytest.raises(training.RunInterrupted):
-        main(args)
-    monkeypatch.setattr(training, "_after_epoch_hook", None)
+    with pytest.raises(Interrupted):
+        run_exact_gn(out, "smoke", data_dir=str(REAL_MNIST), progress=False,
+                     callbacks=[Crash()])
     assert not (out / "report.md").exists()
     assert main([*args, "--resume"]) == 0
     assert _logs(out) == _logs(full)
@@ -122,13 +122,13 @@ def test_missing_data_dir_names_the_files(tmp_path, capsys):
 
 
 def test_a_crashing_config_keeps_the_other_results(tmp_path, monkeypatch):
-    real = training.build
+    real = runner.build
 
     def flaky(spec, **kw):
         if spec.optimizer == "gnrev.sgd":
             raise RuntimeError("injected failure")
         return real(spec, **kw)
-    monkeypatch.setattr(training, "build", flaky)
+    monkeypatch.setattr(runner, "build", flaky)
     statuses = run_exact_gn(tmp_path, "tiny", data_dir=str(REAL_MNIST), progress=False,
                             preset=TINY)
     by = {s["run"]: s["status"] for s in statuses}

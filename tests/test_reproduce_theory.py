@@ -7,8 +7,8 @@ import pytest
 from realdata import REAL_MNIST, needs_real_mnist
 
 from gnrev_plugin.cli import main
+from gnrev_plugin.engine.rundir import read_jsonl
 from gnrev_plugin.experiments.conditioning.report import KAPPA
-from gnrev_plugin.experiments.rundir import read_jsonl
 
 pytestmark = needs_real_mnist
 

@@ -225,7 +225,7 @@ def test_benchopt_run_end_to_end_has_every_solver_with_finite_values(tiny_run):
     init_vals = df[df["stop_val"] == 0]["objective_value"].to_numpy()
     assert init_vals.max() - init_vals.min() < 1e-6
     # the leaderboard reads the real result file: one row per solver, finite metrics
-    from gnrev_plugin.experiments.leaderboard import load_results, summarize
+    from gnrev_plugin.hosts.leaderboard import load_results, summarize
 
     rows = summarize(load_results([files[0]]))
     assert {r["optimizer"].split("[")[0] for r in rows} == expected

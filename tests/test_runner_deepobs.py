@@ -519,7 +519,7 @@ def test_registered_optimizers_on_quadratic_deep(toy_registry, tmp_path):
         assert "test_accuracies" not in out  # DeepOBS drops them for quadratic_deep
         assert out["train_losses"][1] < out["train_losses"][0], name
     assert results["toy.sign_sgd"]["optimizer_hyperparams"] == {"lr": 0.01}
-    from gnrev_plugin.experiments import leaderboard  # noqa: PLC0415
+    from gnrev_plugin.hosts import leaderboard  # noqa: PLC0415
 
     assert leaderboard.read_deepobs is dob.read_deepobs  # one reader, next to the writer
     curves = dob.read_deepobs(out_dir)

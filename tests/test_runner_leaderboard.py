@@ -12,8 +12,8 @@ import pytest
 
 from gnrev_plugin.build import RunSpec
 from gnrev_plugin.cli import main as gnrev_main
-from gnrev_plugin.experiments import leaderboard as lb
-from gnrev_plugin.experiments.rundir import RunDir
+from gnrev_plugin.engine.rundir import RunDir
+from gnrev_plugin.hosts import leaderboard as lb
 
 try:
     import pandas as pd

@@ -6,7 +6,7 @@ import pytest
 from realdata import REAL_MNIST, needs_real_mnist
 
 from gnrev_plugin.cli import main
-from gnrev_plugin.experiments.rundir import read_jsonl
+from gnrev_plugin.engine.rundir import read_jsonl
 
 SMALL = ["--epochs", "2", "--batch-size", "32", "--model-opt", "hidden=64", "--no-progress"]
 
@@ -37,19 +37,21 @@ def test_train_on_real_mnist_logs_every_epoch(tmp_path, capsys, optimizer):
 
 
 def test_train_resume_continues_exactly(tmp_path, monkeypatch):
-    from gnrev_plugin.experiments import training
+    from gnrev_plugin import engine
 
     args = ["train", "--optimizer", "adam", "--data", "teacher-student", *SMALL,
             "--epochs", "3", "--opt", "lr=1e-2"]
     main([*args, "--out", str(tmp_path / "full")])
 
-    def crash(run, epoch, row):
-        if epoch == 1:
-            raise training.RunInterrupted("simulated kill")
-    monkeypatch.setattr(training, "_after_epoch_hook", crash)
-    with pytest.raises(training.RunInterrupted):
+    class KilledAfterEpoch1(engine.EpochEnd):   # the command's per-epoch callback, then a kill
+        def on_checkpoint(self, state, row):
+            super().on_checkpoint(state, row)
+            if row["epoch"] == 1:
+                raise engine.Interrupted("simulated kill")
+    monkeypatch.setattr(engine, "EpochEnd", KilledAfterEpoch1)
+    with pytest.raises(engine.Interrupted):
         main([*args, "--out", str(tmp_path / "cut")])
-    monkeypatch.setattr(training, "_after_epoch_hook", None)
+    monkeypatch.undo()
     assert [r["epoch"] for r in read_jsonl(tmp_path / "cut" / "log.jsonl")] == [0, 1]
     assert main([*args, "--out", str(tmp_path / "cut"), "--resume"]) == 0
 

@@ -28,7 +28,18 @@ class Job:
 
 
 def run_jobs(out: Path, jobs: list[Job], progress: bool = True, desc: str = "sweep") -> list[dict]:
-    """Run ``jobs`` in order; return one status dict per job."""
+    """Run ``jobs`` in order; a job that raises an ``Exception`` is recorded as failed and the
+    sweep goes on.
+
+    Args:
+        out: the sweep's folder (``sweep.jsonl``).
+        jobs: the jobs.
+        progress: show a tqdm bar.
+        desc: the bar's label.
+
+    Returns:
+        One status dict per job: ``{"run", "status", "error", "seconds"}``.
+    """
     from tqdm.auto import tqdm
 
     statuses = []
@@ -50,7 +61,14 @@ def run_jobs(out: Path, jobs: list[Job], progress: bool = True, desc: str = "swe
 
 
 def sweep_status(out: Path) -> dict[str, dict]:
-    """The latest status of every run in ``<out>/sweep.jsonl``."""
+    """The latest status of every run in ``<out>/sweep.jsonl``.
+
+    Args:
+        out: the sweep's folder.
+
+    Returns:
+        ``{run name: its last status dict}``.
+    """
     latest: dict[str, dict] = {}
     for row in read_jsonl(Path(out) / SWEEP_LOG):
         latest[row["run"]] = row

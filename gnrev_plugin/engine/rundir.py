@@ -28,7 +28,14 @@ __all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "appe
 
 
 def to_jsonable(obj: Any) -> Any:
-    """Convert tensors / numpy scalars / paths to JSON types; non-finite floats become None."""
+    """Convert tensors / numpy scalars / paths to JSON types; non-finite floats become None.
+
+    Args:
+        obj: a value, or dicts/lists/tuples of values.
+
+    Returns:
+        The same structure in JSON types.
+    """
     if isinstance(obj, dict):
         return {str(k): to_jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -45,7 +52,12 @@ def to_jsonable(obj: Any) -> Any:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temporary file + fsync + ``os.replace``)."""
+    """Write ``data`` to ``path`` atomically (temporary file + fsync + ``os.replace``).
+
+    Args:
+        path: the file (its folder is created).
+        data: the bytes.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -62,15 +74,32 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
+    """:func:`atomic_write_bytes` of ``text`` in UTF-8.
+
+    Args:
+        path: the file.
+        text: the text.
+    """
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
+    """:func:`atomic_write_text` of ``obj`` as indented JSON with sorted keys (:func:`to_jsonable`).
+
+    Args:
+        path: the file.
+        obj: the value.
+    """
     atomic_write_text(path, json.dumps(to_jsonable(obj), indent=2, sort_keys=True) + "\n")
 
 
 def append_jsonl(path: str | Path, row: dict) -> None:
-    """Append one JSON row and flush it to disk."""
+    """Append one JSON row (sorted keys) and flush it to disk.
+
+    Args:
+        path: the JSONL file (created with its folder).
+        row: the row (:func:`to_jsonable`).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as fh:
@@ -80,8 +109,14 @@ def append_jsonl(path: str | Path, row: dict) -> None:
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
-    """All complete rows of a JSONL file (``[]`` if it does not exist; a torn last line is
-    skipped)."""
+    """All complete rows of a JSONL file.
+
+    Args:
+        path: the JSONL file.
+
+    Returns:
+        The rows (``[]`` if the file does not exist; a torn last line is skipped).
+    """
     path = Path(path)
     if not path.exists():
         return []
@@ -153,7 +188,7 @@ class RunDir:
         p = self.file(self.CHECKPOINT)
         if not p.exists():
             return None
-        return torch.load(p, map_location="cpu", weights_only=False)
+        return torch.load(p, map_location="cpu", weights_only=True)
 
     # results -----------------------------------------------------------------------------
     def write_result(self, result: dict) -> None:
@@ -190,10 +225,17 @@ def _bracket(name: str, kwargs: dict) -> str:
 
 def read_runs(folder: str | Path) -> list:
     """Curves (:class:`gnrev_plugin.results.Curve`) of every run directory under ``folder``
-    written by :func:`~gnrev_plugin.experiments.training.train_run` (``config.json`` holding the
+    written by :func:`~gnrev_plugin.engine.runner.train_run` (``config.json`` holding the
     resolved run spec, ``log.jsonl``). The optimizer is named by its registry name with its
     options, ``gnrev.exact_gn[lr=0.2,rank_policy=warn]``, like benchopt's solver names; the
-    problem by the dataset, the model and the batch size (and the reproduction's setting)."""
+    problem by the dataset, the model and the batch size (and the reproduction's setting).
+
+    Args:
+        folder: searched recursively for ``log.jsonl`` files.
+
+    Returns:
+        One curve per run directory with a training log.
+    """
     from gnrev_plugin.results import Curve, Point, finite_or_none
 
     folder = Path(folder)

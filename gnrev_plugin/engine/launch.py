@@ -1,4 +1,4 @@
-"""Run a training job on ``N`` local processes (``gnrev train --nproc N``): launch and shards.
+"""Launch a training job on ``N`` local processes (``gnrev train --nproc N``): launch and shards.
 
 :func:`launch` starts ``N`` processes through torch.distributed's own launcher
 (:func:`torch.distributed.launcher.api.elastic_launch`, as ``torchrun --standalone`` does: a c10d
@@ -26,7 +26,11 @@ __all__ = ["launch", "local_rows", "check_batching", "rank_and_world", "is_root"
 
 
 def rank_and_world() -> tuple[int, int]:
-    """``(rank, world size)`` of the default process group, ``(0, 1)`` when not initialised."""
+    """The position of this process.
+
+    Returns:
+        ``(rank, world size)`` of the default process group, ``(0, 1)`` when not initialised.
+    """
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
@@ -35,18 +39,34 @@ def rank_and_world() -> tuple[int, int]:
 
 
 def is_root() -> bool:
-    """Whether this process writes the run's files (rank 0, or the only process)."""
+    """Whether this process writes the run's files.
+
+    Returns:
+        ``True`` on rank 0 or the only process.
+    """
     return rank_and_world()[0] == 0
 
 
 def local_rows(idx: torch.Tensor) -> torch.Tensor:
-    """This rank's contiguous shard of a global batch's indices (all of them on one process)."""
+    """This rank's contiguous shard of a global batch's indices.
+
+    Args:
+        idx: the global batch's sample indices.
+
+    Returns:
+        The shard of this rank (all of ``idx`` on one process).
+    """
     rank, world = rank_and_world()
     return idx if world == 1 else idx[contiguous_shard(len(idx), rank, world)]
 
 
 def check_batching(n: int, batch_size: int, nproc: int) -> None:
     """Refuse a global batch that ``nproc`` ranks cannot share evenly.
+
+    Args:
+        n: training samples per epoch.
+        batch_size: the global batch size.
+        nproc: number of processes.
 
     Raises:
         ValueError: ``batch_size`` is not divisible by ``nproc``, or the last batch of an epoch
@@ -66,7 +86,14 @@ def check_batching(n: int, batch_size: int, nproc: int) -> None:
 
 
 def backend_for(device: str) -> str:
-    """``"nccl"`` for a CUDA device, ``"gloo"`` otherwise."""
+    """The process-group backend of a device.
+
+    Args:
+        device: a torch device string.
+
+    Returns:
+        ``"nccl"`` for a CUDA device, ``"gloo"`` otherwise.
+    """
     return "nccl" if torch.device(device).type == "cuda" else "gloo"
 
 
@@ -89,7 +116,17 @@ def _entry(fn: Callable, backend: str, quiet: bool, *args):
 
 def launch(fn: Callable, nproc: int, *args, backend: str = "gloo", quiet: bool = True) -> dict:
     """Run ``fn(*args)`` on ``nproc`` local processes (module docstring); ``fn`` must be a
-    module-level function (the processes are spawned). Returns ``{rank: fn's return value}``.
+    module-level function (the processes are spawned).
+
+    Args:
+        fn: the entry point.
+        nproc: number of processes.
+        *args: ``fn``'s arguments.
+        backend: the process-group backend (:func:`backend_for`).
+        quiet: silence the stdout of ranks other than 0.
+
+    Returns:
+        ``{rank: fn's return value}``.
 
     Raises:
         torch.distributed.elastic.multiprocessing.errors.ChildFailedError: a process failed

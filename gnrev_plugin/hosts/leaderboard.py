@@ -1,5 +1,9 @@
 """Leaderboard tables from benchmark results: benchopt, DeepOBS and gnrev run logs.
 
+It lives among the host adapters because it reads through their result readers, each of which
+sits beside its writer (and the engine's reader of gnrev run directories beside the engine's run
+directories); nothing below the hosts layer may import the host readers.
+
 Every source is read into :class:`~gnrev_plugin.results.Curve` objects (one training run, one
 seed, of one optimizer configuration on one problem) by the reader that lives next to the
 format's writer:
@@ -9,7 +13,7 @@ format's writer:
 * **DeepOBS** result folders (``<testproblem>/<optimizer>/<settings>/random_seed__*.json``): the
   DeepOBS host's ``read_deepobs``;
 * **gnrev** run directories (``gnrev train`` / ``gnrev reproduce``):
-  :func:`gnrev_plugin.experiments.rundir.read_runs`.
+  :func:`gnrev_plugin.engine.rundir.read_runs`.
 
 Optimizers are named by their registry names (``gnrev.exact_gn[lr=0.2,...]``, a plugin's
 ``toy.sign_sgd[lr=0.001]``) in benchopt and gnrev results alike.
@@ -42,11 +46,10 @@ from pathlib import Path
 
 from tabulate import tabulate
 
+from gnrev_plugin.engine.rundir import read_runs
 from gnrev_plugin.hosts.benchopt.results import read_benchopt
 from gnrev_plugin.hosts.deepobs.results import read_deepobs  # re-exported; reader beside writer
 from gnrev_plugin.results import Curve, Point, finite_or_none
-
-from .rundir import read_runs
 
 __all__ = [
     "Curve", "Point", "METRICS", "read_benchopt", "read_deepobs", "read_runs",
