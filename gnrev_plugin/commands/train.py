@@ -81,8 +81,14 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         if getattr(args, "nproc", 1) != 1:
+            from gnrev_plugin.engine.launch import launcher_env
+
+            if launcher_env() is not None:
+                print("gnrev train: error: --nproc starts its own processes; under torchrun "
+                      "(RANK/WORLD_SIZE set) leave it out", file=sys.stderr)
+                return 2
             return _launch(args)
-        return _run(args)
+        return _run_joined(args)
     except (PluginError, KeyError) as err:  # unknown names, a plugin that cannot load
         print(f"gnrev train: error: {err}", file=sys.stderr)
         return 2
@@ -118,6 +124,36 @@ def _launch(args: argparse.Namespace) -> int:
               "is above", file=sys.stderr)
         return 1
     return max(codes.values())
+
+
+def _run_joined(args: argparse.Namespace) -> int:
+    """:func:`_run`, inside the process group of a launcher (``torchrun``) when one started this
+    process: threads default to ``cores / LOCAL_WORLD_SIZE``, ranks other than 0 print nothing."""
+    import torch
+    import torch.distributed as dist
+
+    from gnrev_plugin.engine.launch import join_launcher_group, launcher_env
+
+    try:
+        env = launcher_env()
+    except ValueError as err:
+        print(f"gnrev train: error: {err}", file=sys.stderr)
+        return 2
+    if env is None or (dist.is_available() and dist.is_initialized()):
+        return _run(args)
+    if args.threads is None:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // env["local_world"]))
+    join_launcher_group(args.device)
+    stdout = sys.stdout
+    if env["rank"] != 0:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - closed below
+    try:
+        return _run(args)
+    finally:
+        if sys.stdout is not stdout:
+            sys.stdout.close()
+            sys.stdout = stdout
+        dist.destroy_process_group()
 
 
 def _rank_main(args: argparse.Namespace) -> int:

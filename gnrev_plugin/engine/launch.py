@@ -12,6 +12,7 @@ global batch, exactly as one process would. Only rank 0 writes the run directory
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 import uuid
@@ -22,7 +23,7 @@ import torch
 from gnrev_plugin.optim.distributed import contiguous_shard
 
 __all__ = ["launch", "local_rows", "check_batching", "rank_and_world", "is_root",
-           "backend_for"]
+           "backend_for", "launcher_env", "join_launcher_group"]
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -95,6 +96,73 @@ def backend_for(device: str) -> str:
         ``"nccl"`` for a CUDA device, ``"gloo"`` otherwise.
     """
     return "nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
+#: What ``torchrun`` (and any ``env://`` launcher: SLURM scripts, Kubernetes operators) sets in
+#: every process: the process group is joined from these.
+LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def launcher_env() -> dict | None:
+    """The position a launcher gave this process, read from the environment.
+
+    Returns:
+        ``{"rank", "world", "local_rank", "local_world"}`` when ``RANK``, ``WORLD_SIZE``,
+        ``MASTER_ADDR`` and ``MASTER_PORT`` are all set and ``WORLD_SIZE > 1`` (``LOCAL_RANK`` /
+        ``LOCAL_WORLD_SIZE`` default to 0 / 1), else ``None``.
+
+    Raises:
+        ValueError: the variables are set but not integers, or ``RANK`` is outside the world.
+    """
+    if not all(os.environ.get(k) for k in LAUNCHER_ENV):
+        return None
+    try:
+        env = dict(rank=int(os.environ["RANK"]), world=int(os.environ["WORLD_SIZE"]),
+                   local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+                   local_world=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError as err:
+        raise ValueError(f"launcher environment not understood ({err}): RANK, WORLD_SIZE, "
+                         "LOCAL_RANK and LOCAL_WORLD_SIZE must be integers") from err
+    if not 0 <= env["rank"] < env["world"]:
+        raise ValueError(f"RANK={env['rank']} is outside WORLD_SIZE={env['world']}")
+    return env if env["world"] > 1 else None
+
+
+def join_launcher_group(device: str = "cpu") -> bool:
+    """Join the process group of the launcher that started this process (``torchrun``, one or
+    several nodes), if any and not yet joined.
+
+    Initialises the default group from ``env://`` (``MASTER_ADDR``/``MASTER_PORT`` of the
+    rendezvous, ``RANK``/``WORLD_SIZE``) with :func:`backend_for` ``(device)``; for CUDA the
+    process's GPU is ``cuda:LOCAL_RANK`` (so ``device="cuda"`` means it). After this the
+    Gauss-Newton optimizers step on the union of the ranks' batches and the engine shards every
+    batch (:func:`local_rows`).
+
+    Args:
+        device: the run's device (picks gloo or NCCL).
+
+    Returns:
+        ``True`` if this call joined a group, ``False`` if there is no launcher (or a single
+        process) or the group was already initialised (e.g. by :func:`launch`).
+    """
+    import torch.distributed as dist
+
+    env = launcher_env()
+    if env is None or (dist.is_available() and dist.is_initialized()):
+        return False
+    backend = backend_for(device)
+    if backend == "nccl":
+        torch.cuda.set_device(env["local_rank"])
+    dist.init_process_group(backend, init_method="env://")
+    atexit.register(_leave_group)
+    return True
+
+
+def _leave_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _entry(fn: Callable, backend: str, quiet: bool, *args):

@@ -22,7 +22,7 @@ from gnrev_plugin.optim.distributed import mean_over_ranks
 from gnrev_plugin.plugins import Registry
 
 from .checkpoint import restore_checkpoint, save_checkpoint
-from .launch import check_batching, rank_and_world
+from .launch import check_batching, join_launcher_group, rank_and_world
 from .loop import EpochPlan, TrainState, run_epochs
 from .rundir import RunDir
 
@@ -96,6 +96,7 @@ def train_run(
     Raises:
         FloatingPointError: a step diverged and no callback handled it.
     """
+    join_launcher_group(spec.device)     # under torchrun: its process group (a no-op else)
     plan = plan or EpochPlan()
     state = _state(spec, dataset, run, registry)
     spec = state.spec
