@@ -13,6 +13,7 @@ exact-step fractions exactly.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -81,6 +82,8 @@ def test_gnrev_train_on_two_torchrun_nodes_logs_the_one_process_run(tmp_path):
     _same_log(read_jsonl(tmp_path / "one" / "log.jsonl"),
               read_jsonl(tmp_path / "two" / "log.jsonl"))
     assert read_jsonl(tmp_path / "two" / "log.jsonl")[-1]["exact_frac"] is not None
+    config = json.loads((tmp_path / "two" / "config.json").read_text())
+    assert config["nproc"] == 2                     # the two processes formed one group
     printed = [r.stdout.count("epoch   2") for r in out]
     assert sorted(printed) == [0, 1]                 # only rank 0 prints its epochs
 
@@ -98,6 +101,10 @@ API_SCRIPT = textwrap.dedent("""
                    epochs=2, batch_size=32).resolve(reg)
     ds = load_data(spec.dataset, spec.dataset_kwargs, registry=reg)
     train_run(spec, ds, RunDir(sys.argv[1]), progress=False, registry=reg)
+    import os, torch.distributed as dist
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    with open(sys.argv[1] + f".rank{os.environ.get('RANK', '0')}", "w") as fh:
+        fh.write(str(world))
 """)
 
 
@@ -107,6 +114,7 @@ def test_python_api_on_two_torchrun_nodes_equals_one_process(tmp_path):
     subprocess.run([sys.executable, str(script), str(tmp_path / "one")], check=True, cwd=ROOT,
                    env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT})
     _two_nodes([str(script), str(tmp_path / "two")])
+    assert [(tmp_path / f"two.rank{r}").read_text() for r in (0, 1)] == ["2", "2"]
     _same_log(read_jsonl(tmp_path / "one" / "log.jsonl"),
               read_jsonl(tmp_path / "two" / "log.jsonl"))
 
