@@ -53,7 +53,7 @@ from gnrev_plugin.hosts.curvlinops import (
     NTKLinearOperator,
     to_dense,
 )
-from gnrev_plugin.plugins import get_registry
+from gnrev_plugin.registry import get_registry
 from gnrev_plugin.stepping import train_step
 
 CUDA = torch.device("cuda")

@@ -33,7 +33,7 @@ from gnrev_plugin.hosts import deepobs as dob
 from gnrev_plugin.hosts.deepobs import compat
 from gnrev_plugin.optim import DenseGN, ExactGN
 from gnrev_plugin.optim.errors import LossCaptureError, RankDeficiencyError
-from gnrev_plugin.plugins import UnknownNameError
+from gnrev_plugin.registry import UnknownNameError
 
 TOY = Path(__file__).resolve().parent / "fixtures" / "gnrev_toy_plugin"
 

@@ -31,7 +31,7 @@ import torch
 from gnrev_plugin import data as gdata
 from gnrev_plugin.build import RunSpec, build, evaluate_run_metrics, loss_targets, short_name
 from gnrev_plugin.optim.distributed import mean_over_ranks
-from gnrev_plugin.plugins import Registry
+from gnrev_plugin.registry import Registry, get_registry
 from gnrev_plugin.stepping import evaluate, train_step
 
 from .distributed_run import check_batching, local_rows, rank_and_world
@@ -81,7 +81,7 @@ def train_run(
     dev = next(model.parameters()).device
     reduce = None
     if world > 1:
-        if not hasattr(opt, "process_group"):
+        if "distributed" not in (registry or get_registry()).optimizer_tags(spec.optimizer):
             raise ValueError(f"{spec.optimizer} cannot step on a batch shared by {world} "
                              "processes; --nproc > 1 needs a Gauss-Newton optimizer "
                              "(gnrev.exact_gn, gnrev.dense_gn)")

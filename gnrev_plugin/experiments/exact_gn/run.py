@@ -44,7 +44,7 @@ import torch
 
 from gnrev_plugin import data as gdata
 from gnrev_plugin.build import RunSpec, load_data, short_name
-from gnrev_plugin.plugins import get_registry
+from gnrev_plugin.registry import get_registry
 
 from ..diagnostics import RevMLPDiagnostics
 from ..presets import get_preset

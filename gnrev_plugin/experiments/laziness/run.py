@@ -35,7 +35,7 @@ from pathlib import Path
 
 from gnrev_plugin import data as gdata
 from gnrev_plugin.build import RunSpec, short_name
-from gnrev_plugin.plugins import get_registry
+from gnrev_plugin.registry import get_registry
 
 from ..diagnostics import RevMLPDiagnostics
 from ..exact_gn import reference_lr

@@ -51,7 +51,7 @@ from gnrev_plugin.data import (
     pad_to_multiple,
     read_idx,
 )
-from gnrev_plugin.plugins import get_registry
+from gnrev_plugin.registry import get_registry
 
 from . import compat
 

@@ -44,7 +44,7 @@ from torch import nn
 
 from gnrev_plugin.build import LOSSES, build_optimizer
 from gnrev_plugin.nn.discovery import find_module_owning
-from gnrev_plugin.plugins import Registry, get_registry
+from gnrev_plugin.registry import Registry, get_registry
 
 from . import compat
 from .problems import TEST_PROBLEMS, set_data_dir
