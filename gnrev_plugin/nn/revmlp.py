@@ -18,6 +18,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from ..compat.backpack import opt_out_of_extend
 from .activations import Activation, get_activation
 from .coupling import AdditiveCoupling, BlockActivations
 from .discovery import find_module_owning
@@ -79,7 +80,7 @@ class RevMLP(nn.Module):
             for i in range(num_blocks)
         )
         for block in self.blocks:  # the readout is no module: BackPACK sees the RevMLP as one leaf
-            block._backpack_extend = True
+            opt_out_of_extend(block)
         if num_classes is None:
             self.register_buffer("readout", None)
         else:

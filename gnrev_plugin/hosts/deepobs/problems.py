@@ -53,7 +53,7 @@ from gnrev_plugin.data import (
 )
 from gnrev_plugin.registry import get_registry
 
-from . import compat
+from ...compat import deepobs as compat
 
 __all__ = [
     "TEST_PROBLEMS", "TensorDataSet", "RegistryTestProblem", "mnist_revmlp", "fmnist_revmlp",
