@@ -149,12 +149,6 @@ class RevMLP(nn.Module):
             z = block.inverse(z)
         return z
 
-    # ------------------------------------------------------------------ presets
-    @classmethod
-    def from_preset(cls, name: str, **overrides) -> RevMLP:
-        """Build a model from :data:`PRESETS` (``mnist_paper``, ``cifar10_paper``, ``tiny``, ...)."""
-        return revmlp_from_preset(name, **overrides)
-
     def extra_repr(self) -> str:
         return (f"d={self.in_features}, M={self.hidden}, L={self.num_blocks}, "
                 f"C={self.num_classes}, linear_first_block={self.linear_first_block}")
