@@ -94,7 +94,16 @@ class RevMLP(nn.Module):
         self.last_activations: list[BlockActivations] | None = None
 
     # ------------------------------------------------------------------ forward / inverse
-    def _flatten(self, x: torch.Tensor) -> torch.Tensor:
+    def flatten_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The batch as rows ``(n, d)``: ``(n, d)`` as is, ``(n, *image)`` flattened.
+
+        Args:
+            x: a batch tensor of at least two dimensions whose trailing ones hold ``d`` values.
+
+        Returns:
+            ``x.reshape(n, -1)``, checked against the model's ``in_features`` (a clear error
+            for a non-tensor, an empty or integer batch, or a width mismatch).
+        """
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"RevMLP expects a tensor, got {type(x).__name__}")
         if x.dim() < 2:
@@ -115,7 +124,7 @@ class RevMLP(nn.Module):
         self, x: torch.Tensor
     ) -> tuple[torch.Tensor, list[BlockActivations]]:
         """``X^(L)`` and every block's :class:`BlockActivations`."""
-        z = self._flatten(x)
+        z = self.flatten_input(x)
         acts = []
         for block in self.blocks:
             z, a = block.forward_with_activations(z)
@@ -124,7 +133,7 @@ class RevMLP(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """``X^(L)``, the output of the last block (before the readout)."""
-        z = self._flatten(x)
+        z = self.flatten_input(x)
         for block in self.blocks:
             z = block(z)
         return z

@@ -104,8 +104,17 @@ def check_factory_contract(kind: str, factory: Any, protocol: str = "", bound: t
     The contracts (:mod:`gnrev_plugin.registry.hookspecs`): a model factory accepts the keywords
     ``in_features`` and ``num_classes``; an optimizer factory accepts ``params`` positionally;
     a run metric accepts the model positionally and the keywords ``inputs``, ``targets``,
-    ``loss_fn``, ``initial_model``. ``bound`` are positional arguments a :class:`LazyFactory`
-    binds in front. Objects without an inspectable signature are accepted.
+    ``loss_fn``, ``initial_model``. Objects without an inspectable signature are accepted.
+
+    Args:
+        kind: ``"model"``, ``"optimizer"``, ``"metric"`` or ``"dataset"``.
+        factory: the object registered for the entry.
+        protocol: metrics only: ``"run"`` or ``"function"``.
+        bound: positional arguments a :class:`~gnrev_plugin.registry.LazyFactory` binds in
+            front (they are dropped from the signature first).
+
+    Returns:
+        A one-line reason naming what is missing, or ``None`` when the contract holds.
     """
     if not callable(factory):
         return f"the factory is not callable ({type(factory).__name__})"

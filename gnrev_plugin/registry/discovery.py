@@ -75,6 +75,10 @@ def discover(
     (:attr:`Registry.plugin_manager`) and its hooks are called one plugin at a time
     (:meth:`pluggy.PluginManager.subset_hook_caller`), so a failure is attributed to, and
     rolls back, only that plugin.
+
+    Returns:
+        The filled :class:`~gnrev_plugin.registry.Registry`, with :attr:`~Registry.problems`
+        listing every plugin that was reported and skipped.
     """
     pm = pluggy.PluginManager(PROJECT)
     pm.add_hookspecs(GnrevHookSpecs)
@@ -130,7 +134,14 @@ _DEFAULT: Registry | None = None
 
 
 def get_registry(refresh: bool = False) -> Registry:
-    """The process-wide registry of installed plugins (discovered on first use)."""
+    """The process-wide registry of installed plugins (discovered on first use).
+
+    Args:
+        refresh: discover again (after installing a plugin in the running process).
+
+    Returns:
+        The shared :class:`~gnrev_plugin.registry.Registry`.
+    """
     global _DEFAULT
     if _DEFAULT is None or refresh:
         _DEFAULT = discover()

@@ -51,12 +51,31 @@ def _draw_seed(gen: torch.Generator) -> int:
 
 def estimate_trace(op: PyTorchLinearOperator, estimator: str = "hutchpp", num_matvecs: int = 90,
                    seed: int | None = None) -> tuple[float, int]:
-    """``tr(op)`` by a curvlinops estimator; returns ``(estimate, matvecs used)``.
+    r"""``tr(op)`` by a curvlinops estimator; returns ``(estimate, matvecs used)``.
 
-    ``num_matvecs`` is rounded down to the estimator's divisor (Hutch++: 3, XTrace: 2) and kept
-    below the dimension, as curvlinops requires. With a ``seed`` the probe vectors are drawn in a
-    forked RNG state seeded by it (the caller's RNG is left as it was); without one they continue
-    the caller's global RNG stream.
+    Hutchinson's estimator with Rademacher probes ``v_i`` is
+
+    .. math::
+
+        \widehat{\operatorname{tr}}(A) = \frac{1}{m} \sum_{i=1}^m v_i^\top A v_i,
+
+    Hutch++ and XTrace add a low-rank sketch to reduce its variance. ``num_matvecs`` is rounded
+    down to the estimator's divisor (Hutch++: 3, XTrace: 2) and kept below the dimension, as
+    curvlinops requires. With a ``seed`` the probe vectors are drawn in a forked RNG state seeded
+    by it (the caller's RNG is left as it was); without one they continue the caller's global
+    RNG stream.
+
+    Args:
+        op: a square curvlinops operator.
+        estimator: ``"hutchinson"``, ``"hutchpp"`` or ``"xtrace"`` (:data:`TRACE_ESTIMATORS`).
+        num_matvecs: the matrix-vector product budget.
+        seed: the probes' seed, or ``None`` for the caller's global RNG.
+
+    Returns:
+        ``(estimate, matvecs used)``.
+
+    Raises:
+        ValueError: an unknown estimator, or an operator too small for it.
     """
     if estimator not in TRACE_ESTIMATORS:
         raise ValueError(f"trace estimator must be one of {sorted(TRACE_ESTIMATORS)}")

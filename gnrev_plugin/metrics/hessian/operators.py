@@ -34,6 +34,12 @@ def assert_not_backpack_extended(*modules: nn.Module) -> None:
 
     Detection looks at the installed hooks, not BackPACK's ``_backpack_extend`` flag (which
     modules may also set to opt out of extension).
+
+    Args:
+        modules: the modules to check (with all their submodules); non-modules are ignored.
+
+    Raises:
+        ValueError: a module (or a submodule) has a hook installed by BackPACK.
     """
     def hooked(m: nn.Module) -> bool:
         hooks = installed_hooks(m)
@@ -92,9 +98,24 @@ class SurrogateNMELinearOperator(CurvatureLinearOperator):
 
 def nme_surrogate_dense(model: nn.Module, loss_fn: nn.Module, data,
                         params: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
-    """Dense NME ``(P, P)`` as ``torch.func.hessian`` of the stop-gradient surrogate ``s(θ)``.
+    r"""Dense NME ``(P, P)`` as ``torch.func.hessian`` of the stop-gradient surrogate ``s(θ)``.
 
-    Batches are weighted by ``N_B/N`` (mean reduction) or 1 (sum), as in curvlinops.
+    .. math::
+
+        \mathrm{NME} = \sum_B w_B \, ∇²_θ \sum_{n \in B}
+        \langle \operatorname{stopgrad}(∇_z ℓ_n), z_n(θ) \rangle,
+        \qquad w_B = N_B / N \text{ (mean reduction) or } 1 \text{ (sum)},
+
+    batches weighted as in curvlinops (``∇_z ℓ_n`` carries the loss's own scaling per batch).
+
+    Args:
+        model: any ``nn.Module``.
+        loss_fn: an ``nn.Module`` loss with ``reduction`` ``'mean'`` or ``'sum'``.
+        data: ``(X, y)`` or an iterable of ``(X, y)`` batches.
+        params: subset of parameters (default: all trainable ones), in operator order.
+
+    Returns:
+        The dense ``(P, P)`` NME matrix in the parameters' dtype.
     """
     params = select_params(model, params)
     names = param_names(model, params)
@@ -122,5 +143,16 @@ def nme_surrogate_dense(model: nn.Module, loss_fn: nn.Module, data,
 
 
 def dense_matrix(op: PyTorchLinearOperator) -> torch.Tensor:
-    """``op @ I``: the dense matrix of a curvlinops operator (``P`` matvecs)."""
+    r"""The dense matrix of a curvlinops operator, ``P`` matrix-vector products.
+
+    .. math::
+
+        A = A \, I_P.
+
+    Args:
+        op: a curvlinops ``PyTorchLinearOperator`` of shape ``(P, Q)``.
+
+    Returns:
+        The ``(P, Q)`` matrix in the operator's dtype and device.
+    """
     return op @ torch.eye(op.shape[1], dtype=op.dtype, device=op.device)
