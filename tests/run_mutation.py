@@ -55,10 +55,10 @@ GROUPS = (
     Group("ntk", ("gnrev_plugin/metrics/ntk.py",),
           ("gnrev_plugin.metrics.ntk.*",),
           ("tests/test_metrics_ntk.py",)),
-    # the NME kernels of hessian.py (the summary and estimator plumbing is not core math)
-    Group("nme", ("gnrev_plugin/metrics/hessian.py",),
-          ("gnrev_plugin.metrics.hessian.x_nme_surrogate_dense*",
-           "gnrev_plugin.metrics.hessian.xǁSurrogateNMELinearOperatorǁ*"),
+    # the NME kernels of hessian/operators.py (the summary and estimator plumbing is not core math)
+    Group("nme", ("gnrev_plugin/metrics/hessian/operators.py",),
+          ("gnrev_plugin.metrics.hessian.operators.x_nme_surrogate_dense*",
+           "gnrev_plugin.metrics.hessian.operators.xǁSurrogateNMELinearOperatorǁ*"),
           ("tests/test_metrics_hessian.py", "tests/test_hosts_curvlinops.py")),
     Group("solvers", ("gnrev_plugin/optim/solvers.py", "gnrev_plugin/optim/right_inverse.py"),
           ("gnrev_plugin.optim.solvers.*", "gnrev_plugin.optim.right_inverse.*"),

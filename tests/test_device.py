@@ -53,7 +53,7 @@ from gnrev_plugin.hosts.curvlinops import (
     NTKLinearOperator,
     to_dense,
 )
-from gnrev_plugin.plugins import get_registry
+from gnrev_plugin.registry import get_registry
 from gnrev_plugin.stepping import train_step
 
 CUDA = torch.device("cuda")
@@ -623,7 +623,7 @@ def test_benchopt_solver_on_cuda_matches_the_cpu():
 def deepobs_device():
     """DeepOBS's default device, restored after the test; and a tiny gnrev MNIST problem."""
     dob = pytest.importorskip("gnrev_plugin.hosts.deepobs")
-    from gnrev_plugin.hosts.deepobs import compat
+    from gnrev_plugin.compat import deepobs as compat
 
     try:
         config = compat.import_deepobs().pytorch.config
@@ -652,7 +652,7 @@ def test_deepobs_problem_follows_deepobs_default_device(deepobs_device, monkeypa
     device (``meta``, the one any CPU machine has) is followed too; ``cuda`` where torch sees no
     GPU is refused clearly."""
     config, problem_cls = deepobs_device
-    from gnrev_plugin.hosts.deepobs import compat
+    from gnrev_plugin.compat import deepobs as compat
 
     config.set_default_device("cpu")
     tp = problem_cls(30)

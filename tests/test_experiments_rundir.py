@@ -136,7 +136,7 @@ def test_exact_gn_runs_any_registered_optimizer_by_name():
     from gnrev_plugin.defaults import OPTIMIZER_DEFAULTS
     from gnrev_plugin.experiments.exact_gn import exact_gn_run_specs
     from gnrev_plugin.experiments.presets import get_preset
-    from gnrev_plugin.plugins import UnknownNameError
+    from gnrev_plugin.registry import UnknownNameError
 
     p = dict(get_preset("exact-gn", "smoke"), optimizers=["gnrev.dense_gn", "sgd"],
              lr={"mini_batch": {"sgd": 0.05}})

@@ -22,7 +22,7 @@ import torch
 from toy_plugin import forget_toy_modules, install_dist_info, pip_install, write_dist
 
 from gnrev_plugin.cli import main as gnrev_main
-from gnrev_plugin.plugins import (
+from gnrev_plugin.registry import (
     DuplicateNameError,
     LazyFactory,
     PluginError,
@@ -95,7 +95,7 @@ def bad_site(toy_site, monkeypatch) -> Path:
 # ---------------------------------------------------------------------------------- built-ins
 def test_own_entry_point_is_installed():
     eps = md.entry_points(group="gnrev.plugins")
-    ours = [ep for ep in eps if ep.value == "gnrev_plugin.builtin_plugin"]
+    ours = [ep for ep in eps if ep.value == "gnrev_plugin.registry.builtin"]
     assert [ep.name for ep in ours] == ["gnrev"]
     assert ours[0].dist.metadata["Name"] == "gnrev-plugin"
 
@@ -106,7 +106,7 @@ def test_builtins_come_from_the_entry_point_not_a_hardcoded_import():
         for name in names:
             e = reg.entry(kind, name)
             assert e.distribution == "gnrev-plugin"
-            assert e.source.value == "gnrev_plugin.builtin_plugin"
+            assert e.source.value == "gnrev_plugin.registry.builtin"
             assert e.version == md.version("gnrev-plugin")
     assert {"gnrev.mnist", "gnrev.mnist1d"} <= set(reg.names("dataset"))
     # with no entry points there is nothing: discovery is the only way in
@@ -314,7 +314,7 @@ def test_factory_contracts_are_checked_at_registration_and_first_use():
 def test_extra_plugins_embed_without_installing():
     import types
 
-    from gnrev_plugin.plugins import hookimpl
+    from gnrev_plugin.registry import hookimpl
 
     mod = types.ModuleType("embedded")
 
@@ -331,7 +331,7 @@ def test_extra_plugins_embed_without_installing():
 def test_unusable_embedded_plugin_objects_are_reported():
     import types
 
-    from gnrev_plugin.plugins import hookimpl
+    from gnrev_plugin.registry import hookimpl
 
     @hookimpl
     def gnrev_register_models(registry):

@@ -24,7 +24,7 @@ from gnrev_plugin.cli import main as gnrev_main
 from gnrev_plugin.hosts import algoperf as ap
 from gnrev_plugin.nn import RevMLP
 from gnrev_plugin.optim import DenseGN, ExactGN
-from gnrev_plugin.plugins import get_registry
+from gnrev_plugin.registry import get_registry
 
 TOY = Path(__file__).resolve().parent / "fixtures" / "gnrev_toy_plugin"
 

@@ -24,7 +24,7 @@ pytest.importorskip("pyarrow", reason="benchopt parquet results need pyarrow")
 from gnrev_plugin.build import build_model  # noqa: E402
 from gnrev_plugin.hosts.benchopt.solvers import make_solver  # noqa: E402
 from gnrev_plugin.optim import ExactGN as ExactGNOptimizer  # noqa: E402
-from gnrev_plugin.plugins import get_registry  # noqa: E402
+from gnrev_plugin.registry import get_registry  # noqa: E402
 from gnrev_plugin.stepping import evaluate  # noqa: E402
 
 BENCHOPT_BIN = Path(sys.executable).with_name("benchopt")

@@ -16,7 +16,7 @@ from gnrev_plugin.hosts.benchopt import (
     solver_path,
     solver_source,
 )
-from gnrev_plugin.plugins import UnknownNameError, get_registry
+from gnrev_plugin.registry import UnknownNameError, get_registry
 
 
 @pytest.fixture(autouse=True)

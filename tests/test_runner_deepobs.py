@@ -28,12 +28,12 @@ import torch
 from realdata import REAL_MNIST, needs_real_mnist
 
 from gnrev_plugin.build import build_model
+from gnrev_plugin.compat import deepobs as compat
 from gnrev_plugin.defaults import MODEL_DEFAULTS, OPTIMIZER_DEFAULTS
 from gnrev_plugin.hosts import deepobs as dob
-from gnrev_plugin.hosts.deepobs import compat
 from gnrev_plugin.optim import DenseGN, ExactGN
 from gnrev_plugin.optim.errors import LossCaptureError, RankDeficiencyError
-from gnrev_plugin.plugins import UnknownNameError
+from gnrev_plugin.registry import UnknownNameError
 
 TOY = Path(__file__).resolve().parent / "fixtures" / "gnrev_toy_plugin"
 
@@ -376,7 +376,7 @@ import importlib.util, sys
 import matplotlib
 had_tf = importlib.util.find_spec("tensorflow") is not None
 before = dict(matplotlib.rcParams)
-from gnrev_plugin.hosts.deepobs import compat
+from gnrev_plugin.compat import deepobs as compat
 deepobs = compat.import_deepobs()
 assert deepobs.pytorch.runners.StandardRunner.__module__ == "deepobs.pytorch.runners.runner"
 for real in ("torchvision", "six", "seaborn", "matplotlib2tikz"):

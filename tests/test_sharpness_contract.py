@@ -14,7 +14,7 @@ from gnrev_plugin.defaults import OPTIMIZER_DEFAULTS
 from gnrev_plugin.nn import MLP, RevMLP
 from gnrev_plugin.optim import PSAM, SAM, GNTracePenalty, HessianTracePenalty, WeightNoise
 from gnrev_plugin.optim.errors import LossCaptureError, NonFiniteError
-from gnrev_plugin.plugins import UnknownNameError, get_registry
+from gnrev_plugin.registry import UnknownNameError, get_registry
 from gnrev_plugin.stepping import train_step
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")

@@ -215,7 +215,7 @@ def _check_int(name: str, value: Any) -> int:
 def _build_base(base: str | type, groups: list[dict], base_kwargs: Mapping) -> torch.optim.Optimizer:
     """The base optimizer on ``groups`` (shared, not copied)."""
     if isinstance(base, str):
-        from ..plugins import get_registry
+        from ..registry import get_registry
 
         reg = get_registry()
         name = reg.resolve_name("optimizer", base)

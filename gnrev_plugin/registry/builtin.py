@@ -14,6 +14,8 @@ Registered names (see ``gnrev list``):
   baselines ``gnrev.sgd``/``gnrev.adam`` (``torch.optim``), and the sharpness regularisers
   ``gnrev.sam``, ``gnrev.psam``, ``gnrev.weight_noise``, ``gnrev.hessian_trace_penalty``,
   ``gnrev.gn_trace_penalty`` (:mod:`gnrev_plugin.optim.sharpness`, wrapping a base optimizer);
+  the Gauss-Newton pair is tagged ``gauss_newton``, ``batch_step``, ``distributed``, the
+  sharpness family ``sharpness``, ``batch_step``;
 * run metrics (logged every epoch, :mod:`gnrev_plugin.metrics.run_metrics`):
   ``gnrev.ntk_similarity_to_init``, ``gnrev.cka_to_init``, ``gnrev.weight_cosine_to_init``,
   ``gnrev.weight_norm_ratio_to_init``, ``gnrev.gn_condition_number_on_batch``,
@@ -26,9 +28,9 @@ Registered names (see ``gnrev list``):
 
 from __future__ import annotations
 
-from .defaults import MODEL_DEFAULTS, OPTIMIZER_DEFAULTS
+from ..defaults import MODEL_DEFAULTS, OPTIMIZER_DEFAULTS
 from .hookspecs import hookimpl
-from .plugins import LazyFactory
+from .registry import LazyFactory
 
 #: name → (target, description, input_multiple)
 MODELS = {
@@ -37,23 +39,32 @@ MODELS = {
                             "RevMLP from a named preset (preset=mnist_paper, tiny, ...)", 2),
     "gnrev.mlp": ("gnrev_plugin.nn:MLP", "plain MLP d → h₁ → … → C (any activation)", 1),
 }
-#: name → (target, description, needs)
+_GN = ("gauss_newton", "batch_step", "distributed")
+_SHARPNESS = ("sharpness", "batch_step")
+#: name → (target, description, needs, tags: capabilities as data, see
+#: :data:`gnrev_plugin.registry.contracts.TAGS`)
 OPTIMIZERS = {
     "gnrev.exact_gn": ("gnrev_plugin.optim:ExactGN",
-                       "exact Gauss-Newton for RevMLP (per-block right inverse)", ("model", "loss")),
+                       "exact Gauss-Newton for RevMLP (per-block right inverse)", ("model", "loss"),
+                       _GN),
     "gnrev.dense_gn": ("gnrev_plugin.optim:DenseGN",
-                       "dense-Jacobian (damped) Gauss-Newton for any nn.Module", ("model", "loss")),
-    "gnrev.sgd": ("torch.optim:SGD", "baseline: torch.optim.SGD", ()),
-    "gnrev.adam": ("torch.optim:Adam", "baseline: torch.optim.Adam", ()),
-    "gnrev.sam": ("gnrev_plugin.optim:SAM", "SAM: base step on ∇L(θ + ρĝ)", ("model", "loss")),
+                       "dense-Jacobian (damped) Gauss-Newton for any nn.Module", ("model", "loss"),
+                       _GN),
+    "gnrev.sgd": ("torch.optim:SGD", "baseline: torch.optim.SGD", (), ()),
+    "gnrev.adam": ("torch.optim:Adam", "baseline: torch.optim.Adam", (), ()),
+    "gnrev.sam": ("gnrev_plugin.optim:SAM", "SAM: base step on ∇L(θ + ρĝ)", ("model", "loss"),
+                 _SHARPNESS),
     "gnrev.psam": ("gnrev_plugin.optim:PSAM", "penalty SAM: ∇L + ρHĝ (one HVP)",
-                   ("model", "loss")),
+                   ("model", "loss"), _SHARPNESS),
     "gnrev.weight_noise": ("gnrev_plugin.optim:WeightNoise",
-                           "weight noise: ∇L(θ + ε), ε ~ N(0, σ²I)", ("model", "loss")),
+                           "weight noise: ∇L(θ + ε), ε ~ N(0, σ²I)", ("model", "loss"),
+                           _SHARPNESS),
     "gnrev.hessian_trace_penalty": ("gnrev_plugin.optim:HessianTracePenalty",
-                                    "L + (σ²/2) tr H, Hutchinson", ("model", "loss")),
+                                    "L + (σ²/2) tr H, Hutchinson", ("model", "loss"),
+                                    _SHARPNESS),
     "gnrev.gn_trace_penalty": ("gnrev_plugin.optim:GNTracePenalty",
-                               "L + (σ²/2) tr G, sampled labels", ("model", "loss")),
+                               "L + (σ²/2) tr G, sampled labels", ("model", "loss"),
+                               _SHARPNESS),
 }
 RUN_METRICS = {
     "gnrev.ntk_similarity_to_init": ("gnrev_plugin.metrics:ntk_similarity_to_init",
@@ -109,9 +120,9 @@ def gnrev_register_models(registry) -> None:
 
 @hookimpl
 def gnrev_register_optimizers(registry) -> None:
-    for name, (target, doc, needs) in OPTIMIZERS.items():
+    for name, (target, doc, needs, tags) in OPTIMIZERS.items():
         registry.add_optimizer(name, LazyFactory(target), doc,
-                               defaults=OPTIMIZER_DEFAULTS.get(name), needs=needs)
+                               defaults=OPTIMIZER_DEFAULTS.get(name), needs=needs, tags=tags)
 
 
 @hookimpl

@@ -2,7 +2,7 @@
 
 A plugin is any importable module (or object) listed under the entry-point group
 ``gnrev.plugins`` that implements some of these hooks, marked with
-``pluggy.HookimplMarker("gnrev")`` (re-exported as :data:`gnrev_plugin.plugins.hookimpl`)::
+``pluggy.HookimplMarker("gnrev")`` (re-exported as :data:`gnrev_plugin.registry.hookimpl`)::
 
     # pyproject.toml of a third-party distribution
     [project.entry-points."gnrev.plugins"]
@@ -17,8 +17,8 @@ A plugin is any importable module (or object) listed under the entry-point group
         registry.add_model("my.net", "my_package.models:build_net", description="...")
 
 Hooks only *register* names; nothing is built or imported until a host asks for it
-(:meth:`~gnrev_plugin.plugins.Registry.get_model` and friends). Every hook receives the same
-:class:`~gnrev_plugin.plugins.Registry`, which records the plugin and distribution behind every
+(:meth:`~gnrev_plugin.registry.Registry.get_model` and friends). Every hook receives the same
+:class:`~gnrev_plugin.registry.Registry`, which records the plugin and distribution behind every
 entry.
 """
 
@@ -43,7 +43,7 @@ class GnrevHookSpecs:
     The **factory contracts** below are what every runner (``gnrev train``/``reproduce``, the
     benchopt solvers, the DeepOBS runner, the AlgoPerf submission) relies on; the registry checks
     them when an entry is added (a callable) or first used (a lazy ``"module:attr"``) and reports
-    a breach as a :class:`~gnrev_plugin.plugins.PluginError` naming the entry.
+    a breach as a :class:`~gnrev_plugin.registry.PluginError` naming the entry.
     """
 
     @hookspec
@@ -71,6 +71,9 @@ class GnrevHookSpecs:
         family) declares it as data, ``needs=("model", "loss")``: runners then pass
         ``model=<nn.Module>`` and ``loss="cross_entropy" | "mse"``. An optional
         ``step_on_batch(x, y) -> loss`` is used by runners as a fast path when present.
+        Capabilities are declared as data, ``tags=(...)`` (``"gauss_newton"``, ``"batch_step"``,
+        ``"distributed"``: :data:`gnrev_plugin.registry.contracts.TAGS`); they default to
+        none, so older registrations keep working.
         """
 
     @hookspec
