@@ -125,7 +125,7 @@ def test_resources_have_one_row_per_epoch_tied_to_the_log(tmp_path):
 
 
 
-DOCS_RUN = Path(__file__).parents[1] / "docs/results/paper_preset"
+DOCS_RUN = Path(__file__).parents[2] / "docs/results/paper_preset"
 
 
 def test_committed_paper_run_is_todays_paper_preset():
