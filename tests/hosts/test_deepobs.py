@@ -35,7 +35,7 @@ from gnrev_plugin.optim import DenseGN, ExactGN
 from gnrev_plugin.optim.errors import LossCaptureError, RankDeficiencyError
 from gnrev_plugin.registry import UnknownNameError
 
-TOY = Path(__file__).resolve().parent / "fixtures" / "gnrev_toy_plugin"
+TOY = Path(__file__).resolve().parents[1] / "fixtures" / "gnrev_toy_plugin"
 
 
 def require_deepobs():

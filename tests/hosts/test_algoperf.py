@@ -26,7 +26,7 @@ from gnrev_plugin.nn import RevMLP
 from gnrev_plugin.optim import DenseGN, ExactGN
 from gnrev_plugin.registry import get_registry
 
-TOY = Path(__file__).resolve().parent / "fixtures" / "gnrev_toy_plugin"
+TOY = Path(__file__).resolve().parents[1] / "fixtures" / "gnrev_toy_plugin"
 
 #: The workload names of AlgoPerf's registry, copied from ``algoperf/workloads/workloads.py``
 #: (github.com/mlcommons/algorithmic-efficiency at commit 2c90454, 2025-09-05).

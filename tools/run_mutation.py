@@ -6,9 +6,9 @@ mutates one or two modules (``only_mutate``), restricted to the mutant names it 
 the test files that cover them; within those, mutmut runs for each mutant just the tests that
 executed the mutated function, fastest first, stopping at the first failure.
 
-    python tests/run_mutation.py                       # all groups, working tree
-    python tests/run_mutation.py --ref HEAD --groups targets,conditioning
-    python tests/run_mutation.py --show-survivors      # with the diff of every survivor
+    python tools/run_mutation.py                       # all groups, working tree
+    python tools/run_mutation.py --ref HEAD --groups targets,conditioning
+    python tools/run_mutation.py --show-survivors      # with the diff of every survivor
 
 Writes ``summary.json`` and ``summary.md`` (kill rate per module, survivors) to ``--workdir``.
 Not part of CI. ``tox -e mutation`` passes ``--sample 250`` (at most 250 mutants per module, a
@@ -48,23 +48,24 @@ class Group:
 GROUPS = (
     Group("targets", ("gnrev_plugin/optim/targets.py",),
           ("gnrev_plugin.optim.targets.*",),
-          ("tests/test_targets_oracle.py",)),
+          ("tests/optim/test_targets_oracle.py",)),
     Group("conditioning", ("gnrev_plugin/metrics/conditioning.py",),
           ("gnrev_plugin.metrics.conditioning.*",),
-          ("tests/test_metrics_conditioning.py",)),
+          ("tests/metrics/test_conditioning.py",)),
     Group("ntk", ("gnrev_plugin/metrics/ntk.py",),
           ("gnrev_plugin.metrics.ntk.*",),
-          ("tests/test_metrics_ntk.py",)),
+          ("tests/metrics/test_ntk.py",)),
     # the NME kernels of hessian/operators.py (the summary and estimator plumbing is not core math)
     Group("nme", ("gnrev_plugin/metrics/hessian/operators.py",),
           ("gnrev_plugin.metrics.hessian.operators.x_nme_surrogate_dense*",
            "gnrev_plugin.metrics.hessian.operators.xǁSurrogateNMELinearOperatorǁ*"),
-          ("tests/test_metrics_hessian.py", "tests/test_hosts_curvlinops.py")),
+          ("tests/metrics/test_hessian.py", "tests/hosts/test_curvlinops.py")),
     Group("solvers", ("gnrev_plugin/optim/solvers.py", "gnrev_plugin/optim/right_inverse.py"),
           ("gnrev_plugin.optim.solvers.*", "gnrev_plugin.optim.right_inverse.*"),
-          ("tests/test_solvers.py", "tests/test_solver_grams.py", "tests/test_exact_gn_dispatch.py",
-           "tests/test_exact_gn_dense_oracle.py", "tests/test_residual_honesty.py",
-           "tests/test_exact_gn.py", "tests/test_solver_survivors.py")),
+          ("tests/optim/test_solvers.py", "tests/optim/test_solvers_grams.py",
+           "tests/optim/test_exact_gn_dispatch.py", "tests/optim/test_exact_gn_dense_oracle.py",
+           "tests/optim/test_exact_gn_residual.py", "tests/optim/test_exact_gn.py",
+           "tests/optim/test_solvers_right_inverse.py")),
 )
 
 #: mutmut's exit-code → status table (mutmut/stats.py), folded into four outcomes.

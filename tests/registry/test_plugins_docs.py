@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "hosts"
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "hosts"
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 
 

@@ -126,11 +126,11 @@ def test_resources_have_one_row_per_epoch_tied_to_the_log(tmp_path):
 
 
 
-DOCS_RUN = Path(__file__).parents[1] / "docs/paper_preset"
+DOCS_RUN = Path(__file__).parents[2] / "docs/results/paper_preset"
 
 
 def test_committed_paper_run_is_todays_paper_preset():
-    """docs/paper_preset was made with today's ``paper`` preset (bug: the preset changed and the
+    """docs/results/paper_preset was made with today's ``paper`` preset (bug: the preset changed and the
     committed numbers no longer describe it)."""
     cfg = json.loads((DOCS_RUN / "config.json").read_text())
     assert cfg["experiment"] == "exact-gn" and cfg["preset_name"] == "paper"
@@ -138,7 +138,7 @@ def test_committed_paper_run_is_todays_paper_preset():
 
 
 def test_committed_paper_run_rebuilds_its_report_from_logs_alone(tmp_path):
-    """``gnrev report`` rebuilds docs/paper_preset's report from its JSON logs (no checkpoints
+    """``gnrev report`` rebuilds docs/results/paper_preset's report from its JSON logs (no checkpoints
     are committed) and marks each run's status as the committed report does."""
     out = tmp_path / "paper"
     shutil.copytree(DOCS_RUN, out)

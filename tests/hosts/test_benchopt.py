@@ -1,6 +1,6 @@
 """benchopt runner: the shipped benchmark runs for real (``benchopt run``, ``benchopt test``), the
 solver classes do what they claim, and GN joins a foreign benchmark through ``-s PATH``.
-(The files and CLI checks that need no benchopt are in ``test_runner_benchopt_files.py``.)"""
+(The files and CLI checks that need no benchopt are in ``test_benchopt_files.py``.)"""
 
 from __future__ import annotations
 

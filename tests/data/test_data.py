@@ -204,7 +204,7 @@ def test_unknown_dataset():
 
 
 def test_mnist_dir_env_override(monkeypatch, tmp_path):
-    default = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
+    default = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "mnist"
     monkeypatch.delenv(MNIST_ENV, raising=False)
     assert mnist_dir() == default
     monkeypatch.setenv(MNIST_ENV, str(tmp_path))
@@ -230,7 +230,7 @@ def test_expected_failure():
 def test_ci_turns_a_missing_data_skip_into_a_failure(pytester, monkeypatch, ci):
     """Runs the real tests/conftest.py on a probe module (bug it catches: a host or data set
     missing under CI skips silently)."""
-    pytester.makeconftest((Path(__file__).parent / "conftest.py").read_text())
+    pytester.makeconftest((Path(__file__).parents[1] / "conftest.py").read_text())
     pytester.makepyfile(CI_SKIP_PROBE)
     if ci:
         monkeypatch.setenv("CI", "true")

@@ -54,7 +54,7 @@ TOL = 1e-10
 F64 = torch.float64
 FULL = [cls.__name__ for cls in quantities_cls_for_configuration("full")]
 TWO_STEP = {"Alpha", "UpdateSize"}  # reported at t once iteration t + 1 has run
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "hosts" / "cockpit.md"
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "hosts" / "cockpit.md"
 
 
 @pytest.fixture(autouse=True)
