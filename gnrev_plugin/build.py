@@ -37,16 +37,12 @@ import torch
 from torch import nn
 
 from .defaults import RUN_DEFAULTS
+from .optim.targets import LOSSES
 from .registry import PluginError, Registry, get_registry
 
 __all__ = ["RunSpec", "Built", "LOSSES", "build", "build_model", "build_optimizer", "build_loss",
            "loss_targets", "build_run_metrics", "evaluate_run_metrics", "load_data",
            "parse_options", "short_name", "resolve_device"]
-
-#: Losses a run may use: mean cross-entropy on class indices, or mean squared error on one-hot
-#: targets ``‖F − Y‖² / (nC)`` (``nn.MSELoss()``).
-LOSSES = ("cross_entropy", "mse")
-
 
 def _registry(registry: Registry | None) -> Registry:
     return registry if registry is not None else get_registry()

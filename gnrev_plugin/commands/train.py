@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from gnrev_plugin.defaults import RUN_DEFAULTS
+from gnrev_plugin.optim.targets import LOSSES
 
 NAME = "train"
 HELP = ("train a registered model with a registered optimizer (exact GN by default) and log "
@@ -46,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metric", action="append", default=[], metavar="NAME",
                    help="registered run metric logged every epoch on the probe batch; "
                         "repeatable")
-    p.add_argument("--loss", default=d["loss"], choices=("cross_entropy", "mse"))
+    p.add_argument("--loss", default=d["loss"], choices=LOSSES)
     p.add_argument("--data", default=d["dataset"].removeprefix("gnrev."), metavar="NAME",
                    help="registered dataset (default mnist: the real split in "
                         "../shared/data/mnist, no download)")

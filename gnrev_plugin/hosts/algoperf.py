@@ -54,6 +54,7 @@ import torch
 from torch import nn
 
 from gnrev_plugin.build import build_optimizer
+from gnrev_plugin.optim.distributed import unwrap_model
 from gnrev_plugin.registry import Registry, get_registry
 
 __all__ = [
@@ -179,14 +180,6 @@ def loss_kind(loss_type: Any) -> str:
         return "mse"
     raise ValueError(f"exact Gauss-Newton supports softmax cross-entropy and MSE losses, not "
                      f"{name}")
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The network inside ``DistributedDataParallel`` / ``DataParallel`` (any module exposing
-    another as ``.module``), unwrapped repeatedly; ``model`` itself otherwise."""
-    while isinstance(getattr(model, "module", None), nn.Module):
-        model = model.module
-    return model
 
 
 def _hp(hyperparameters: Any, name: str, default: Any = None) -> Any:

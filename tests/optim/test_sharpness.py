@@ -1,7 +1,7 @@
 """The sharpness regularisers (gnrev.sam, .psam, .weight_noise, .hessian_trace_penalty,
 .gn_trace_penalty) against dense float64 oracles.
 
-The oracles share no code with :mod:`gnrev_plugin.optim.sharpness`: the MLP is re-implemented on a
+The oracles share no code with :mod:`gnrev_plugin.optim.regularizers`: the MLP is re-implemented on a
 flat parameter vector with explicit matrices and closed-form activations (and, for the NME
 ablation, closed-form tangent lines frozen at the pre-activations of ``θ``), the losses are written
 out (``logsumexp(z) − z_y``, ``mean (z − Y)²``), and every derivative comes from ``torch.func``

@@ -1,6 +1,6 @@
 """Behaviour of the solvers that no other test pinned down (mutation survivors of issue #12).
 
-Each test fails on one or more named mutmut 3 mutants of ``optim/solvers.py`` or
+Each test fails on one or more named mutmut 3 mutants of ``optim/solvers/`` or
 ``optim/right_inverse.py`` (docs/testing.md, "Mutation testing"); every kill was checked by
 applying the mutant by hand to a scratch copy of the package.
 
