@@ -12,7 +12,8 @@ from typing import Any
 
 from ..optim import regularizers
 from ..optim.regularizers.base_optimizer import BaseFactory
-from .registry import Registry, get_registry
+from .discovery import get_registry
+from .registry import Registry
 
 __all__ = ["registry_base", "SAM", "PSAM", "WeightNoise", "HessianTracePenalty",
            "GNTracePenalty"]
