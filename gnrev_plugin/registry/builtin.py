@@ -13,7 +13,7 @@ Registered names (see ``gnrev list``):
   (:class:`~gnrev_plugin.optim.DenseGN`), both needing the model and the loss, and the
   baselines ``gnrev.sgd``/``gnrev.adam`` (``torch.optim``), and the sharpness regularisers
   ``gnrev.sam``, ``gnrev.psam``, ``gnrev.weight_noise``, ``gnrev.hessian_trace_penalty``,
-  ``gnrev.gn_trace_penalty`` (:mod:`gnrev_plugin.optim.sharpness`, wrapping a base optimizer);
+  ``gnrev.gn_trace_penalty`` (:mod:`gnrev_plugin.optim.regularizers`, wrapping a base optimizer);
   the Gauss-Newton pair is tagged ``gauss_newton``, ``batch_step``, ``distributed``, the
   sharpness family ``sharpness``, ``batch_step``;
 * run metrics (logged every epoch, :mod:`gnrev_plugin.metrics.run_metrics`):

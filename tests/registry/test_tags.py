@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from gnrev_plugin.build import RunSpec, load_data
-from gnrev_plugin.experiments import leaderboard as lb
-from gnrev_plugin.experiments import rundir, training
+from gnrev_plugin import engine
+from gnrev_plugin.engine import rundir
+from gnrev_plugin.hosts import leaderboard as lb
 from gnrev_plugin.hosts import algoperf as ap
 from gnrev_plugin.registry import (
     TAGS,
@@ -119,7 +120,7 @@ def _shared_batch_run(tmp_path, monkeypatch, optimizer, reg):
                                            teacher_hidden=8, seed=0), input_multiple=2)
     spec = RunSpec(model="mlp", model_kwargs=dict(hidden=[4]), optimizer=optimizer,
                    dataset="teacher_student", metrics=[], epochs=1, batch_size=8, probe_size=4)
-    training.train_run(spec, ds, rundir.RunDir(tmp_path / optimizer), progress=False, registry=reg)
+    engine.train_run(spec, ds, rundir.RunDir(tmp_path / optimizer), progress=False, registry=reg)
 
 
 def test_distributed_guard_reads_the_tag(tmp_path, monkeypatch):
