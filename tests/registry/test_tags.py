@@ -15,11 +15,11 @@ import types
 import pytest
 import torch
 
-from gnrev_plugin.build import RunSpec, load_data
 from gnrev_plugin import engine
+from gnrev_plugin.build import RunSpec, load_data
 from gnrev_plugin.engine import rundir
-from gnrev_plugin.hosts import leaderboard as lb
 from gnrev_plugin.hosts import algoperf as ap
+from gnrev_plugin.hosts import leaderboard as lb
 from gnrev_plugin.registry import (
     TAGS,
     PluginError,
