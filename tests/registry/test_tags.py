@@ -9,7 +9,6 @@ working with none.
 
 from __future__ import annotations
 
-import inspect
 import types
 
 import pytest
@@ -18,8 +17,10 @@ import torch
 from gnrev_plugin import engine
 from gnrev_plugin.build import RunSpec, load_data
 from gnrev_plugin.engine import rundir
+from gnrev_plugin.engine import runner as engine_runner
 from gnrev_plugin.hosts import algoperf as ap
 from gnrev_plugin.hosts import leaderboard as lb
+from gnrev_plugin.optim.protocols import CAPABILITIES, capabilities_of
 from gnrev_plugin.registry import (
     TAGS,
     PluginError,
@@ -69,11 +70,11 @@ def test_builtin_tags():
 
 @pytest.mark.parametrize("name", sorted(GN | SHARPNESS | {"gnrev.sgd", "gnrev.adam"}))
 def test_builtin_tags_match_the_classes(name):
-    """The declared capability is what the class implements (data agrees with code)."""
+    """The entry's tags (data, read without importing the optimizer) agree with the capabilities
+    the class declares (:mod:`gnrev_plugin.optim.protocols`) and with what it implements."""
     e = get_registry().entry("optimizer", name)
-    cls = e.resolve()
-    assert ("batch_step" in e.tags) == callable(getattr(cls, "step_on_batch", None))
-    assert ("distributed" in e.tags) == ("process_group" in inspect.signature(cls).parameters)
+    target = e.resolve()
+    assert set(e.tags) & CAPABILITIES == capabilities_of(target)
 
 
 def test_plugin_tags_old_and_new_registrations():
@@ -110,12 +111,12 @@ class _Passed(Exception):
 
 
 def _shared_batch_run(tmp_path, monkeypatch, optimizer, reg):
-    monkeypatch.setattr(training, "rank_and_world", lambda: (0, 2))
+    monkeypatch.setattr(engine_runner, "rank_and_world", lambda: (0, 2))
 
     def passed(*_):
         raise _Passed
 
-    monkeypatch.setattr(training, "check_batching", passed)
+    monkeypatch.setattr(engine_runner, "check_batching", passed)
     ds = load_data("teacher_student", dict(n_train=16, n_test=8, in_features=4, num_classes=3,
                                            teacher_hidden=8, seed=0), input_multiple=2)
     spec = RunSpec(model="mlp", model_kwargs=dict(hidden=[4]), optimizer=optimizer,
