@@ -28,7 +28,7 @@ HELP = ("train a registered model with a registered optimizer (exact GN by defau
 
 
 def _names(kind: str) -> str:
-    from gnrev_plugin.plugins import get_registry
+    from gnrev_plugin.registry import get_registry
 
     return ", ".join(get_registry().names(kind))
 
@@ -77,7 +77,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gnrev_plugin.plugins import PluginError
+    from gnrev_plugin.registry import PluginError
 
     try:
         if getattr(args, "nproc", 1) != 1:
@@ -107,7 +107,7 @@ def _launch(args: argparse.Namespace) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     from gnrev_plugin.engine.launch import backend_for, check_batching, launch
-    from gnrev_plugin.plugins import get_registry
+    from gnrev_plugin.registry import get_registry
 
     try:
         check_batching(args.batch_size, args.batch_size, args.nproc)
@@ -189,7 +189,7 @@ def _run(args: argparse.Namespace) -> int:
     from gnrev_plugin.build import load_data, short_name
     from gnrev_plugin.engine import BatchLossChange, EpochEnd, RunDir, WallTime, train_run
     from gnrev_plugin.engine.launch import rank_and_world
-    from gnrev_plugin.plugins import get_registry
+    from gnrev_plugin.registry import get_registry
 
     if args.threads:
         torch.set_num_threads(args.threads)

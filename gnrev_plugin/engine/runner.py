@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from gnrev_plugin import data as gdata
 from gnrev_plugin.build import RunSpec, build, loss_targets, short_name
 from gnrev_plugin.optim.distributed import mean_over_ranks
-from gnrev_plugin.plugins import Registry
+from gnrev_plugin.registry import Registry, get_registry
 
 from .checkpoint import restore_checkpoint, save_checkpoint
 from .launch import check_batching, join_launcher_group, rank_and_world
@@ -48,7 +48,7 @@ def _state(spec: RunSpec, dataset: gdata.Dataset, run: RunDir, registry: Registr
         state.x_test, state.y_test = dataset.x_test.to(dev, dtype), dataset.y_test.to(dev)
         state.t_test = loss_targets(spec.loss, state.y_test, C, dtype)
     if world > 1:
-        if not hasattr(state.optimizer, "process_group"):
+        if "distributed" not in (registry or get_registry()).optimizer_tags(spec.optimizer):
             raise ValueError(f"{spec.optimizer} cannot step on a batch shared by {world} "
                              "processes; --nproc > 1 needs a Gauss-Newton optimizer "
                              "(gnrev.exact_gn, gnrev.dense_gn)")

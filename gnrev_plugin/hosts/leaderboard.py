@@ -49,6 +49,7 @@ from tabulate import tabulate
 from gnrev_plugin.engine.rundir import read_runs
 from gnrev_plugin.hosts.benchopt.results import read_benchopt
 from gnrev_plugin.hosts.deepobs.results import read_deepobs  # re-exported; reader beside writer
+from gnrev_plugin.registry import Registry, get_registry
 from gnrev_plugin.results import Curve, Point, finite_or_none
 
 __all__ = [
@@ -92,10 +93,31 @@ def load_results(paths: Iterable[str | Path]) -> list[Curve]:
 
 
 # ---------------------------------------------------------------------------------- summary
-def is_gn_optimizer(name: str) -> bool:
-    """Whether an optimizer name denotes Gauss-Newton (``ExactGN``, ``DenseGN``, ``exact_gn``,
-    ``gauss-newton``, ...)."""
-    return bool(re.search(r"(^|[^a-z])(exact|dense)?[-_ ]?gn([^a-z]|$)|gauss", name.lower()))
+def is_gn_optimizer(name: str, registry: Registry | None = None) -> bool:
+    """Whether a result's optimizer is a Gauss-Newton method, read from the registry's tags.
+
+    The result name (``ExactGN[lr=0.2]``, ``exact_gn``, ``gnrev.dense_gn``, ``DenseGN``) is
+    matched, parameters in brackets dropped and compared case- and punctuation-blind, to a
+    registered optimizer's name, its name without ``gnrev.``, or its factory's class name; the
+    optimizer is Gauss-Newton when that entry declares the ``"gauss_newton"`` tag. A name equal
+    to the tag itself (``gauss-newton``) also counts.
+
+    Args:
+        name: the optimizer name a result file records.
+        registry: the registry to read (default: the installed plugins').
+
+    Returns:
+        ``True`` for a Gauss-Newton optimizer, ``False`` for any other or an unknown name.
+    """
+    reg = registry if registry is not None else get_registry()
+    key = _norm(name.split("[", 1)[0])
+    if key == _norm("gauss_newton"):
+        return True
+    for e in reg.list("optimizer"):
+        aliases = (e.name, e.name.removeprefix("gnrev."), e.target.rsplit(":", 1)[-1].split("(")[0])
+        if key in {_norm(a) for a in aliases}:
+            return "gauss_newton" in e.tags
+    return False
 
 
 def _mean(values: Sequence[float | None]) -> float | None:

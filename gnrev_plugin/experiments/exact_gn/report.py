@@ -110,7 +110,7 @@ def _table(groups, setting, expected: dict | None = None) -> tuple[str, dict]:
     return tabulate(rows, headers=headers, tablefmt="github"), summary
 
 
-def _compare(summary: dict, key: str, lower_is_better: bool = True) -> str:
+def _compare(summary: dict, key: str) -> str:
     parts = []
     for opt, s in summary.items():
         m, sd, n = s[key]

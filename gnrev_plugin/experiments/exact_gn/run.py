@@ -48,7 +48,7 @@ from gnrev_plugin.build import RunSpec, load_data, short_name
 from gnrev_plugin.engine import BatchLossChange, Callback, Diagnostics, EpochEnd, WallTime, train_run
 from gnrev_plugin.engine.rundir import RunDir, append_jsonl
 from gnrev_plugin.engine.sweep import Job, run_jobs
-from gnrev_plugin.plugins import get_registry
+from gnrev_plugin.registry import get_registry
 
 from ..diagnostics import RevMLPDiagnostics
 from ..presets import get_preset

@@ -39,7 +39,7 @@ from gnrev_plugin.build import RunSpec, short_name
 from gnrev_plugin.engine import BatchLossChange, Callback, Diagnostics, WallTime, train_run
 from gnrev_plugin.engine.rundir import RunDir
 from gnrev_plugin.engine.sweep import Job, run_jobs
-from gnrev_plugin.plugins import get_registry
+from gnrev_plugin.registry import get_registry
 
 from ..diagnostics import RevMLPDiagnostics
 from ..exact_gn import reference_lr

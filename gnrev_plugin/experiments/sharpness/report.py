@@ -245,7 +245,7 @@ def _figures(out: Path, R: _Runs, p: dict, ds: str) -> list[Path]:
     return figs
 
 
-def _claims(R: _Runs, p: dict, ds: str) -> list[str]:
+def _claims(R: _Runs, p: dict) -> list[str]:
     lines = []
     rho = p["rhos"][-1]
     smooth = [a for a in p["activations"] if a != "relu"]
@@ -342,7 +342,7 @@ def build_sharpness_report(out: Path, cfg: dict) -> Path:
         figs += ds_figs
         secs.append(f"## {ds}\n\n{(cfg.get('data_describe') or {}).get(ds, '')}\n\n"
                     + _accuracy_tables(R, p) + "\n### The paper's claims at this scale\n\n"
-                    + "\n".join(_claims(R, p, ds)) + "\n\n"
+                    + "\n".join(_claims(R, p)) + "\n\n"
                     + "\n".join(f"![{f.stem}](figures/{f.name})" for f in ds_figs) + "\n")
     text = (
         "# Sharpness regularisers and the NME (reproduction of Dauphin, Agarwala & Mobahi)\n\n"
