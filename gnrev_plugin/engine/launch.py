@@ -8,6 +8,12 @@ from the registry with the same seed and walks the same batch order; each step, 
 the contiguous shard ``r`` of the global batch (:func:`local_rows`), and the Gauss-Newton
 optimizers step on the union of the shards (:mod:`gnrev_plugin.optim.distributed`), i.e. on the
 global batch, exactly as one process would. Only rank 0 writes the run directory and prints.
+
+Under ``torchrun`` (one or several machines) or any ``env://`` launcher, :func:`launcher_env`
+reads the process's place from ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` and
+:func:`join_launcher_group` joins the launcher's group (``MASTER_ADDR``/``MASTER_PORT``), which
+``gnrev train`` and :func:`~gnrev_plugin.engine.train_run` do by themselves (recipe:
+``docs/distributed.md``).
 """
 
 from __future__ import annotations

@@ -74,6 +74,11 @@ def train_run(
 ) -> dict:
     """Train per ``spec`` on ``dataset`` into ``run``; on ``resume`` continue exactly.
 
+    Started by ``torchrun`` (``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT`` set), it
+    first joins the launcher's process group
+    (:func:`~gnrev_plugin.engine.launch.join_launcher_group`) and then trains on this rank's
+    shard of every batch.
+
     Args:
         spec: the run (resolved through the registry here).
         dataset: the training and test data (``x_test=None``: no test set, no ``test_*`` fields).

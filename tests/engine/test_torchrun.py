@@ -30,7 +30,7 @@ from gnrev_plugin.engine.rundir import read_jsonl
 TRAIN = ["train", "--data", "teacher_student", "--data-opt", "n_train=96", "--data-opt",
          "n_test=64", "--data-opt", "in_features=16", "--epochs", "2", "--batch-size", "32",
          "--model-opt", "hidden=48", "--no-progress"]
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _free_port() -> int:
