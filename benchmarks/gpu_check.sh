@@ -13,13 +13,13 @@
 # What it assumes (the GPU machine reaches no network):
 #   * python: $PYTHON if set, else the repository's .venv/bin/python if present, else python3;
 #     torch (with CUDA for a real run), pytest and tabulate importable by it;
-#   * the package: importable as is, else installed with `pip install --no-deps
-#     --no-build-isolation -e .` (offline, no dependency resolution), else used from the source
-#     tree through PYTHONPATH (which is also what the tests do);
+#   * the package: used from this source tree (PYTHONPATH); if its registry entry points are
+#     not installed (or stale), it runs `pip install --no-deps --no-build-isolation -e .`
+#     (offline, no dependency resolution; needs setuptools in the venv);
 #   * `timeout` (coreutils). Each part has its own time limit (TESTS_S, BENCH_S, TRAIN_S
-#     seconds, defaults 240/150/60); a part that fails or times out is reported as such in the
-#     table and the others still run. Exit status: 0 if every part passed, 1 otherwise, 2 if
-#     no usable python/torch/CUDA was found.
+#     seconds, defaults 240/150/90: at most 8 minutes in all); a part that fails or times
+#     out is reported as such in the table and the others still run. Exit status: 0 if every
+#     part passed, 1 otherwise, 2 if no usable python/torch/CUDA was found.
 set -u
 cd "$(dirname "$0")/.." || exit 2
 ROOT=$PWD
@@ -27,7 +27,7 @@ DEVICE=${DEVICE:-cuda}
 if [[ "${1:-}" == "--dry-run" ]]; then DEVICE=cpu; fi
 TESTS_S=${TESTS_S:-240}
 BENCH_S=${BENCH_S:-150}
-TRAIN_S=${TRAIN_S:-60}
+TRAIN_S=${TRAIN_S:-90}
 if [[ "$DEVICE" == cpu ]]; then          # dry run: tiny sizes, same code paths
     SIZE=${SIZE:-64,16,32}; ROUNDS=${ROUNDS:-2}; TRAIN_SIZE=256; HIDDEN=32; IN_FEATURES=16; BATCH=32
 else
@@ -48,11 +48,14 @@ if [[ "$DEVICE" != cpu ]] && ! "$PY" -c "import torch, sys; sys.exit(not torch.c
     exit 2
 fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
-if ! "$PY" -c "import gnrev_plugin" 2>/dev/null; then
-    "$PY" -m pip install --no-deps --no-build-isolation -q -e "$ROOT" >/dev/null 2>&1 \
-        || echo "gpu_check: pip install failed; using the source tree via PYTHONPATH" >&2
-fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+# the registry finds the built-in plugin through the installed entry points: (re)install the
+# package from this tree, offline, when it is missing or its metadata is stale
+REGISTRY_OK='from gnrev_plugin.registry import get_registry; get_registry().entry("model", "gnrev.revmlp")'
+if ! "$PY" -W ignore -c "$REGISTRY_OK" >/dev/null 2>&1; then
+    "$PY" -m pip install --no-deps --no-build-isolation -q -e "$ROOT" >/dev/null 2>&1 \
+        || echo "gpu_check: pip install -e failed (no setuptools?); the registry may be empty" >&2
+fi
 OUT=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
 STATUS=0
 T0=$SECONDS
