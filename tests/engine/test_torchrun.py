@@ -92,7 +92,7 @@ API_SCRIPT = textwrap.dedent("""
     import sys
     from gnrev_plugin.build import RunSpec, load_data
     from gnrev_plugin.engine import RunDir, train_run
-    from gnrev_plugin.plugins import get_registry
+    from gnrev_plugin.registry import get_registry
 
     reg = get_registry()
     spec = RunSpec(model="gnrev.revmlp", model_kwargs={"hidden": 48},
@@ -112,7 +112,8 @@ def test_python_api_on_two_torchrun_nodes_equals_one_process(tmp_path):
     script = tmp_path / "api_run.py"
     script.write_text(API_SCRIPT)
     subprocess.run([sys.executable, str(script), str(tmp_path / "one")], check=True, cwd=ROOT,
-                   env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT})
+                   env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+                       filter(None, [ROOT, os.environ.get("PYTHONPATH")]))})
     _two_nodes([str(script), str(tmp_path / "two")])
     assert [(tmp_path / f"two.rank{r}").read_text() for r in (0, 1)] == ["2", "2"]
     _same_log(read_jsonl(tmp_path / "one" / "log.jsonl"),
