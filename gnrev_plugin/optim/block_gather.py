@@ -1,4 +1,6 @@
-"""Gather a RevMLP's per-block features on the root rank for the distributed ExactGN step."""
+"""Gather a RevMLP's per-block features on the root rank for the distributed ExactGN step
+(``solver="svd"``, which factors ``A`` itself; the other solvers are row-split:
+:mod:`gnrev_plugin.optim.distributed_solve`)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from ..nn.revmlp import RevMLP
 from . import distributed as gdist
 from .block_systems import LinearBlockActivations, is_linear_block, linear_block_forward
 
-__all__ = ["gather_block_rows"]
+__all__ = ["gather_block_rows", "solve_on_root"]
 
 
 def gather_block_rows(comm: gdist.Comm, model: RevMLP, acts, eps: torch.Tensor, x: torch.Tensor):
@@ -46,3 +48,30 @@ def gather_block_rows(comm: gdist.Comm, model: RevMLP, acts, eps: torch.Tensor, 
             out.append(BlockActivations(*got[i:i + 4]))
             i += 4
     return out, got[i], got[i + 1]
+
+
+def solve_on_root(comm: gdist.Comm, solve, like: list[torch.Tensor], model: RevMLP, acts,
+                  eps: torch.Tensor, x: torch.Tensor) -> tuple[dict, list[torch.Tensor]]:
+    """Gather the rows on the root, which runs ``solve(model, acts, eps, inputs) -> (report,
+    deltas)`` on the global batch and broadcasts the report (or its exception, raised on every
+    rank) and the update.
+
+    Args:
+        comm: the process group's communicator (after ``agree``).
+        solve: the single-process solve.
+        like: tensors shaped like the update (the participating parameters, in order).
+        model, acts, eps, x: as for :func:`gather_block_rows`.
+
+    Returns:
+        ``(report, deltas)`` on every rank, the same.
+    """
+    gathered = gather_block_rows(comm, model, acts, eps, x)
+    outcome = flat = None
+    if comm.is_root:
+        try:
+            outcome, deltas = solve(model, *gathered)
+            flat = gdist.flatten(deltas)
+        except Exception as e:  # noqa: BLE001 - re-raised on every rank
+            outcome = e
+    report, flat = comm.broadcast_result(outcome, flat)
+    return report, gdist.unflatten(flat, like)

@@ -58,7 +58,7 @@ import torch
 
 from ..nn.revmlp import RevMLP, find_revmlp_owning
 from . import distributed as gdist
-from .block_gather import gather_block_rows
+from .block_gather import solve_on_root
 from .capture import OutputCapture, autocast_disabled
 from .common import (
     apply_update,
@@ -355,26 +355,12 @@ class ExactGN(torch.optim.Optimizer):
         acts, eps, x, loss = prepared
         model = self._shadow.current(self.model, x)
         if self.param_groups[0]["solver"] == "svd":          # factors A itself: on the root
-            self._finish(*self._solve_on_root(comm, model, acts, eps, x))
+            like = [p for idx in self.blocks for p in self.model.blocks[idx].parameters()]
+            self._finish(*solve_on_root(comm, self._solve, like, model, acts, eps, x))
         else:                                                # every rank its rows
             self._finish(*self._solve(model, acts, eps, x, comm))
         return None if loss is None else torch.as_tensor(total / n, dtype=loss.dtype,
                                                          device=loss.device)
-
-    def _solve_on_root(self, comm: gdist.Comm, model: RevMLP, acts, eps, x
-                       ) -> tuple[dict, list[torch.Tensor]]:
-        """The rows gathered on the root, which solves and broadcasts (``solver="svd"``)."""
-        gathered = gather_block_rows(comm, model, acts, eps, x)
-        outcome = flat = None
-        if comm.is_root:
-            try:
-                outcome, deltas = self._solve(model, *gathered)
-                flat = gdist.flatten(deltas)
-            except Exception as e:  # noqa: BLE001 - re-raised on every rank
-                outcome = e
-        report, flat = comm.broadcast_result(outcome, flat)
-        like = [p for idx in self.blocks for p in self.model.blocks[idx].parameters()]
-        return report, gdist.unflatten(flat, like)
 
     def _solve(self, model: RevMLP, acts, eps: torch.Tensor, inputs: torch.Tensor | None,
                comm: gdist.Comm | None = None) -> tuple[dict, list[torch.Tensor]]:
