@@ -28,7 +28,8 @@ if [[ "${1:-}" == "--dry-run" ]]; then DEVICE=cpu; fi
 TESTS_S=${TESTS_S:-240}
 BENCH_S=${BENCH_S:-150}
 TRAIN_S=${TRAIN_S:-90}
-if [[ "$DEVICE" == cpu ]]; then          # dry run: tiny sizes, same code paths
+if [[ "$DEVICE" == cpu ]]; then          # dry run: tiny sizes, same code paths, and limits
+    TESTS_S=${TESTS_S_DRY:-600}; BENCH_S=${BENCH_S_DRY:-300}; TRAIN_S=${TRAIN_S_DRY:-300}
     SIZE=${SIZE:-64,16,32}; ROUNDS=${ROUNDS:-2}; TRAIN_SIZE=256; HIDDEN=32; IN_FEATURES=16; BATCH=32
 else
     SIZE=${SIZE:-1024,784,8000}; ROUNDS=${ROUNDS:-5}; TRAIN_SIZE=4096; HIDDEN=1024; IN_FEATURES=784; BATCH=512
