@@ -10,7 +10,9 @@ Registered names (see ``gnrev list``):
   (:func:`~gnrev_plugin.nn.revmlp_preset_factory`, ``preset=`` a name of
   :data:`~gnrev_plugin.nn.PRESETS`), ``gnrev.mlp`` (:class:`~gnrev_plugin.nn.MLP`);
 * optimizers: ``gnrev.exact_gn`` (:class:`~gnrev_plugin.optim.ExactGN`), ``gnrev.dense_gn``
-  (:class:`~gnrev_plugin.optim.DenseGN`), both needing the model and the loss, and the
+  (:class:`~gnrev_plugin.optim.DenseGN`), ``gnrev.kfac`` (:class:`~gnrev_plugin.optim.KFAC`),
+  ``gnrev.hessian_free`` (:class:`~gnrev_plugin.optim.HessianFree`), all needing the
+  model and the loss, and the
   baselines ``gnrev.sgd``/``gnrev.adam`` (``torch.optim``), and the sharpness regularisers
   ``gnrev.sam``, ``gnrev.psam``, ``gnrev.weight_noise``, ``gnrev.hessian_trace_penalty``,
   ``gnrev.gn_trace_penalty`` (:mod:`gnrev_plugin.optim.sharpness`, wrapping a base optimizer);
@@ -43,6 +45,11 @@ OPTIMIZERS = {
                        "exact Gauss-Newton for RevMLP (per-block right inverse)", ("model", "loss")),
     "gnrev.dense_gn": ("gnrev_plugin.optim:DenseGN",
                        "dense-Jacobian (damped) Gauss-Newton for any nn.Module", ("model", "loss")),
+    "gnrev.kfac": ("gnrev_plugin.optim:KFAC",
+                   "KFAC: −η(A⊗G + λI)⁻¹∇L per layer (curvlinops KFAC)", ("model", "loss")),
+    "gnrev.hessian_free": ("gnrev_plugin.optim:HessianFree",
+                           "Hessian-free: truncated CG on (G + λI)δ = ∇L, LM damping (curvlinops GGN)",
+                           ("model", "loss")),
     "gnrev.sgd": ("torch.optim:SGD", "baseline: torch.optim.SGD", ()),
     "gnrev.adam": ("torch.optim:Adam", "baseline: torch.optim.Adam", ()),
     "gnrev.sam": ("gnrev_plugin.optim:SAM", "SAM: base step on ∇L(θ + ρĝ)", ("model", "loss")),

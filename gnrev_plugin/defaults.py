@@ -16,6 +16,15 @@ Choices, and why:
   a runner never crashes mid-run on a rank-deficient batch; the step takes the least-squares
   update, records ``last_step_exact = False`` and the runners log the fraction of exact steps.
   (The optimizer classes themselves default to ``"raise"`` for direct use.)
+* ``gnrev.kfac``: ``fisher_type="type-2"`` (exact GGN factors, deterministic); ``damping = 1e-2``
+  and ``lr = 0.3`` (a mini-batch step shorter than the full natural-gradient step ``η = 1``); the
+  factors (``C`` backward passes for ``C`` classes) are recomputed every ``update_interval = 10``
+  steps, so their cost is amortised as in Martens & Grosse (2015).
+* ``gnrev.hessian_free``: Martens (2010): ``lr = 1`` (the damping sets the step length), initial
+  ``λ = 1`` adapted by the Levenberg-Marquardt rule, CG warm-started from ``0.95`` times the previous
+  solution, capped at ``cg_max_iter = 20`` iterations (each one GGN-vector product ≈ two
+  forward-backward passes) with relative residual ``1e-4``; no preconditioner (the ``"martens"`` one
+  needs per-sample gradients, ``N × P`` memory).
 * ``gnrev.sgd``: the reference's ``lr = 0.1``; ``gnrev.adam``: torch's ``lr = 1e-3``.
 * sharpness regularisers (``gnrev.sam`` ... ``gnrev.gn_trace_penalty``): base ``gnrev.sgd`` with
   its ``lr = 0.1`` (a wrapper passes base options through to the shared param groups);
@@ -44,6 +53,9 @@ MODEL_DEFAULTS: dict[str, dict] = {
 OPTIMIZER_DEFAULTS: dict[str, dict] = {
     "gnrev.exact_gn": dict(lr=0.2, rank_policy=RANK_POLICY),
     "gnrev.dense_gn": dict(lr=0.2, rank_policy=RANK_POLICY),
+    "gnrev.kfac": dict(lr=0.3, damping=1e-2, update_interval=10, fisher_type="type-2"),
+    "gnrev.hessian_free": dict(lr=1.0, damping=1.0, cg_max_iter=20, cg_tol=1e-4,
+                               cg_warm_start=0.95, preconditioner="none"),
     "gnrev.sgd": dict(lr=0.1),
     "gnrev.adam": dict(lr=1e-3),
     "gnrev.sam": dict(rho=0.05, base="gnrev.sgd", lr=0.1, ablate_nme=False),
