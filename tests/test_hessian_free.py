@@ -8,6 +8,7 @@ step is the minimum-norm ``−η G⁺ g`` (``torch.linalg.pinv``), the damped on
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -165,3 +166,17 @@ def test_truncated_cg_solves_an_spd_system_to_machine_precision():
     torch.testing.assert_close(x, torch.linalg.solve(A, b), rtol=0, atol=1e-12)
     _, iterations = truncated_cg(A.__matmul__, b, torch.zeros_like(b), 62, 0.0, progress_tol=5e-4)
     assert 10 < iterations < 62
+
+
+@pytest.mark.cuda
+def test_hessian_free_step_on_cuda_equals_cpu():
+    """The same float64 step (and damping update) on CUDA and on the CPU (``rtol = 1e-7``)."""
+    model, x, y = _problem(12)
+    twin = copy.deepcopy(model).cuda()
+    a = HessianFree(model.parameters(), model=model, damping=0.3, cg_warm_start=0.0)
+    b = HessianFree(twin.parameters(), model=twin, damping=0.3, cg_warm_start=0.0)
+    a.step_on_batch(x, y)
+    b.step_on_batch(x.cuda(), y.cuda())
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(q.cpu(), p, rtol=1e-7, atol=1e-10)
+    assert a.param_groups[0]["damping"] == pytest.approx(b.param_groups[0]["damping"])

@@ -9,6 +9,8 @@ Tolerance: ``rtol = 1e-8`` in float64 (curvlinops inverts through eigendecomposi
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -158,3 +160,14 @@ def test_kfac_trains_an_mlp():
     opt = KFAC(model.parameters(), lr=0.5, model=model, loss="cross_entropy", damping=1e-2)
     losses = [float(opt.step_on_batch(x, y)) for _ in range(10)]
     assert losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.cuda
+def test_kfac_step_on_cuda_equals_cpu():
+    """The same float64 step on CUDA and on the CPU (``rtol = 1e-8``)."""
+    model, x, y = _problem("cross_entropy")
+    twin = copy.deepcopy(model).cuda()
+    KFAC(model.parameters(), lr=LR, model=model, damping=DAMPING).step_on_batch(x, y)
+    KFAC(twin.parameters(), lr=LR, model=twin, damping=DAMPING).step_on_batch(x.cuda(), y.cuda())
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(q.cpu(), p, rtol=1e-8, atol=1e-11)

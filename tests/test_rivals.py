@@ -132,3 +132,33 @@ def test_missing_package_is_reported_with_the_install_hint(monkeypatch):
             entry.resolve()
     with pytest.raises(PluginError, match="not installed"):
         reg.get_optimizer("pytorch_optimizer.adamw", _mlp().parameters())
+
+
+#: PSGD-Kron draws random probe vectors (``torch.randn`` on the parameter's device), so its CPU and
+#: CUDA runs differ by construction; it is checked to train on CUDA only
+RANDOMIZED = {"pytorch_optimizer.kron"}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", NAMES)
+def test_each_rival_steps_the_same_on_cuda(name):
+    """No compiler needed: float64 steps on CUDA train, and (deterministic rivals) match the CPU's
+    (``rtol = 1e-6``)."""
+    _needs_package()
+    (x, y), cpu = _data(), _mlp().double()
+    gpu = _mlp().double().cuda()
+    losses = {}
+    for model, dev in ((cpu, "cpu"), (gpu, "cuda")):
+        opt = rivals.build_rival(name, model.parameters(), model=model,
+                                 **({"lr": TEST_LR[name]} if name in TEST_LR else {}))
+        losses[dev] = []
+        for _ in range(30):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x.double().to(dev)), y.to(dev))
+            loss.backward()
+            opt.step()
+            losses[dev].append(float(loss))
+    assert losses["cuda"][-1] < 0.95 * losses["cuda"][0]
+    if name not in RANDOMIZED:
+        for p, q in zip(cpu.parameters(), gpu.parameters(), strict=True):
+            torch.testing.assert_close(q.cpu(), p, rtol=1e-6, atol=1e-9)
