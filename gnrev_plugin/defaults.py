@@ -16,10 +16,13 @@ Choices, and why:
   a runner never crashes mid-run on a rank-deficient batch; the step takes the least-squares
   update, records ``last_step_exact = False`` and the runners log the fraction of exact steps.
   (The optimizer classes themselves default to ``"raise"`` for direct use.)
-* ``gnrev.kfac``: ``fisher_type="type-2"`` (exact GGN factors, deterministic); ``damping = 1e-2``
-  and ``lr = 0.3`` (a mini-batch step shorter than the full natural-gradient step ``η = 1``); the
-  factors (``C`` backward passes for ``C`` classes) are recomputed every ``update_interval = 10``
-  steps, so their cost is amortised as in Martens & Grosse (2015).
+* ``gnrev.kfac``: ``fisher_type="type-2"`` (exact GGN factors, deterministic); ``lr = 0.3`` and
+  ``damping = 0.1``, factors recomputed at every step (``update_interval = 1``). Measured (RevMLP
+  M = 128 on 128 MNIST images, full batch; MLP on MNIST-1D, batches of 128): ``damping = 1e-2``
+  diverges within 15 steps on both, and so do factors reused for 3 or 10 steps on the RevMLP (its
+  curvature grows by orders of magnitude from the ``init_std = 1e-3`` start); ``(0.3, 0.1)`` with
+  fresh factors reaches loss 0.004 in 8 full-batch steps. The price: ``C`` backward passes per
+  step for ``C`` classes.
 * ``gnrev.hessian_free``: Martens (2010): ``lr = 1`` (the damping sets the step length), initial
   ``λ = 1`` adapted by the Levenberg-Marquardt rule, CG warm-started from ``0.95`` times the previous
   solution, capped at ``cg_max_iter = 20`` iterations (each one GGN-vector product ≈ two
@@ -59,7 +62,7 @@ MODEL_DEFAULTS: dict[str, dict] = {
 OPTIMIZER_DEFAULTS: dict[str, dict] = {
     "gnrev.exact_gn": dict(lr=0.2, rank_policy=RANK_POLICY),
     "gnrev.dense_gn": dict(lr=0.2, rank_policy=RANK_POLICY),
-    "gnrev.kfac": dict(lr=0.3, damping=1e-2, update_interval=10, fisher_type="type-2"),
+    "gnrev.kfac": dict(lr=0.3, damping=0.1, update_interval=1, fisher_type="type-2"),
     "gnrev.hessian_free": dict(lr=1.0, damping=1.0, cg_max_iter=20, cg_tol=1e-4,
                                cg_warm_start=0.95, preconditioner="none"),
     "gnrev.sgd": dict(lr=0.1),

@@ -45,7 +45,7 @@ DEFAULT_CONTESTANTS = list(CONTESTANTS)
 SEARCH_SPACES: dict[str, dict[str, tuple]] = {
     "gn": {"lr": ("log", 0.05, 1.0)},
     "hessian_free": {"lr": ("log", 0.3, 1.0), "damping": ("log", 1e-2, 10.0)},
-    "kfac": {"lr": ("log", 0.03, 1.0), "damping": ("log", 1e-3, 1.0)},
+    "kfac": {"lr": ("log", 0.03, 1.0), "damping": ("log", 1e-2, 1.0)},
     "shampoo": {"lr": ("log", 1e-3, 1e-1), "momentum": ("choice", [0.0, 0.9])},
     "soap": {"lr": ("log", 3e-4, 3e-2), "weight_decay": ("log", 1e-4, 1e-1)},
     "psgd": {"lr": ("log", 1e-4, 3e-2), "momentum": ("choice", [0.9, 0.95])},

@@ -116,8 +116,14 @@ def build_leaderboard_study_report(out: Path, cfg: dict) -> Path:
     scores = {name: profile_score({p: {c: v[f"{name}_time_s"] for c, v in row.items()}
                                    for p, row in scored.items()}, tau_max) for name in TARGETS}
     figs = [_plot_profiles(out, scored, tau_max), *_plot_curves(out, final)]
-    board = sorted(scores["val_acc"], key=lambda c: (-scores["val_acc"][c], -scores["train_loss"][c]))
-    board_rows = [[c, _fmt(scores["val_acc"][c]), _fmt(scores["train_loss"][c])] for c in board]
+    for name in TARGETS:     # a contestant with no finished final run solves no problem: B = 0
+        for c in cfg.get("contestants", []):
+            scores[name].setdefault(c, 0.0)
+    board = sorted(scores["val_acc"], key=lambda c: (-scores["val_acc"][c], -scores["train_loss"][c], c))
+    finished = {c for runs in final.values() for c in runs}
+    board_rows = [[c, _fmt(scores["val_acc"][c]), _fmt(scores["train_loss"][c]),
+                   "" if c in finished else "no final run (every tuning trial diverged or failed)"]
+                  for c in board]
     sel = [[r["problem"], r["contestant"], r["trial"], r["options"]] for r in read_selection(out)]
     missing = [[c, why] for c, why in cfg.get("missing_contestants", {}).items()]
     missing += [[p, why] for p, why in cfg.get("missing_problems", {}).items()]
@@ -136,7 +142,7 @@ performance profile (AlgoPerf).
 
 ## Leaderboard (performance-profile scores, 1 = fastest on every problem)
 
-{tabulate(board_rows, headers=["contestant", "B (val-acc target)", "B (train-loss target)"],
+{tabulate(board_rows, headers=["contestant", "B (val-acc target)", "B (train-loss target)", "note"],
           tablefmt="github")}
 
 ![performance profiles](figures/performance_profile.png)
