@@ -139,10 +139,11 @@ def _job(out: Path, kind: str, pname: str, contestant: str, tag: str, spec: RunS
 
 
 def _diverged(statuses: list[dict]) -> list[dict]:
-    """A run stopped by a non-finite loss is an outcome of tuning (it never reaches a target), not a
-    crash: its status becomes ``"diverged"`` (``sweep.jsonl`` keeps the error)."""
+    """A run stopped by a non-finite loss or update is an outcome of tuning (it never reaches a
+    target), not a crash: its status becomes ``"diverged"`` (``sweep.jsonl`` keeps the error)."""
     return [{**st, "status": "diverged"} if st["status"] == "failed"
-            and str(st["error"]).startswith("FloatingPointError") else st for st in statuses]
+            and str(st["error"]).startswith(("FloatingPointError", "NonFiniteError")) else st
+            for st in statuses]
 
 
 def _available(contestants: list[str], problems: dict) -> tuple[list[str], dict[str, str]]:
