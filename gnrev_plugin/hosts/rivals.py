@@ -28,7 +28,7 @@ Each entry's defaults live in :data:`gnrev_plugin.defaults.OPTIMIZER_DEFAULTS`; 
 entry takes are the package class's named keyword arguments (:func:`accepted_options`); an unknown
 option is an error here (the package's classes would swallow it through ``**kwargs``). When the
 package is missing, the entries are still registered, marked unavailable in their description,
-and building one raises :class:`~gnrev_plugin.plugins.PluginError` with the install hint.
+and building one raises :class:`~gnrev_plugin.registry.PluginError` with the install hint.
 """
 
 from __future__ import annotations
@@ -41,8 +41,7 @@ from collections.abc import Iterable
 from torch import nn
 
 from ..defaults import OPTIMIZER_DEFAULTS
-from ..hookspecs import hookimpl
-from ..plugins import LazyFactory, PluginError
+from ..registry import LazyFactory, PluginError, hookimpl
 
 __all__ = ["PACKAGE", "PINNED_VERSION", "INSTALL_HINT", "RIVALS", "available", "accepted_options",
            "build_rival", "muon_param_groups", "gnrev_register_optimizers"]

@@ -24,6 +24,7 @@ from torch import nn
 from ..nn.discovery import find_module_owning
 from .capture import OutputCapture, autocast_disabled, suspended
 from .common import check_finite
+from .protocols import BATCH_STEP
 from .targets import LOSSES, mean_loss
 
 __all__ = ["BatchCurvatureOptimizer", "loss_module"]
@@ -48,6 +49,10 @@ def loss_module(loss: str) -> nn.Module:
 class BatchCurvatureOptimizer(torch.optim.Optimizer):
     """A single-group optimizer whose step needs the batch: subclasses implement
     :meth:`_update(x, y, grads, loss)` and apply the update themselves."""
+
+    #: :mod:`gnrev_plugin.optim.protocols`: ``step_on_batch`` (no Gauss-Newton output-space system,
+    #: no process group)
+    capabilities = frozenset({BATCH_STEP})
 
     def __init__(self, params: Iterable, defaults: dict, model: nn.Module | None, loss: str) -> None:
         if loss not in LOSSES:

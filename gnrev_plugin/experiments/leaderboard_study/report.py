@@ -10,13 +10,14 @@ from pathlib import Path
 import numpy as np
 from tabulate import tabulate
 
+from gnrev_plugin.engine.rundir import RunDir, read_jsonl
+
 from ..plotting import new_figure, save
-from ..rundir import RunDir, read_jsonl
 from ..tables import failures_section, write_report
 from .run import PROBE_LOG, read_selection
 from .scoring import TARGETS, problem_targets, profile, profile_score, time_to_targets
 
-__all__ = ["build_leaderboard_study_report", "collect_final_runs"]
+__all__ = ["build_leaderboard_study_report", "collect_final_runs", "diverged_runs"]
 
 
 def collect_final_runs(out: Path) -> dict[str, dict[str, list[list[dict]]]]:
@@ -29,6 +30,17 @@ def collect_final_runs(out: Path) -> dict[str, dict[str, list[list[dict]]]]:
         problem, contestant = log.parent.parent.parent.name, log.parent.parent.name
         found.setdefault(problem, {}).setdefault(contestant, []).append(run.rows())
     return found
+
+
+def diverged_runs(out: Path) -> list[list[str]]:
+    """``[run, reason]`` of every tuning or final run that ended on a divergence
+    (:class:`~gnrev_plugin.engine.StopOnDivergence` records the reason in ``result.json``)."""
+    rows = []
+    for result in sorted(Path(out).glob("*/*/*/*/" + RunDir.RESULT)):
+        reason = (RunDir(result.parent).read_result() or {}).get("diverged")
+        if reason:
+            rows.append([str(result.parent.relative_to(out)), reason])
+    return rows
 
 
 def _fmt(v, digits: int = 3) -> str:
@@ -125,6 +137,7 @@ def build_leaderboard_study_report(out: Path, cfg: dict) -> Path:
                    "" if c in finished else "no final run (every tuning trial diverged or failed)"]
                   for c in board]
     sel = [[r["problem"], r["contestant"], r["trial"], r["options"]] for r in read_selection(out)]
+    diverged = diverged_runs(out)
     missing = [[c, why] for c, why in cfg.get("missing_contestants", {}).items()]
     missing += [[p, why] for p, why in cfg.get("missing_problems", {}).items()]
     text = f"""# Leaderboard study (preset `{cfg['preset_name']}`, device `{cfg['device']}`)
@@ -167,6 +180,13 @@ building the run and two steps (CPU: `VmHWM − VmRSS` after `/proc/self/clear_r
 ## Missing contestants and problems
 
 {tabulate(missing, headers=["name", "why"], tablefmt="github") if missing else "None."}
+
+## Diverged runs
+
+A run whose loss or update became non-finite stops there (its rows up to then count; it never wins
+a tuning selection).
+
+{tabulate(diverged, headers=["run", "why"], tablefmt="github") if diverged else "None."}
 
 ## Curves
 

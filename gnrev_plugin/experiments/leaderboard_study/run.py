@@ -3,9 +3,11 @@
 Per problem and contestant (:mod:`.presets`): ``trials`` tuning runs (trial 0: the registry's
 defaults; then seeded random draws from the contestant's search space), selected on the
 validation split, then one final run per seed of the selected configuration. Every run is a
-:class:`~gnrev_plugin.build.RunSpec` trained by :func:`~gnrev_plugin.experiments.training.train_run`
-(built through the registry), scheduled by :func:`~gnrev_plugin.experiments.sweep.run_jobs` (a
-crashing configuration never stops the others). Then :func:`probe_step_costs` measures, with the
+:class:`~gnrev_plugin.build.RunSpec` trained by :func:`~gnrev_plugin.engine.train_run` (built
+through the registry; a diverging run ends at its last finite row,
+:class:`~gnrev_plugin.engine.StopOnDivergence`, and counts as diverged), scheduled by
+:func:`~gnrev_plugin.engine.run_jobs` (a crashing configuration never stops the others).
+Then :func:`probe_step_costs` measures, with the
 selected configurations, the time of one :func:`~gnrev_plugin.stepping.train_step` (median of
 interleaved rounds over the contestants) and the memory (optimizer state bytes; the peak-RSS
 increase on CPU via ``/proc/self/clear_refs``, ``torch.cuda.max_memory_allocated`` on CUDA).
@@ -23,6 +25,7 @@ from __future__ import annotations
 import statistics
 import time
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -30,12 +33,12 @@ import torch
 
 from gnrev_plugin import data as gdata
 from gnrev_plugin.build import RunSpec, build, load_data, loss_targets
-from gnrev_plugin.plugins import get_registry
+from gnrev_plugin.engine import BatchLossChange, Callback, StopOnDivergence, WallTime, train_run
+from gnrev_plugin.engine.rundir import RunDir, append_jsonl, read_jsonl
+from gnrev_plugin.engine.sweep import Job, run_jobs
+from gnrev_plugin.registry import get_registry
 from gnrev_plugin.stepping import train_step
 
-from ..rundir import RunDir, append_jsonl, read_jsonl
-from ..sweep import Job, run_jobs
-from ..training import train_run
 from .presets import CONTESTANTS, MISSING_PROBLEMS, SEARCH_SPACES, get_leaderboard_preset
 
 __all__ = ["run_leaderboard_study", "load_problem_data", "optimizer_of", "sample_trials",
@@ -105,11 +108,12 @@ def sample_trials(contestant: str, problem_name: str, trials: int, seed: int) ->
 
 def select_trial(trial_dirs: list[Path]) -> int | None:
     """Index of the trial with the best final validation accuracy (ties: lower final train loss);
-    ``None`` when no trial finished with finite values."""
+    diverged trials never win; ``None`` when no trial finished without diverging."""
     best, best_key = None, None
     for k, path in enumerate(trial_dirs):
         rows = RunDir(path).rows() if RunDir(path).done else []
-        if not rows or rows[-1].get("test_acc") is None or rows[-1].get("train_loss") is None:
+        if (not rows or rows[-1].get("diverged") or rows[-1].get("test_acc") is None
+                or rows[-1].get("train_loss") is None):
             continue
         key = (-rows[-1]["test_acc"], rows[-1]["train_loss"])
         if best_key is None or key < best_key:
@@ -126,24 +130,18 @@ def _spec(problem: dict, optimizer: str, options: dict, seed: int, device: str, 
 
 
 def _job(out: Path, kind: str, pname: str, contestant: str, tag: str, spec: RunSpec,
-         ds: gdata.Dataset, resume: bool, progress: bool) -> Job:
+         ds: gdata.Dataset, resume: bool, progress: bool, callbacks: Sequence[Callback]) -> Job:
     path = out / kind / pname / contestant / tag
     setting = f"{pname} {kind}"
 
     def fn() -> None:
         run = RunDir(path)
-        train_run(spec, ds, run, resume=resume and run.read_config() is not None, progress=progress,
-                  desc=f"{pname}/{contestant}/{tag}",
-                  extra_config={"setting": setting, "problem": pname, "contestant": contestant})
+        own = [BatchLossChange(), StopOnDivergence(), WallTime()]
+        train_run(spec, ds, run, [*own, *callbacks], resume=resume and run.read_config() is not None,
+                  progress=progress, desc=f"{pname}/{contestant}/{tag}",
+                  extra_config={"setting": setting, "problem": pname, "contestant": contestant,
+                                "data_info": ds.info})
     return Job(f"{kind}/{pname}/{contestant}/{tag}", path, fn)
-
-
-def _diverged(statuses: list[dict]) -> list[dict]:
-    """A run stopped by a non-finite loss or update is an outcome of tuning (it never reaches a
-    target), not a crash: its status becomes ``"diverged"`` (``sweep.jsonl`` keeps the error)."""
-    return [{**st, "status": "diverged"} if st["status"] == "failed"
-            and str(st["error"]).startswith(("FloatingPointError", "NonFiniteError")) else st
-            for st in statuses]
 
 
 def _available(contestants: list[str], problems: dict) -> tuple[list[str], dict[str, str]]:
@@ -164,7 +162,7 @@ def _available(contestants: list[str], problems: dict) -> tuple[list[str], dict[
 
 def run_leaderboard_study(out: Path, preset_name: str = "smoke", data: str = "mnist",
                           data_dir: str | None = None, resume: bool = False, progress: bool = True,
-                          device: str = "cpu") -> list[dict]:
+                          device: str = "cpu", callbacks: Sequence[Callback] = ()) -> list[dict]:
     """Run the study of preset ``preset_name`` into ``out`` and write its report.
 
     Args:
@@ -175,6 +173,7 @@ def run_leaderboard_study(out: Path, preset_name: str = "smoke", data: str = "mn
         resume: continue an interrupted study.
         progress: show progress bars.
         device: torch device of every run.
+        callbacks: engine callbacks joining every run's own (after them).
 
     Returns:
         One status dict per run.
@@ -198,8 +197,9 @@ def run_leaderboard_study(out: Path, preset_name: str = "smoke", data: str = "mn
             for k, options in enumerate(trials):
                 spec = _spec(problem, optimizer_of(c, problem), options, preset["tuning_seed"], device,
                              len(ds.y_train))
-                jobs.append(_job(out, "tuning", pname, c, f"trial{k}", spec, ds, resume, progress))
-    statuses = _diverged(run_jobs(out, jobs, progress=progress, desc="leaderboard tuning"))
+                jobs.append(_job(out, "tuning", pname, c, f"trial{k}", spec, ds, resume, progress,
+                                 callbacks))
+    statuses = run_jobs(out, jobs, progress=progress, desc="leaderboard tuning")
     jobs, selected = [], {}
     for (pname, c), dirs in trial_dirs.items():
         k = select_trial(dirs)
@@ -211,8 +211,9 @@ def run_leaderboard_study(out: Path, preset_name: str = "smoke", data: str = "mn
         problem, ds = preset["problems"][pname], datasets[pname]
         for seed in preset["seeds"]:
             spec = _spec(problem, optimizer_of(c, problem), options, seed, device, len(ds.y_train))
-            jobs.append(_job(out, "final", pname, c, f"seed{seed}", spec, ds, resume, progress))
-    statuses += _diverged(run_jobs(out, jobs, progress=progress, desc="leaderboard final seeds"))
+            jobs.append(_job(out, "final", pname, c, f"seed{seed}", spec, ds, resume, progress,
+                                 callbacks))
+    statuses += run_jobs(out, jobs, progress=progress, desc="leaderboard final seeds")
     probe_step_costs(out, preset, datasets, selected, device)
     build_leaderboard_study_report(out, RunDir(out).read_config())
     return statuses
