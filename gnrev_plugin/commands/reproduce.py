@@ -8,8 +8,8 @@ from pathlib import Path
 
 NAME = "reproduce"
 HELP = ("reproduce the papers' findings: exact-gn (Buffelli et al.), conditioning (Zhao et al.), "
-        "nme and sharpness (Dauphin et al.), laziness (is exact GN lazy?); writes JSONL logs, "
-        "figures and report.md")
+        "nme and sharpness (Dauphin et al.), laziness (is exact GN lazy?); leaderboard (GN against "
+        "the field, AlgoPerf scoring); writes JSONL logs, figures and report.md")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

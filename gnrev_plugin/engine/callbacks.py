@@ -116,6 +116,9 @@ class BatchLossChange(Callback):
     def measure(self, state, epoch: int, row: dict) -> dict:
         if epoch == 0:
             return dict(batch_loss_change_pct=None, exact_frac=None, steps=0)
+        if not self.pcts:   # the epoch's first step diverged (StopOnDivergence): no finished step
+            return dict(batch_loss_change_pct=None, batch_loss_change_pct_first=None,
+                        exact_frac=None, steps=(epoch - 1) * state.steps_per_epoch)
         return dict(batch_loss_change_pct=sum(self.pcts) / len(self.pcts),
                     batch_loss_change_pct_first=self.pcts[0],
                     exact_frac=(sum(self.exacts) / len(self.exacts)) if self.exacts else None,

@@ -18,6 +18,7 @@ from gnrev_plugin.engine.rundir import RunDir
 from .conditioning import build_conditioning_report, run_conditioning
 from .exact_gn import build_exact_gn_report, run_exact_gn
 from .laziness import build_laziness_report, run_laziness
+from .leaderboard_study import build_leaderboard_study_report, run_leaderboard_study
 from .nme import build_nme_report, run_nme
 from .sharpness import build_sharpness_report, run_sharpness
 
@@ -49,6 +50,8 @@ EXPERIMENTS: dict[str, Experiment] = {
                    build_sharpness_report),
         Experiment("laziness", "Buffelli et al., NeurIPS 2024 (is exact GN lazy?)", run_laziness,
                    build_laziness_report),
+        Experiment("leaderboard", "GN against the field, scored as AlgoPerf", run_leaderboard_study,
+                   build_leaderboard_study_report),
     )
 }
 

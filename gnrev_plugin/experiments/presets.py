@@ -167,8 +167,9 @@ _ALL = {"exact-gn": EXACT_GN_PRESETS, "conditioning": CONDITIONING_PRESETS, "nme
         "sharpness": SHARPNESS_PRESETS, "laziness": LAZINESS_PRESETS}
 
 #: The experiments of ``gnrev reproduce`` (the keys of
-#: :data:`~gnrev_plugin.experiments.catalog.EXPERIMENTS`, which imports their code).
-EXPERIMENT_NAMES = tuple(_ALL)
+#: :data:`~gnrev_plugin.experiments.catalog.EXPERIMENTS`, which imports their code); the leaderboard
+#: study keeps its presets in :mod:`~gnrev_plugin.experiments.leaderboard_study.presets`.
+EXPERIMENT_NAMES = (*_ALL, "leaderboard")
 
 
 def get_preset(experiment: str, name: str) -> dict:

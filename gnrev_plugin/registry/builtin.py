@@ -10,12 +10,15 @@ Registered names (see ``gnrev list``):
   (:func:`~gnrev_plugin.nn.revmlp_preset_factory`, ``preset=`` a name of
   :data:`~gnrev_plugin.nn.PRESETS`), ``gnrev.mlp`` (:class:`~gnrev_plugin.nn.MLP`);
 * optimizers: ``gnrev.exact_gn`` (:class:`~gnrev_plugin.optim.ExactGN`), ``gnrev.dense_gn``
-  (:class:`~gnrev_plugin.optim.DenseGN`), both needing the model and the loss, and the
+  (:class:`~gnrev_plugin.optim.DenseGN`), ``gnrev.kfac`` (:class:`~gnrev_plugin.optim.KFAC`),
+  ``gnrev.hessian_free`` (:class:`~gnrev_plugin.optim.HessianFree`), all needing the
+  model and the loss, and the
   baselines ``gnrev.sgd``/``gnrev.adam`` (``torch.optim``), and the sharpness regularisers
   ``gnrev.sam``, ``gnrev.psam``, ``gnrev.weight_noise``, ``gnrev.hessian_trace_penalty``,
   ``gnrev.gn_trace_penalty`` (:mod:`gnrev_plugin.optim.regularizers`, wrapping a base optimizer);
-  the Gauss-Newton pair is tagged ``gauss_newton``, ``batch_step``, ``distributed``, the
-  sharpness family ``sharpness``, ``batch_step``;
+  the Gauss-Newton pair is tagged ``gauss_newton``, ``batch_step``, ``distributed``, KFAC and
+  Hessian-free ``batch_step`` (they solve no output-space system), the sharpness family
+  ``sharpness``, ``batch_step``;
 * run metrics (logged every epoch, :mod:`gnrev_plugin.metrics.run_metrics`):
   ``gnrev.ntk_similarity_to_init``, ``gnrev.cka_to_init``, ``gnrev.weight_cosine_to_init``,
   ``gnrev.weight_norm_ratio_to_init``, ``gnrev.gn_condition_number_on_batch``,
@@ -50,6 +53,12 @@ OPTIMIZERS = {
     "gnrev.dense_gn": ("gnrev_plugin.optim:DenseGN",
                        "dense-Jacobian (damped) Gauss-Newton for any nn.Module", ("model", "loss"),
                        _GN),
+    "gnrev.kfac": ("gnrev_plugin.optim:KFAC",
+                   "KFAC: −η(A⊗G + λI)⁻¹∇L per layer (curvlinops KFAC)", ("model", "loss"),
+                   ("batch_step",)),
+    "gnrev.hessian_free": ("gnrev_plugin.optim:HessianFree",
+                           "Hessian-free: truncated CG on (G + λI)δ = ∇L, LM damping (curvlinops GGN)",
+                           ("model", "loss"), ("batch_step",)),
     "gnrev.sgd": ("torch.optim:SGD", "baseline: torch.optim.SGD", (), ()),
     "gnrev.adam": ("torch.optim:Adam", "baseline: torch.optim.Adam", (), ()),
     "gnrev.sam": ("gnrev_plugin.registry.regularizer_entries:SAM", "SAM: base step on ∇L(θ + ρĝ)",

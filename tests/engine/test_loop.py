@@ -74,6 +74,20 @@ def test_stop_on_divergence_logs_a_last_row_and_stays_stopped_on_resume(tmp_path
     assert again["diverged"] == result["diverged"]
 
 
+def test_a_divergence_on_an_epochs_first_step_still_logs_its_row(tmp_path):
+    """``BatchLossChange`` with ``StopOnDivergence`` when the very first step of an epoch diverges
+    (bug: a division by the empty list of the epoch's loss changes)."""
+    from gnrev_plugin.engine import BatchLossChange
+
+    ds, spec = _problem(lr=1e200)
+    result = train_run(spec, ds, RunDir(tmp_path), [BatchLossChange(), StopOnDivergence()],
+                       progress=False)
+    rows = read_jsonl(tmp_path / "log.jsonl")
+    assert [(r["epoch"], r["diverged"]) for r in rows] == [(0, False), (1, True)]
+    assert rows[1]["batch_loss_change_pct"] is None and rows[1]["steps"] == 0
+    assert result["diverged"]
+
+
 def test_the_package_has_one_epoch_loop():
     """Every gnrev runner trains through :func:`gnrev_plugin.engine.loop.run_epochs` (bug: a
     private copy of the epoch loop in an experiment). The DeepOBS adapter's runner is DeepOBS's
