@@ -36,10 +36,23 @@ while the training step still runs the wrapper.
 ``{"optimizer": <the optimizer>, "submission": SubmissionState}``; the latter records the registry
 name and loss and refuses to restore a checkpoint of another optimizer.
 
+**Exactness log.** ``SubmissionState`` counts the updates and those the optimizer reported as
+exact (``last_step_exact``; it survives checkpoints), and every ``log_every`` updates
+:func:`update_params` appends ``gnrev/steps``, ``gnrev/exact_steps``, ``gnrev/last_step_exact``
+and ``gnrev/train_loss`` to AlgoPerf's own metrics logger (``workload.metrics_logger``:
+``measurements.csv`` and the TensorBoard events of the trial folder), at the step count after the
+update, as AlgoPerf logs its evaluations.
+
 **Batch sizes.** :func:`get_batch_size` knows every AlgoPerf workload name
 (:data:`WORKLOADS`): AlgoPerf's reference batch sizes, and for the Gauss-Newton optimizers
 (:data:`GAUSS_NEWTON`) :data:`GN_BATCH_SIZES` or a ``ValueError`` that says why GN cannot run
-there (:data:`GN_UNSUPPORTED`).
+there (:data:`GN_UNSUPPORTED`). An optimizer that needs a :class:`~gnrev_plugin.nn.RevMLP`
+(:data:`NEEDS_REVMLP`: ExactGN) is refused on every workload, and by :func:`export_submission`,
+with :class:`RevMLPRequiredError`: no AlgoPerf workload's model (:data:`WORKLOAD_MODELS`) is one.
+
+**Local MNIST.** AlgoPerf's MNIST workload reads the TFDS dataset ``mnist``;
+:func:`build_mnist_tfds` prepares it from MNIST's IDX files (``gnrev algoperf data DIR``), with
+nothing downloaded.
 """
 
 from __future__ import annotations
@@ -50,15 +63,19 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from gnrev_plugin.build import build_optimizer
+from gnrev_plugin.data import default_data_dir, find_idx_files, read_idx
 from gnrev_plugin.plugins import Registry, get_registry
 
 __all__ = [
-    "DEFAULT_OPTIMIZER", "GAUSS_NEWTON", "WORKLOADS", "REFERENCE_BATCH_SIZES", "GN_BATCH_SIZES",
-    "GN_UNSUPPORTED", "get_batch_size", "is_gauss_newton", "tuning_search_space",
+    "DEFAULT_OPTIMIZER", "GAUSS_NEWTON", "NEEDS_REVMLP", "WORKLOADS", "WORKLOAD_MODELS",
+    "REFERENCE_BATCH_SIZES", "GN_BATCH_SIZES", "GN_UNSUPPORTED", "RevMLPRequiredError",
+    "DEFAULT_LOG_EVERY", "STANDIN_LAYOUT", "build_mnist_tfds", "get_batch_size", "needs_revmlp",
+    "default_submission_name", "is_gauss_newton", "tuning_search_space",
     "init_optimizer_state", "update_params", "prepare_for_eval", "data_selection",
     "export_submission", "ForwardPassMode", "loss_kind", "unwrap_model", "SubmissionState",
 ]
@@ -69,6 +86,12 @@ DEFAULT_OPTIMIZER = "gnrev.dense_gn"
 #: (:data:`GN_BATCH_SIZES`, :data:`GN_UNSUPPORTED`). ``needs=("model", "loss")`` alone does not
 #: say this: the sharpness wrappers declare it too.
 GAUSS_NEWTON = ("gnrev.exact_gn", "gnrev.dense_gn")
+#: The registered optimizers that only take a :class:`~gnrev_plugin.nn.RevMLP` (ExactGN finds the
+#: RevMLP owning the parameters and refuses any other model at ``init_optimizer_state``).
+NEEDS_REVMLP = ("gnrev.exact_gn",)
+#: Updates between two exactness records in AlgoPerf's ``measurements.csv`` (module docstring):
+#: AlgoPerf's CSV writer rereads the file on every append, and that time counts as submission time.
+DEFAULT_LOG_EVERY = 100
 
 #: Every workload name of AlgoPerf's registry (``algoperf/workloads/workloads.py``, checked at
 #: commit 2c90454 of github.com/mlcommons/algorithmic-efficiency) → its base workload.
@@ -105,10 +128,23 @@ REFERENCE_BATCH_SIZES: dict[str, int] = {
 }
 REFERENCE_BATCH_SIZES.update(imagenet_resnet_silu=512, imagenet_resnet_gelu=512)
 
-#: Gauss-Newton batch sizes. ``mnist`` (784 → 128 → 10 sigmoid MLP, ``P = 101,770``): a batch
-#: of 128 gives ``n·C = 1,280`` output rows ≤ ``P`` (an exact solve is possible) and a dense
-#: Jacobian of 1,280 × 101,770 ≈ 1.3·10⁸ entries, under DenseGN's ``max_jacobian_entries`` (2·10⁸).
-GN_BATCH_SIZES: dict[str, int] = {"mnist": 128}
+#: The model of each base workload (``algoperf/workloads/*/*_pytorch/models.py``): none is a
+#: :class:`~gnrev_plugin.nn.RevMLP`.
+WORKLOAD_MODELS: dict[str, str] = {
+    "mnist": "a 784-128-10 sigmoid MLP (torch.nn.Sequential)", "cifar": "ResNet-18",
+    "criteo1tb": "DLRM-small", "fastmri": "a U-Net", "imagenet_resnet": "ResNet-50",
+    "imagenet_vit": "ViT-S/16", "librispeech_conformer": "a Conformer",
+    "librispeech_deepspeech": "DeepSpeech", "ogbg": "a graph network (GNN)",
+    "wmt": "a Transformer",
+}
+
+#: Gauss-Newton batch sizes. ``mnist`` (784 → 128 → 10 sigmoid MLP, ``P = 101,770``): 16,
+#: AlgoPerf's own reference batch size, ``n·C = 160`` output rows. AlgoPerf feeds raw pixel values
+#: (``(x − 0.1307)/0.3081`` with ``x`` in 0…255, not 0…1), which saturate the sigmoid: DenseGN's
+#: ``J Jᵀ`` in float32 lost rank at batch 64 (363 of 640) and 128 (457 of 1,280), so those steps
+#: were not exact, while 8, 16 and 32 were. A step took 0.65 s at 16, 1.9 s at 32 and 20 s at 128
+#: (2 shared CPU cores), against MNIST's ``max_allowed_runtime_sec`` of 60 s.
+GN_BATCH_SIZES: dict[str, int] = {"mnist": 16}
 
 #: Why the Gauss-Newton family cannot run on the other base workloads.
 GN_UNSUPPORTED: dict[str, str] = {
@@ -133,6 +169,11 @@ GN_UNSUPPORTED: dict[str, str] = {
     "wmt": "its logits are (batch, length, 32000): the output-space system would have "
            "tokens × 32000 rows per batch, and DenseGN takes (n, C) outputs",
 }
+
+
+class RevMLPRequiredError(ValueError):
+    """The optimizer needs a :class:`~gnrev_plugin.nn.RevMLP` and the AlgoPerf workload's model
+    is not one (raised before ``init_optimizer_state`` would fail on it)."""
 
 
 def _forward_pass_mode():
@@ -187,17 +228,44 @@ def _hp(hyperparameters: Any, name: str, default: Any = None) -> Any:
     return getattr(hyperparameters, name, default)
 
 
+def needs_revmlp(optimizer: str, registry: Registry | None = None) -> bool:
+    """Whether registered ``optimizer`` is one of :data:`NEEDS_REVMLP`."""
+    return _registry(registry).resolve_name("optimizer", optimizer) in NEEDS_REVMLP
+
+
+def _refuse_revmlp_only(optimizer: str, workload: str | None, registry: Registry | None) -> None:
+    if not needs_revmlp(optimizer, registry):
+        return
+    where = (f"AlgoPerf's {workload!r} model is {WORKLOAD_MODELS[WORKLOADS[workload]]}"
+             if workload is not None else "no AlgoPerf workload's model is one ("
+             + ", ".join(sorted(set(WORKLOAD_MODELS.values()))) + ")")
+    raise RevMLPRequiredError(
+        f"{optimizer} needs a gnrev_plugin.nn.RevMLP model and {where}, so it would fail at "
+        f"init_optimizer_state; use gnrev.dense_gn (exact Gauss-Newton for any model)")
+
+
 def get_batch_size(workload_name: str, *, optimizer: str = DEFAULT_OPTIMIZER,
                    registry: Registry | None = None) -> int:
     """The global batch size of ``workload_name`` for registered ``optimizer`` (module docstring).
 
+    Args:
+        workload_name: an AlgoPerf workload name (:data:`WORKLOADS`).
+        optimizer: the registered optimizer name.
+        registry: the plugin registry (default: the global one).
+
+    Returns:
+        AlgoPerf's reference batch size, or :data:`GN_BATCH_SIZES` for the Gauss-Newton ones.
+
     Raises:
+        RevMLPRequiredError: ``optimizer`` needs a RevMLP (:data:`NEEDS_REVMLP`); no AlgoPerf
+            workload's model is one.
         ValueError: an unknown workload name, or a Gauss-Newton optimizer on a workload it
             cannot run (the message says why).
     """
     if workload_name not in WORKLOADS:
         raise ValueError(f"unknown AlgoPerf workload {workload_name!r}; known: "
                          f"{', '.join(sorted(WORKLOADS))}")
+    _refuse_revmlp_only(optimizer, workload_name, registry)
     if not is_gauss_newton(optimizer, registry):
         return REFERENCE_BATCH_SIZES[workload_name]
     base = WORKLOADS[workload_name]
@@ -219,14 +287,28 @@ def tuning_search_space(optimizer: str = DEFAULT_OPTIMIZER,
 
 class SubmissionState:
     """The ``optimizer_state`` entry that records which registered optimizer the submission runs,
-    its loss, and whether the optimizer takes the loss by name (``needs`` ``"loss"``); it
-    checkpoints like the optimizer (``state_dict`` / ``load_state_dict``)."""
+    its loss, whether the optimizer takes the loss by name (``needs`` ``"loss"``), the exactness
+    log period, and the counts of updates (``steps``) and of updates the optimizer reported as
+    exact (``exact_steps``); it checkpoints like the optimizer (``state_dict`` /
+    ``load_state_dict``), counts included."""
 
-    def __init__(self, optimizer: str, loss: str, needs_loss: bool) -> None:
+    def __init__(self, optimizer: str, loss: str, needs_loss: bool,
+                 log_every: int = DEFAULT_LOG_EVERY) -> None:
+        if int(log_every) < 1:
+            raise ValueError(f"log_every must be a positive number of updates, got {log_every}")
         self.optimizer, self.loss, self.needs_loss = optimizer, loss, bool(needs_loss)
+        self.log_every = int(log_every)
+        self.steps = self.exact_steps = 0
+
+    def record(self, exact: bool | None) -> None:
+        """Count one update; ``exact`` is the optimizer's ``last_step_exact`` (``None``: it does
+        not report one, and the update does not count as exact)."""
+        self.steps += 1
+        self.exact_steps += bool(exact)
 
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer, "loss": self.loss, "needs_loss": self.needs_loss}
+        return {"optimizer": self.optimizer, "loss": self.loss, "needs_loss": self.needs_loss,
+                "steps": self.steps, "exact_steps": self.exact_steps}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore; a checkpoint of another optimizer or loss is a ``ValueError``."""
@@ -234,11 +316,14 @@ class SubmissionState:
             raise ValueError(f"the checkpoint was written by optimizer {state.get('optimizer')!r}"
                              f" with loss {state.get('loss')!r}; this submission runs "
                              f"{self.optimizer!r} with {self.loss!r}")
+        self.steps = int(state.get("steps", 0))
+        self.exact_steps = int(state.get("exact_steps", 0))
 
 
 def init_optimizer_state(workload, model_params: nn.Module, model_state, hyperparameters,
                          rng, *, optimizer: str = DEFAULT_OPTIMIZER,
                          optimizer_kwargs: dict | None = None,
+                         log_every: int = DEFAULT_LOG_EVERY,
                          registry: Registry | None = None) -> dict:
     """``{"optimizer": <registered optimizer>, "submission": SubmissionState}`` for the model.
 
@@ -262,7 +347,7 @@ def init_optimizer_state(workload, model_params: nn.Module, model_state, hyperpa
     model = unwrap_model(model_params) if "model" in needs else model_params
     opt = build_optimizer(name, model, kwargs, loss=kind, registry=reg)
     return {"optimizer": opt,
-            "submission": SubmissionState(name, kind, "loss" in needs)}
+            "submission": SubmissionState(name, kind, "loss" in needs, log_every)}
 
 
 def update_params(workload, current_param_container: nn.Module, current_params_types,
@@ -271,7 +356,7 @@ def update_params(workload, current_param_container: nn.Module, current_params_t
                   train_state: dict | None = None):
     """One step of the submission's optimizer on ``batch`` (module docstring); returns
     ``(optimizer_state, model, new_model_state)``."""
-    del current_params_types, eval_results, global_step, train_state
+    del current_params_types, eval_results, train_state
     info: SubmissionState = optimizer_state["submission"]
     if info.needs_loss and loss_type is not None and loss_kind(loss_type) != info.loss:
         raise ValueError(f"loss_type {loss_type} differs from the optimizer's {info.loss!r}")
@@ -299,6 +384,15 @@ def update_params(workload, current_param_container: nn.Module, current_params_t
     loss = losses["summed"] / losses["n_valid_examples"]
     loss.backward()
     opt.step()
+    exact = getattr(opt, "last_step_exact", None)
+    info.record(exact)
+    logger = getattr(workload, "metrics_logger", None)  # AlgoPerf's, None without a log dir
+    if logger is not None and (global_step + 1) % info.log_every == 0:
+        logger.append_scalar_metrics(
+            {"gnrev/train_loss": float(loss.detach()), "gnrev/steps": info.steps,
+             "gnrev/exact_steps": info.exact_steps,
+             "gnrev/last_step_exact": float("nan") if exact is None else float(exact)},
+            global_step=global_step + 1)
     return optimizer_state, model, new_model_state
 
 
@@ -320,6 +414,65 @@ def data_selection(workload, input_queue: Iterator[dict[str, torch.Tensor]], opt
     return next(input_queue)
 
 
+# ---------------------------------------------------------------------------------- MNIST data
+#: The stand-in layout of :func:`build_mnist_tfds` when only MNIST's 10,000-image test pair is
+#: there: (first, last) image of the pair for AlgoPerf's training part of ``train``
+#: (``train[:50000]``, cycled), its validation part (``train[50000:]``, repeated) and ``test``.
+STANDIN_LAYOUT = {"train": (0, 8000), "validation": (8000, 9000), "test": (9000, 10000)}
+_ALGOPERF_MNIST = {"train": 50_000, "validation": 10_000, "test": 10_000}  # workload.py sizes
+
+
+def build_mnist_tfds(data_dir: str | Path, idx_dir: str | Path | None = None) -> dict:
+    """Prepare the TFDS dataset ``mnist`` that AlgoPerf's MNIST workload reads with
+    ``--data_dir=data_dir``, from MNIST's IDX files; nothing is downloaded.
+
+    AlgoPerf takes ``train[:50000]`` for training, ``train[50000:]`` for validation and ``test``
+    (10,000 each evaluated). With both IDX pairs (``train-*`` and ``t10k-*``) the dataset is
+    MNIST itself: AlgoPerf's protocol. With only the test pair (10,000 images, as on this
+    project's machines), a stand-in of the same sizes (:data:`STANDIN_LAYOUT`): images 0–7,999
+    cycled to 50,000 for training, 8,000–8,999 ten times for validation, 9,000–9,999 ten times
+    for test; the three parts share no image, and a repeated evaluation split scores exactly
+    like its 1,000 images.
+
+    Args:
+        data_dir: the folder to pass as AlgoPerf's ``--data_dir`` (``mnist/3.0.1/`` is written).
+        idx_dir: the IDX folder (default :func:`gnrev_plugin.data.default_data_dir`).
+
+    Returns:
+        ``{"source", "layout", "splits"}``: the IDX folder, ``"mnist"`` or ``"standin"``, and
+        the size of each TFDS split; also written to ``data_dir/gnrev_mnist_layout.json``.
+
+    Raises:
+        FileNotFoundError: no IDX files (the message names the expected ones).
+        FileExistsError: ``data_dir`` already holds a prepared ``mnist``.
+    """
+    from gnrev_plugin.compat.algoperf import write_tfds_mnist  # noqa: PLC0415 (TF is heavy)
+
+    idx_dir = Path(idx_dir) if idx_dir is not None else default_data_dir()
+    pairs = find_idx_files(idx_dir)
+    if (Path(data_dir) / "mnist").exists():
+        raise FileExistsError(f"{data_dir} already holds a prepared mnist dataset")
+    read = {k: (read_idx(images), read_idx(labels).astype(np.int64))
+            for k, (images, labels) in pairs.items()}
+    if "train" in read and "t10k" in read:
+        layout, splits = "mnist", {"train": read["train"], "test": read["t10k"]}
+    else:
+        (x, y), = read.values()
+        if len(y) < STANDIN_LAYOUT["test"][1]:
+            raise ValueError(f"the stand-in layout needs {STANDIN_LAYOUT['test'][1]} images, "
+                             f"{idx_dir} has {len(y)}")
+        part = {k: np.arange(*bounds) for k, bounds in STANDIN_LAYOUT.items()}
+        order = {k: np.resize(v, _ALGOPERF_MNIST[k]) for k, v in part.items()}
+        train = np.concatenate([order["train"], order["validation"]])
+        layout = "standin"
+        splits = {"train": (x[train], y[train]), "test": (x[order["test"]], y[order["test"]])}
+    write_tfds_mnist(data_dir, splits)
+    report = {"source": str(idx_dir), "layout": layout,
+              "splits": {k: int(len(v[1])) for k, v in splits.items()}}
+    (Path(data_dir) / "gnrev_mnist_layout.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
 # ---------------------------------------------------------------------------------- export
 _SUBMISSION_PY = '''"""AlgoPerf submission: the registered optimizer {name!r}, through gnrev-plugin.
 
@@ -332,6 +485,7 @@ from gnrev_plugin.hosts import algoperf as _gnrev
 
 OPTIMIZER = {name!r}
 OPTIMIZER_KWARGS = {kwargs!r}
+LOG_EVERY = {log_every!r}  # updates between two exactness records in AlgoPerf's measurements.csv
 
 
 def get_batch_size(workload_name):
@@ -341,13 +495,20 @@ def get_batch_size(workload_name):
 def init_optimizer_state(workload, model_params, model_state, hyperparameters, rng):
     return _gnrev.init_optimizer_state(workload, model_params, model_state, hyperparameters,
                                        rng, optimizer=OPTIMIZER,
-                                       optimizer_kwargs=OPTIMIZER_KWARGS)
+                                       optimizer_kwargs=OPTIMIZER_KWARGS, log_every=LOG_EVERY)
 
 
 update_params = _gnrev.update_params
 prepare_for_eval = _gnrev.prepare_for_eval
 data_selection = _gnrev.data_selection
 '''
+
+
+def default_submission_name(optimizer: str) -> str:
+    """``gnrev_`` and the registered name with dots as underscores, the ``gnrev.`` namespace of
+    the built-in entries dropped: ``gnrev.dense_gn`` → ``gnrev_dense_gn``, a plugin's
+    ``toy.sign_sgd`` → ``gnrev_toy_sign_sgd``."""
+    return "gnrev_" + optimizer.removeprefix("gnrev.").replace(".", "_")
 
 
 def _yaml_scalar(value: str) -> str:
@@ -357,12 +518,13 @@ def _yaml_scalar(value: str) -> str:
 def export_submission(dest: str | Path, name: str | None = None, *,
                       optimizer: str = DEFAULT_OPTIMIZER, optimizer_kwargs: dict | None = None,
                       authors: str = "gnrev-plugin developers", affiliations: str = "",
-                      version: str = "1.0", ruleset: str = "external", overwrite: bool = False,
+                      version: str = "1.0", ruleset: str = "external",
+                      log_every: int = DEFAULT_LOG_EVERY, overwrite: bool = False,
                       registry: Registry | None = None) -> list[Path]:
-    """Write ``submission.py`` (bound to registered ``optimizer`` and ``optimizer_kwargs``),
-    ``submission_info.yml`` and (external tuning) ``tuning_search_space.json``
-    (:func:`tuning_search_space`). ``name`` defaults to ``gnrev_<optimizer>`` with dots as
-    underscores.
+    """Write ``submission.py`` (bound to registered ``optimizer``, ``optimizer_kwargs`` and the
+    exactness log period ``log_every``), ``submission_info.yml`` and (external tuning)
+    ``tuning_search_space.json`` (:func:`tuning_search_space`). ``name`` defaults to
+    :func:`default_submission_name`.
 
     ``submission_info.yml`` carries the fields of AlgoPerf's submissions repository
     (``submission_name, submission_folder, authors, affiliations, version, ruleset, framework,
@@ -371,15 +533,19 @@ def export_submission(dest: str | Path, name: str | None = None, *,
     Raises:
         FileExistsError: if ``dest`` holds a ``submission.py`` and ``overwrite`` is false.
         UnknownNameError: ``optimizer`` is not registered (the message lists the names).
+        RevMLPRequiredError: ``optimizer`` needs a RevMLP, which no AlgoPerf workload has.
     """
     if ruleset not in ("external", "self"):
         raise ValueError(f"ruleset must be 'external' or 'self', got {ruleset!r}")
+    if int(log_every) < 1:
+        raise ValueError(f"log_every must be a positive number of updates, got {log_every}")
     reg = _registry(registry)
     optimizer = reg.resolve_name("optimizer", optimizer)
+    _refuse_revmlp_only(optimizer, None, reg)
     entry = reg.entry("optimizer", optimizer)
     kwargs = dict(optimizer_kwargs or {})
     json.dumps(kwargs, allow_nan=False)  # the options are JSON values
-    name = name or "gnrev_" + optimizer.replace(".", "_")
+    name = name or default_submission_name(optimizer)
     dest = Path(dest)
     if (dest / "submission.py").exists() and not overwrite:
         raise FileExistsError(f"{dest} already holds a submission.py; pass --force to "
@@ -399,7 +565,8 @@ def export_submission(dest: str | Path, name: str | None = None, *,
                        f"({entry.description or entry.target}){gn}.",
     }
     paths = [dest / "submission.py", dest / "submission_info.yml"]
-    paths[0].write_text(_SUBMISSION_PY.format(name=optimizer, kwargs=kwargs))
+    paths[0].write_text(_SUBMISSION_PY.format(name=optimizer, kwargs=kwargs,
+                                              log_every=int(log_every)))
     paths[1].write_text("".join(f"{k}: {_yaml_scalar(v)}\n" for k, v in info.items()))
     if ruleset == "external":  # the self-tuning ruleset has no search space
         paths.append(dest / "tuning_search_space.json")
