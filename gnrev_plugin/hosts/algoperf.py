@@ -141,9 +141,10 @@ WORKLOAD_MODELS: dict[str, str] = {
 #: Gauss-Newton batch sizes. ``mnist`` (784 → 128 → 10 sigmoid MLP, ``P = 101,770``): 16,
 #: AlgoPerf's own reference batch size, ``n·C = 160`` output rows. AlgoPerf feeds raw pixel values
 #: (``(x − 0.1307)/0.3081`` with ``x`` in 0…255, not 0…1), which saturate the sigmoid: DenseGN's
-#: ``J Jᵀ`` in float32 lost rank at batch 64 (363 of 640) and 128 (457 of 1,280), so those steps
-#: were not exact, while 8, 16 and 32 were. A step took 0.65 s at 16, 1.9 s at 32 and 20 s at 128
-#: (2 shared CPU cores), against MNIST's ``max_allowed_runtime_sec`` of 60 s.
+#: ``J Jᵀ`` in float32 lost rank at batch 64 (2 of 3 steps) and 128 (3 of 3), while every step at
+#: 8, 16 and 32 was exact; a step took 0.4 s at 16, 1.3 s at 32 and 17–18 s at 128 on 2 shared
+#: cores (``benchmarks/algoperf_mnist_gn_batch.py``), against MNIST's ``max_allowed_runtime_sec``
+#: of 60 s.
 GN_BATCH_SIZES: dict[str, int] = {"mnist": 16}
 
 #: Why the Gauss-Newton family cannot run on the other base workloads.
