@@ -230,7 +230,15 @@ def _hp(hyperparameters: Any, name: str, default: Any = None) -> Any:
 
 
 def needs_revmlp(optimizer: str, registry: Registry | None = None) -> bool:
-    """Whether registered ``optimizer`` is one of :data:`NEEDS_REVMLP`."""
+    """Whether registered ``optimizer`` is one of :data:`NEEDS_REVMLP`.
+
+    Args:
+        optimizer: a registered optimizer name (the ``gnrev.`` prefix is optional).
+        registry: the plugin registry (default: the global one).
+
+    Returns:
+        ``True`` when the optimizer only takes a :class:`~gnrev_plugin.nn.RevMLP`.
+    """
     return _registry(registry).resolve_name("optimizer", optimizer) in NEEDS_REVMLP
 
 
@@ -355,7 +363,9 @@ def update_params(workload, current_param_container: nn.Module, current_params_t
                   model_state, hyperparameters, batch: dict[str, torch.Tensor], loss_type,
                   optimizer_state: dict, eval_results, global_step: int, rng,
                   train_state: dict | None = None):
-    """One step of the submission's optimizer on ``batch`` (module docstring); returns
+    """One step of the submission's optimizer on ``batch`` (module docstring), counted in
+    ``optimizer_state["submission"]`` and logged every ``log_every`` updates to
+    ``workload.metrics_logger`` (module docstring, "Exactness log"); returns
     ``(optimizer_state, model, new_model_state)``."""
     del current_params_types, eval_results, train_state
     info: SubmissionState = optimizer_state["submission"]
@@ -508,7 +518,14 @@ data_selection = _gnrev.data_selection
 def default_submission_name(optimizer: str) -> str:
     """``gnrev_`` and the registered name with dots as underscores, the ``gnrev.`` namespace of
     the built-in entries dropped: ``gnrev.dense_gn`` → ``gnrev_dense_gn``, a plugin's
-    ``toy.sign_sgd`` → ``gnrev_toy_sign_sgd``."""
+    ``toy.sign_sgd`` → ``gnrev_toy_sign_sgd``.
+
+    Args:
+        optimizer: the resolved registry name.
+
+    Returns:
+        The submission name.
+    """
     return "gnrev_" + optimizer.removeprefix("gnrev.").replace(".", "_")
 
 
