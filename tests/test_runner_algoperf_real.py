@@ -31,6 +31,7 @@ import pytest
 import torch
 from realdata import REAL_MNIST, needs_real_mnist
 
+import gnrev_plugin
 from gnrev_plugin.cli import main as gnrev_main
 from gnrev_plugin.compat.algoperf import submission_runner_command
 from gnrev_plugin.hosts import algoperf as ap
@@ -70,7 +71,7 @@ def _algoperf_python(env: dict) -> tuple[str, Path]:
 def algoperf_run(tmp_path_factory):
     """Export, prepare the data, run AlgoPerf's runner once; the trial folder and the log."""
     env = dict(os.environ, OMP_NUM_THREADS="1", TF_CPP_MIN_LOG_LEVEL="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(ap.__file__).parents[2]),
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(gnrev_plugin.__file__).parents[1]),
                                                       env.get("PYTHONPATH")]))
     python, runner = _algoperf_python(env)
     if SHARED_RUNNER.exists():  # the installed runner is AlgoPerf's own, unmodified

@@ -1,10 +1,10 @@
-"""AlgoPerf adapter: the 5-function PyTorch submission API around any registered optimizer.
+"""The 5-function AlgoPerf PyTorch submission API around any registered optimizer.
 
 AlgoPerf (MLCommons' algorithmic-efficiency benchmark) scores a *submission*: a ``submission.py``
 with five module-level functions that its ``submission_runner`` calls. This module implements them
-for an optimizer named in the plugin registry, duck-typing the workload (AlgoPerf is not
-pip-installable next to current torch), and :func:`export_submission` writes a submission folder
-bound to one registry name (``gnrev algoperf export DIR --optimizer NAME``).
+for an optimizer named in the plugin registry, duck-typing the workload (the submission needs no
+AlgoPerf import); :mod:`.export` writes a submission folder bound to one registry name
+(``gnrev algoperf export DIR --optimizer NAME``).
 
 **Which optimizer.** :func:`init_optimizer_state` builds it with
 :func:`gnrev_plugin.build.build_optimizer` from its registry name (default
@@ -47,37 +47,29 @@ update, as AlgoPerf logs its evaluations.
 (:data:`WORKLOADS`): AlgoPerf's reference batch sizes, and for the Gauss-Newton optimizers
 (:data:`GAUSS_NEWTON`) :data:`GN_BATCH_SIZES` or a ``ValueError`` that says why GN cannot run
 there (:data:`GN_UNSUPPORTED`). An optimizer that needs a :class:`~gnrev_plugin.nn.RevMLP`
-(:data:`NEEDS_REVMLP`: ExactGN) is refused on every workload, and by :func:`export_submission`,
-with :class:`RevMLPRequiredError`: no AlgoPerf workload's model (:data:`WORKLOAD_MODELS`) is one.
-
-**Local MNIST.** AlgoPerf's MNIST workload reads the TFDS dataset ``mnist``;
-:func:`build_mnist_tfds` prepares it from MNIST's IDX files (``gnrev algoperf data DIR``), with
-nothing downloaded.
+(:data:`NEEDS_REVMLP`: ExactGN) is refused on every workload, and by
+:func:`~gnrev_plugin.hosts.algoperf.export.export_submission`, with
+:class:`RevMLPRequiredError`: no AlgoPerf workload's model (:data:`WORKLOAD_MODELS`) is one.
 """
 
 from __future__ import annotations
 
 import enum
-import json
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from gnrev_plugin.build import build_optimizer
-from gnrev_plugin.data import default_data_dir, find_idx_files, read_idx
 from gnrev_plugin.plugins import Registry, get_registry
 
 __all__ = [
     "DEFAULT_OPTIMIZER", "GAUSS_NEWTON", "NEEDS_REVMLP", "WORKLOADS", "WORKLOAD_MODELS",
     "REFERENCE_BATCH_SIZES", "GN_BATCH_SIZES", "GN_UNSUPPORTED", "RevMLPRequiredError",
-    "DEFAULT_LOG_EVERY", "STANDIN_LAYOUT", "build_mnist_tfds", "get_batch_size", "needs_revmlp",
-    "default_submission_name", "is_gauss_newton", "tuning_search_space",
-    "init_optimizer_state", "update_params", "prepare_for_eval", "data_selection",
-    "export_submission", "ForwardPassMode", "loss_kind", "unwrap_model", "SubmissionState",
+    "DEFAULT_LOG_EVERY", "get_batch_size", "needs_revmlp", "is_gauss_newton",
+    "tuning_search_space", "init_optimizer_state", "update_params", "prepare_for_eval",
+    "data_selection", "ForwardPassMode", "loss_kind", "unwrap_model", "SubmissionState",
 ]
 
 #: The optimizer of a submission unless another registry name is given.
@@ -423,170 +415,3 @@ def data_selection(workload, input_queue: Iterator[dict[str, torch.Tensor]], opt
     del workload, optimizer_state, current_param_container, model_state, hyperparameters
     del global_step, rng
     return next(input_queue)
-
-
-# ---------------------------------------------------------------------------------- MNIST data
-#: The stand-in layout of :func:`build_mnist_tfds` when only MNIST's 10,000-image test pair is
-#: there: (first, last) image of the pair for AlgoPerf's training part of ``train``
-#: (``train[:50000]``, cycled), its validation part (``train[50000:]``, repeated) and ``test``.
-STANDIN_LAYOUT = {"train": (0, 8000), "validation": (8000, 9000), "test": (9000, 10000)}
-_ALGOPERF_MNIST = {"train": 50_000, "validation": 10_000, "test": 10_000}  # workload.py sizes
-
-
-def build_mnist_tfds(data_dir: str | Path, idx_dir: str | Path | None = None) -> dict:
-    """Prepare the TFDS dataset ``mnist`` that AlgoPerf's MNIST workload reads with
-    ``--data_dir=data_dir``, from MNIST's IDX files; nothing is downloaded.
-
-    AlgoPerf takes ``train[:50000]`` for training, ``train[50000:]`` for validation and ``test``
-    (10,000 each evaluated). With both IDX pairs (``train-*`` and ``t10k-*``) the dataset is
-    MNIST itself: AlgoPerf's protocol. With only the test pair (10,000 images, as on this
-    project's machines), a stand-in of the same sizes (:data:`STANDIN_LAYOUT`): images 0–7,999
-    cycled to 50,000 for training, 8,000–8,999 ten times for validation, 9,000–9,999 ten times
-    for test; the three parts share no image, and a repeated evaluation split scores exactly
-    like its 1,000 images.
-
-    Args:
-        data_dir: the folder to pass as AlgoPerf's ``--data_dir`` (``mnist/3.0.1/`` is written).
-        idx_dir: the IDX folder (default :func:`gnrev_plugin.data.default_data_dir`).
-
-    Returns:
-        ``{"source", "layout", "splits"}``: the IDX folder, ``"mnist"`` or ``"standin"``, and
-        the size of each TFDS split; also written to ``data_dir/gnrev_mnist_layout.json``.
-
-    Raises:
-        FileNotFoundError: no IDX files (the message names the expected ones).
-        FileExistsError: ``data_dir`` already holds a prepared ``mnist``.
-    """
-    from gnrev_plugin.compat.algoperf import write_tfds_mnist  # noqa: PLC0415 (TF is heavy)
-
-    idx_dir = Path(idx_dir) if idx_dir is not None else default_data_dir()
-    pairs = find_idx_files(idx_dir)
-    if (Path(data_dir) / "mnist").exists():
-        raise FileExistsError(f"{data_dir} already holds a prepared mnist dataset")
-    read = {k: (read_idx(images), read_idx(labels).astype(np.int64))
-            for k, (images, labels) in pairs.items()}
-    if "train" in read and "t10k" in read:
-        layout, splits = "mnist", {"train": read["train"], "test": read["t10k"]}
-    else:
-        (x, y), = read.values()
-        if len(y) < STANDIN_LAYOUT["test"][1]:
-            raise ValueError(f"the stand-in layout needs {STANDIN_LAYOUT['test'][1]} images, "
-                             f"{idx_dir} has {len(y)}")
-        part = {k: np.arange(*bounds) for k, bounds in STANDIN_LAYOUT.items()}
-        order = {k: np.resize(v, _ALGOPERF_MNIST[k]) for k, v in part.items()}
-        train = np.concatenate([order["train"], order["validation"]])
-        layout = "standin"
-        splits = {"train": (x[train], y[train]), "test": (x[order["test"]], y[order["test"]])}
-    write_tfds_mnist(data_dir, splits)
-    report = {"source": str(idx_dir), "layout": layout,
-              "splits": {k: int(len(v[1])) for k, v in splits.items()}}
-    (Path(data_dir) / "gnrev_mnist_layout.json").write_text(json.dumps(report, indent=2) + "\n")
-    return report
-
-
-# ---------------------------------------------------------------------------------- export
-_SUBMISSION_PY = '''"""AlgoPerf submission: the registered optimizer {name!r}, through gnrev-plugin.
-
-Written by ``gnrev algoperf export``. Requires ``gnrev-plugin`` (and the plugin that registers
-{name!r}) in the submission's environment. The five functions are
-:mod:`gnrev_plugin.hosts.algoperf`'s, bound to this optimizer and these fixed options.
-"""
-
-from gnrev_plugin.hosts import algoperf as _gnrev
-
-OPTIMIZER = {name!r}
-OPTIMIZER_KWARGS = {kwargs!r}
-LOG_EVERY = {log_every!r}  # updates between two exactness records in AlgoPerf's measurements.csv
-
-
-def get_batch_size(workload_name):
-    return _gnrev.get_batch_size(workload_name, optimizer=OPTIMIZER)
-
-
-def init_optimizer_state(workload, model_params, model_state, hyperparameters, rng):
-    return _gnrev.init_optimizer_state(workload, model_params, model_state, hyperparameters,
-                                       rng, optimizer=OPTIMIZER,
-                                       optimizer_kwargs=OPTIMIZER_KWARGS, log_every=LOG_EVERY)
-
-
-update_params = _gnrev.update_params
-prepare_for_eval = _gnrev.prepare_for_eval
-data_selection = _gnrev.data_selection
-'''
-
-
-def default_submission_name(optimizer: str) -> str:
-    """``gnrev_`` and the registered name with dots as underscores, the ``gnrev.`` namespace of
-    the built-in entries dropped: ``gnrev.dense_gn`` → ``gnrev_dense_gn``, a plugin's
-    ``toy.sign_sgd`` → ``gnrev_toy_sign_sgd``.
-
-    Args:
-        optimizer: the resolved registry name.
-
-    Returns:
-        The submission name.
-    """
-    return "gnrev_" + optimizer.removeprefix("gnrev.").replace(".", "_")
-
-
-def _yaml_scalar(value: str) -> str:
-    return json.dumps(value, ensure_ascii=False)  # a JSON string is a valid YAML scalar
-
-
-def export_submission(dest: str | Path, name: str | None = None, *,
-                      optimizer: str = DEFAULT_OPTIMIZER, optimizer_kwargs: dict | None = None,
-                      authors: str = "gnrev-plugin developers", affiliations: str = "",
-                      version: str = "1.0", ruleset: str = "external",
-                      log_every: int = DEFAULT_LOG_EVERY, overwrite: bool = False,
-                      registry: Registry | None = None) -> list[Path]:
-    """Write ``submission.py`` (bound to registered ``optimizer``, ``optimizer_kwargs`` and the
-    exactness log period ``log_every``), ``submission_info.yml`` and (external tuning)
-    ``tuning_search_space.json`` (:func:`tuning_search_space`). ``name`` defaults to
-    :func:`default_submission_name`.
-
-    ``submission_info.yml`` carries the fields of AlgoPerf's submissions repository
-    (``submission_name, submission_folder, authors, affiliations, version, ruleset, framework,
-    description``). Returns the written paths.
-
-    Raises:
-        FileExistsError: if ``dest`` holds a ``submission.py`` and ``overwrite`` is false.
-        UnknownNameError: ``optimizer`` is not registered (the message lists the names).
-        RevMLPRequiredError: ``optimizer`` needs a RevMLP, which no AlgoPerf workload has.
-    """
-    if ruleset not in ("external", "self"):
-        raise ValueError(f"ruleset must be 'external' or 'self', got {ruleset!r}")
-    if int(log_every) < 1:
-        raise ValueError(f"log_every must be a positive number of updates, got {log_every}")
-    reg = _registry(registry)
-    optimizer = reg.resolve_name("optimizer", optimizer)
-    _refuse_revmlp_only(optimizer, None, reg)
-    entry = reg.entry("optimizer", optimizer)
-    kwargs = dict(optimizer_kwargs or {})
-    json.dumps(kwargs, allow_nan=False)  # the options are JSON values
-    name = name or default_submission_name(optimizer)
-    dest = Path(dest)
-    if (dest / "submission.py").exists() and not overwrite:
-        raise FileExistsError(f"{dest} already holds a submission.py; pass --force to "
-                              "overwrite it")
-    dest.mkdir(parents=True, exist_ok=True)
-    gn = " (Gauss-Newton: learning_rate is the function-space step alpha, J dtheta = -alpha "\
-         "eps)" if is_gauss_newton(optimizer, reg) else ""
-    info = {
-        "submission_name": name,
-        "submission_folder": f"submissions/{ruleset}_tuning/{name}",
-        "authors": authors,
-        "affiliations": affiliations,
-        "version": version,
-        "ruleset": ruleset,
-        "framework": "PyTorch",
-        "description": f"gnrev-plugin's registered optimizer {optimizer} "
-                       f"({entry.description or entry.target}){gn}.",
-    }
-    paths = [dest / "submission.py", dest / "submission_info.yml"]
-    paths[0].write_text(_SUBMISSION_PY.format(name=optimizer, kwargs=kwargs,
-                                              log_every=int(log_every)))
-    paths[1].write_text("".join(f"{k}: {_yaml_scalar(v)}\n" for k, v in info.items()))
-    if ruleset == "external":  # the self-tuning ruleset has no search space
-        paths.append(dest / "tuning_search_space.json")
-        paths[2].write_text(json.dumps(tuning_search_space(optimizer, reg), indent=2) + "\n")
-    return paths
