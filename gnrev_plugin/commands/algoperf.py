@@ -26,7 +26,7 @@ from gnrev_plugin.hosts.algoperf import (
     build_mnist_tfds,
     export_submission,
 )
-from gnrev_plugin.plugins import PluginError
+from gnrev_plugin.registry import PluginError
 
 NAME = "algoperf"
 HELP = ("AlgoPerf integration: export a submission folder (submission.py, info, search space); "

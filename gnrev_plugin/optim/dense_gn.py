@@ -58,6 +58,7 @@ from .common import (
     validate_gn_options,
 )
 from .errors import RankDeficiencyError
+from .protocols import BATCH_STEP, DISTRIBUTED, GAUSS_NEWTON
 from .solvers import GramSystem, SolverConfig
 from .targets import mean_loss, newton_target
 
@@ -88,6 +89,8 @@ class DenseGN(torch.optim.Optimizer):
         process_group: ``"auto"``, ``None`` or a process group (see :class:`ExactGN` and
             :mod:`gnrev_plugin.optim.distributed`).
     """
+
+    capabilities = frozenset({GAUSS_NEWTON, BATCH_STEP, DISTRIBUTED})
 
     def __init__(
         self,
@@ -123,7 +126,8 @@ class DenseGN(torch.optim.Optimizer):
         defaults = dict(lr=lr, weight_decay=weight_decay, loss=loss, damping=damping,
                         solver=solver, rtol=rtol, atol=atol, rank_rtol=rank_rtol,
                         ce_target=ce_target, ce_damping=ce_damping, jacobian=jacobian,
-                        rank_policy=rank_policy, factor_dtype=factor_dtype)
+                        rank_policy=rank_policy, factor_dtype=factor_dtype,
+                        max_jacobian_entries=int(max_jacobian_entries))
         super().__init__(params, defaults)
         if len(self.param_groups) != 1:
             raise ValueError("DenseGN takes a single parameter group")
@@ -138,10 +142,14 @@ class DenseGN(torch.optim.Optimizer):
         if missing:
             raise ValueError(f"parameters {missing} passed to DenseGN are not in the model")
         self.names = [owned[id(p)] for p in self.params]
-        self.max_jacobian_entries = int(max_jacobian_entries)
         self._capture = OutputCapture(self.model)
         self.last_step_exact: bool | None = None
         self.last_step_info: dict = {}
+
+    @property
+    def max_jacobian_entries(self) -> int:
+        """The largest ``J`` materialised (the param group's ``max_jacobian_entries``)."""
+        return self.param_groups[0]["max_jacobian_entries"]
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)

@@ -14,7 +14,7 @@ from .export import default_submission_name, export_submission
 from .submission import (
     DEFAULT_LOG_EVERY,
     DEFAULT_OPTIMIZER,
-    GAUSS_NEWTON,
+    GAUSS_NEWTON_TAG,
     GN_BATCH_SIZES,
     GN_UNSUPPORTED,
     NEEDS_REVMLP,
@@ -37,7 +37,7 @@ from .submission import (
 )
 
 __all__ = [
-    "DEFAULT_OPTIMIZER", "GAUSS_NEWTON", "NEEDS_REVMLP", "WORKLOADS", "WORKLOAD_MODELS",
+    "DEFAULT_OPTIMIZER", "GAUSS_NEWTON_TAG", "NEEDS_REVMLP", "WORKLOADS", "WORKLOAD_MODELS",
     "REFERENCE_BATCH_SIZES", "GN_BATCH_SIZES", "GN_UNSUPPORTED", "RevMLPRequiredError",
     "DEFAULT_LOG_EVERY", "STANDIN_LAYOUT", "build_mnist_tfds", "get_batch_size", "needs_revmlp",
     "default_submission_name", "is_gauss_newton", "tuning_search_space", "init_optimizer_state",

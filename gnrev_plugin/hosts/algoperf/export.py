@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from gnrev_plugin.plugins import Registry
+from gnrev_plugin.registry import Registry
 
 from .submission import (
     DEFAULT_LOG_EVERY,

@@ -12,7 +12,7 @@ AlgoPerf import); :mod:`.export` writes a submission folder bound to one registr
 ``gnrev.exact_gn`` when the model is a :class:`~gnrev_plugin.nn.RevMLP`, or any registered name:
 ``gnrev.adam``, a plugin's ``toy.sign_sgd``). Options: the entry's registered defaults, then the
 export's fixed ``optimizer_kwargs`` (``--opt K=V``), then AlgoPerf's tuned ``learning_rate`` as
-``lr``. An optimizer that declares ``needs=("model", "loss")`` (:mod:`gnrev_plugin.hookspecs`:
+``lr``. An optimizer that declares ``needs=("model", "loss")`` (:mod:`gnrev_plugin.registry.hookspecs`:
 the Gauss-Newton optimizers, the sharpness wrappers, a plugin's) gets the network and the loss
 name (``workload.loss_type``: softmax cross-entropy or MSE); a ``DistributedDataParallel`` /
 ``DataParallel`` model (anything wrapping the network as ``.module``) gives it the inner network,
@@ -45,10 +45,10 @@ update, as AlgoPerf logs its evaluations.
 
 **Batch sizes.** :func:`get_batch_size` knows every AlgoPerf workload name
 (:data:`WORKLOADS`): AlgoPerf's reference batch sizes, and for the Gauss-Newton optimizers
-(:data:`GAUSS_NEWTON`) :data:`GN_BATCH_SIZES` or a ``ValueError`` that says why GN cannot run
-there (:data:`GN_UNSUPPORTED`). An optimizer that needs a :class:`~gnrev_plugin.nn.RevMLP`
-(:data:`NEEDS_REVMLP`: ExactGN) is refused on every workload, and by
-:func:`~gnrev_plugin.hosts.algoperf.export.export_submission`, with
+(tagged :data:`GAUSS_NEWTON_TAG` in the registry) :data:`GN_BATCH_SIZES` or a ``ValueError``
+that says why GN cannot run there (:data:`GN_UNSUPPORTED`). An optimizer that needs a
+:class:`~gnrev_plugin.nn.RevMLP` (:data:`NEEDS_REVMLP`: ExactGN) is refused on every workload, and
+by :func:`~gnrev_plugin.hosts.algoperf.export.export_submission`, with
 :class:`RevMLPRequiredError`: no AlgoPerf workload's model (:data:`WORKLOAD_MODELS`) is one.
 """
 
@@ -62,10 +62,11 @@ import torch
 from torch import nn
 
 from gnrev_plugin.build import build_optimizer
-from gnrev_plugin.plugins import Registry, get_registry
+from gnrev_plugin.optim.distributed import unwrap_model
+from gnrev_plugin.registry import Registry, get_registry
 
 __all__ = [
-    "DEFAULT_OPTIMIZER", "GAUSS_NEWTON", "NEEDS_REVMLP", "WORKLOADS", "WORKLOAD_MODELS",
+    "DEFAULT_OPTIMIZER", "GAUSS_NEWTON_TAG", "NEEDS_REVMLP", "WORKLOADS", "WORKLOAD_MODELS",
     "REFERENCE_BATCH_SIZES", "GN_BATCH_SIZES", "GN_UNSUPPORTED", "RevMLPRequiredError",
     "DEFAULT_LOG_EVERY", "get_batch_size", "needs_revmlp", "is_gauss_newton",
     "tuning_search_space", "init_optimizer_state", "update_params", "prepare_for_eval",
@@ -74,12 +75,13 @@ __all__ = [
 
 #: The optimizer of a submission unless another registry name is given.
 DEFAULT_OPTIMIZER = "gnrev.dense_gn"
-#: The registered optimizers whose batch size is bounded by the Gauss-Newton output-space system
-#: (:data:`GN_BATCH_SIZES`, :data:`GN_UNSUPPORTED`). ``needs=("model", "loss")`` alone does not
-#: say this: the sharpness wrappers declare it too.
-GAUSS_NEWTON = ("gnrev.exact_gn", "gnrev.dense_gn")
+#: The registry tag of the optimizers whose batch size is bounded by the Gauss-Newton
+#: output-space system (:data:`GN_BATCH_SIZES`, :data:`GN_UNSUPPORTED`), declared by the entry as
+#: data. ``needs=("model", "loss")`` alone does not say this: the sharpness wrappers declare it too.
+GAUSS_NEWTON_TAG = "gauss_newton"
 #: The registered optimizers that only take a :class:`~gnrev_plugin.nn.RevMLP` (ExactGN finds the
-#: RevMLP owning the parameters and refuses any other model at ``init_optimizer_state``).
+#: RevMLP owning the parameters and refuses any other model at ``init_optimizer_state``). The
+#: registry has no capability tag for this (``registry.contracts.TAGS``), hence the names.
 NEEDS_REVMLP = ("gnrev.exact_gn",)
 #: Updates between two exactness records in AlgoPerf's ``measurements.csv`` (module docstring):
 #: AlgoPerf's CSV writer rereads the file on every append, and that time counts as submission time.
@@ -190,8 +192,16 @@ def _registry(registry: Registry | None) -> Registry:
 
 
 def is_gauss_newton(optimizer: str, registry: Registry | None = None) -> bool:
-    """Whether registered ``optimizer`` is one of :data:`GAUSS_NEWTON`."""
-    return _registry(registry).resolve_name("optimizer", optimizer) in GAUSS_NEWTON
+    """Whether registered ``optimizer`` declares the :data:`GAUSS_NEWTON_TAG` capability.
+
+    Args:
+        optimizer: a registered optimizer name (a built-in's may omit ``gnrev.``).
+        registry: the registry to read (default: the installed plugins').
+
+    Returns:
+        ``True`` when the entry's tags include ``"gauss_newton"``.
+    """
+    return GAUSS_NEWTON_TAG in _registry(registry).optimizer_tags(optimizer)
 
 
 def loss_kind(loss_type: Any) -> str:
@@ -205,14 +215,6 @@ def loss_kind(loss_type: Any) -> str:
         return "mse"
     raise ValueError(f"exact Gauss-Newton supports softmax cross-entropy and MSE losses, not "
                      f"{name}")
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The network inside ``DistributedDataParallel`` / ``DataParallel`` (any module exposing
-    another as ``.module``), unwrapped repeatedly; ``model`` itself otherwise."""
-    while isinstance(getattr(model, "module", None), nn.Module):
-        model = model.module
-    return model
 
 
 def _hp(hyperparameters: Any, name: str, default: Any = None) -> Any:
