@@ -1,14 +1,16 @@
 """``gnrev algoperf export DIR [--optimizer NAME] [--opt K=V ...]``: write an AlgoPerf submission
-folder for a registered optimizer.
+folder for a registered optimizer; ``gnrev algoperf data DIR [--from IDX_DIR]``: prepare the TFDS
+``mnist`` dataset AlgoPerf's MNIST workload reads, from MNIST's IDX files (nothing downloaded).
 
 The folder holds ``submission.py`` (the five PyTorch submission functions of
 :mod:`gnrev_plugin.hosts.algoperf`, bound to the optimizer's registry name and the fixed options),
 ``submission_info.yml`` and, for the external-tuning ruleset, ``tuning_search_space.json``. The
 default optimizer is ``gnrev.dense_gn`` (AlgoPerf's workloads are not RevMLPs; ``gnrev.exact_gn``
 when the model is one); any registered name works, e.g. a plugin's ``toy.sign_sgd``. Run it with
-AlgoPerf's runner::
+AlgoPerf's runner (``docs/runners/algoperf.md``: the full command, and why it is started through
+``python -c`` beside a CUDA build of torch)::
 
-    python submission_runner.py --framework=pytorch --workload=mnist \\
+    python -m submission_runner --framework=pytorch --workload=mnist --data_dir=DATA \\
         --submission_path=DIR/submission.py --tuning_search_space=DIR/tuning_search_space.json \\
         --experiment_dir=/tmp/exp --experiment_name=gnrev
 """
@@ -18,11 +20,17 @@ from __future__ import annotations
 import argparse
 
 from gnrev_plugin.build import parse_options
-from gnrev_plugin.hosts.algoperf import DEFAULT_OPTIMIZER, export_submission
+from gnrev_plugin.hosts.algoperf import (
+    DEFAULT_LOG_EVERY,
+    DEFAULT_OPTIMIZER,
+    build_mnist_tfds,
+    export_submission,
+)
 from gnrev_plugin.registry import PluginError
 
 NAME = "algoperf"
-HELP = "AlgoPerf integration: export a submission folder (submission.py, info, search space)"
+HELP = ("AlgoPerf integration: export a submission folder (submission.py, info, search space); "
+        "prepare AlgoPerf's MNIST data from IDX files")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,15 +49,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--affiliations", default="")
     p.add_argument("--ruleset", choices=("external", "self"), default="external",
                    help="AlgoPerf tuning ruleset (self-tuning writes no search space)")
+    p.add_argument("--log-every", type=int, default=DEFAULT_LOG_EVERY, metavar="N",
+                   help="updates between two exactness records in AlgoPerf's measurements.csv "
+                        f"(default {DEFAULT_LOG_EVERY})")
     p.add_argument("--force", action="store_true", help="overwrite an existing submission")
+    d = sub.add_parser("data", help="prepare the TFDS mnist dataset for AlgoPerf's --data_dir "
+                                    "from MNIST IDX files (needs tensorflow-datasets)")
+    d.add_argument("dir", metavar="DIR", help="the folder to pass as --data_dir (created)")
+    d.add_argument("--from", dest="idx_dir", default=None, metavar="IDX_DIR",
+                   help="folder of MNIST IDX files (default: $GNREV_DATA_DIR or "
+                        "../shared/data/mnist)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.algoperf_command == "data":
+        try:
+            report = build_mnist_tfds(args.dir, args.idx_dir)
+        except FileExistsError as err:
+            raise ValueError(str(err)) from err
+        print(f"wrote {args.dir}/mnist/3.0.1 ({report['layout']} layout from {report['source']}:"
+              f" {report['splits']})")
+        return 0
     try:
         paths = export_submission(args.dir, name=args.name, optimizer=args.optimizer,
                                   optimizer_kwargs=parse_options(args.opt),
                                   authors=args.authors, affiliations=args.affiliations,
-                                  ruleset=args.ruleset, overwrite=args.force)
+                                  ruleset=args.ruleset, log_every=args.log_every,
+                                  overwrite=args.force)
     except (FileExistsError, PluginError) as err:  # PluginError: an unknown or broken name
         raise ValueError(str(err)) from err
     for path in paths:

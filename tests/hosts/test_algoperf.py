@@ -293,13 +293,12 @@ def test_every_algoperf_workload_has_a_batch_size_or_a_reason():
     for name in UPSTREAM_WORKLOADS:
         ref = ap.get_batch_size(name, optimizer="gnrev.adam")
         assert ref == ap.REFERENCE_BATCH_SIZES[name] and ref > 0
-        for gn in ("gnrev.dense_gn", "gnrev.exact_gn"):
-            base = ap.WORKLOADS[name]
-            if base == "mnist":
-                assert ap.get_batch_size(name, optimizer=gn) == 128
-                continue
+        base = ap.WORKLOADS[name]
+        if base == "mnist":
+            assert ap.get_batch_size(name, optimizer="gnrev.dense_gn") == 16
+        else:
             with pytest.raises(ValueError, match=f"cannot run AlgoPerf's '{name}'") as err:
-                ap.get_batch_size(name, optimizer=gn)
+                ap.get_batch_size(name, optimizer="gnrev.dense_gn")
             assert ap.GN_UNSUPPORTED[base] in str(err.value)
     # AlgoPerf's reference values (pytorch_nadamw_full_budget.get_batch_size)
     assert {n: ap.get_batch_size(n, optimizer="sgd") for n in (
@@ -379,7 +378,7 @@ def test_dense_gn_warning_points_at_the_callers_line():
         ap.update_params(FakeWorkload(), model, None, None, {}, {"inputs": x, "targets": y},
                          None, state, [], 0, None)
     (w,) = [w for w in caught if "not exact" in str(w.message)]
-    assert Path(w.filename) == Path(ap.__file__)
+    assert Path(w.filename) == Path(sys.modules[ap.update_params.__module__].__file__)
 
 
 # ------------------------------------------------------------------ contract errors
@@ -425,7 +424,7 @@ def test_export_writes_a_loadable_submission(tmp_path, capsys):
     assert module.OPTIMIZER_KWARGS == {}
     for fn in ("update_params", "prepare_for_eval", "data_selection"):
         assert getattr(module, fn) is getattr(ap, fn)
-    assert module.get_batch_size("mnist") == 128
+    assert module.get_batch_size("mnist") == 16
     with pytest.raises(ValueError, match="cannot run"):
         module.get_batch_size("wmt")
     model = _mlp(8, 3)
@@ -463,8 +462,72 @@ def test_export_by_registry_name_for_a_plugin_optimizer(toy_registry, tmp_path, 
     opt = module.init_optimizer_state(FakeWorkload(), model, None, None, None)["optimizer"]
     assert type(opt).__name__ == "SignSGD" and opt.param_groups[0]["lr"] == 0.05
     info = (dest / "submission_info.yml").read_text()
-    assert 'submission_name: "gnrev_toy_sign_sgd"' in info
+    assert 'submission_name: "gnrev_toy_sign_sgd"' in info  # a plugin's namespace is kept
     assert json.loads((dest / "tuning_search_space.json").read_text()) == {
         "learning_rate": {"feasible_points": [0.00333333, 0.01, 0.03]}}
     assert gnrev_main(["algoperf", "export", str(tmp_path / "x"), "--optimizer", "toy.nope"]) == 2
     assert "known optimizers: " in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ export nits (issue 20, item 4)
+def test_default_submission_name_does_not_repeat_the_prefix(tmp_path):
+    assert ap.default_submission_name("gnrev.dense_gn") == "gnrev_dense_gn"
+    assert ap.default_submission_name("toy.sign_sgd") == "gnrev_toy_sign_sgd"
+    ap.export_submission(tmp_path / "sub", optimizer="dense_gn")
+    info = (tmp_path / "sub" / "submission_info.yml").read_text()
+    assert 'submission_name: "gnrev_dense_gn"' in info
+    assert 'submission_folder: "submissions/external_tuning/gnrev_dense_gn"' in info
+
+
+def test_a_revmlp_only_optimizer_is_refused_before_init_optimizer_state(tmp_path, capsys):
+    """ExactGN on AlgoPerf's models would fail only at ``init_optimizer_state`` (no RevMLP owns
+    the parameters): ``get_batch_size`` and the export refuse it first, with a named error."""
+    assert ap.needs_revmlp("exact_gn") and not ap.needs_revmlp("gnrev.dense_gn")
+    assert set(ap.WORKLOAD_MODELS) == set(ap.WORKLOADS.values())
+    for name in UPSTREAM_WORKLOADS:
+        with pytest.raises(ap.RevMLPRequiredError, match="needs a gnrev_plugin.nn.RevMLP") as err:
+            ap.get_batch_size(name, optimizer="gnrev.exact_gn")
+        assert ap.WORKLOAD_MODELS[ap.WORKLOADS[name]] in str(err.value)
+    # the failure it pre-empts is real: AlgoPerf's MNIST model is an MLP, which ExactGN refuses
+    mnist_model = nn.Sequential(nn.Linear(784, 128), nn.Sigmoid(), nn.Linear(128, 10))
+    with pytest.raises(ValueError, match="RevMLP"):
+        ap.init_optimizer_state(FakeWorkload(), mnist_model, None, {"learning_rate": 0.1}, None,
+                                optimizer="gnrev.exact_gn")
+    with pytest.raises(ap.RevMLPRequiredError, match="no AlgoPerf workload's model is one"):
+        ap.export_submission(tmp_path / "x", optimizer="exact_gn")
+    assert not (tmp_path / "x").exists()
+    assert gnrev_main(["algoperf", "export", str(tmp_path / "y"), "--optimizer", "exact_gn"]) == 2
+    assert "use gnrev.dense_gn" in capsys.readouterr().err
+
+
+def test_update_params_logs_exactness_to_algoperfs_metrics_logger():
+    """The counts reach AlgoPerf's ``workload.metrics_logger`` every ``log_every`` updates and
+    survive a checkpoint round trip (``state_dict`` / ``load_state_dict``)."""
+    class Logger:  # AlgoPerf's MetricLogger.append_scalar_metrics signature
+        def __init__(self):
+            self.rows = []
+
+        def append_scalar_metrics(self, metrics, global_step, preemption_count=None,
+                                  is_eval=False):
+            self.rows.append((global_step, dict(metrics)))
+
+    torch.manual_seed(0)
+    model = _mlp(6, 3)
+    workload = FakeWorkload()
+    workload.metrics_logger = Logger()
+    state = ap.init_optimizer_state(workload, model, None, {"learning_rate": 0.1}, None,
+                                    log_every=2)
+    for step in range(4):
+        batch = {"inputs": torch.randn(2, 6), "targets": torch.randint(0, 3, (2,))}
+        state, model, _ = ap.update_params(workload, model, None, None, {"learning_rate": 0.1},
+                                           batch, None, state, [], step, None)
+    assert [s for s, _ in workload.metrics_logger.rows] == [2, 4]
+    last = workload.metrics_logger.rows[-1][1]
+    assert (last["gnrev/steps"], last["gnrev/exact_steps"], last["gnrev/last_step_exact"]) == \
+        (4, 4, 1.0)
+    saved = state["submission"].state_dict()
+    fresh = ap.SubmissionState("gnrev.dense_gn", "cross_entropy", True)
+    fresh.load_state_dict(saved)
+    assert (fresh.steps, fresh.exact_steps) == (4, 4)
+    with pytest.raises(ValueError, match="log_every"):
+        ap.SubmissionState("gnrev.dense_gn", "cross_entropy", True, log_every=0)

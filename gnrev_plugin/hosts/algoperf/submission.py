@@ -1,10 +1,10 @@
-"""AlgoPerf adapter: the 5-function PyTorch submission API around any registered optimizer.
+"""The 5-function AlgoPerf PyTorch submission API around any registered optimizer.
 
 AlgoPerf (MLCommons' algorithmic-efficiency benchmark) scores a *submission*: a ``submission.py``
 with five module-level functions that its ``submission_runner`` calls. This module implements them
-for an optimizer named in the plugin registry, duck-typing the workload (AlgoPerf is not
-pip-installable next to current torch), and :func:`export_submission` writes a submission folder
-bound to one registry name (``gnrev algoperf export DIR --optimizer NAME``).
+for an optimizer named in the plugin registry, duck-typing the workload (the submission needs no
+AlgoPerf import); :mod:`.export` writes a submission folder bound to one registry name
+(``gnrev algoperf export DIR --optimizer NAME``).
 
 **Which optimizer.** :func:`init_optimizer_state` builds it with
 :func:`gnrev_plugin.build.build_optimizer` from its registry name (default
@@ -36,18 +36,26 @@ while the training step still runs the wrapper.
 ``{"optimizer": <the optimizer>, "submission": SubmissionState}``; the latter records the registry
 name and loss and refuses to restore a checkpoint of another optimizer.
 
+**Exactness log.** ``SubmissionState`` counts the updates and those the optimizer reported as
+exact (``last_step_exact``; it survives checkpoints), and every ``log_every`` updates
+:func:`update_params` appends ``gnrev/steps``, ``gnrev/exact_steps``, ``gnrev/last_step_exact``
+and ``gnrev/train_loss`` to AlgoPerf's own metrics logger (``workload.metrics_logger``:
+``measurements.csv`` and the TensorBoard events of the trial folder), at the step count after the
+update, as AlgoPerf logs its evaluations.
+
 **Batch sizes.** :func:`get_batch_size` knows every AlgoPerf workload name
 (:data:`WORKLOADS`): AlgoPerf's reference batch sizes, and for the Gauss-Newton optimizers
 (tagged :data:`GAUSS_NEWTON_TAG` in the registry) :data:`GN_BATCH_SIZES` or a ``ValueError``
-that says why GN cannot run there (:data:`GN_UNSUPPORTED`).
+that says why GN cannot run there (:data:`GN_UNSUPPORTED`). An optimizer that needs a
+:class:`~gnrev_plugin.nn.RevMLP` (:data:`NEEDS_REVMLP`: ExactGN) is refused on every workload, and
+by :func:`~gnrev_plugin.hosts.algoperf.export.export_submission`, with
+:class:`RevMLPRequiredError`: no AlgoPerf workload's model (:data:`WORKLOAD_MODELS`) is one.
 """
 
 from __future__ import annotations
 
 import enum
-import json
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -58,10 +66,11 @@ from gnrev_plugin.optim.distributed import unwrap_model
 from gnrev_plugin.registry import Registry, get_registry
 
 __all__ = [
-    "DEFAULT_OPTIMIZER", "GAUSS_NEWTON_TAG", "WORKLOADS", "REFERENCE_BATCH_SIZES", "GN_BATCH_SIZES",
-    "GN_UNSUPPORTED", "get_batch_size", "is_gauss_newton", "tuning_search_space",
-    "init_optimizer_state", "update_params", "prepare_for_eval", "data_selection",
-    "export_submission", "ForwardPassMode", "loss_kind", "unwrap_model", "SubmissionState",
+    "DEFAULT_OPTIMIZER", "GAUSS_NEWTON_TAG", "NEEDS_REVMLP", "WORKLOADS", "WORKLOAD_MODELS",
+    "REFERENCE_BATCH_SIZES", "GN_BATCH_SIZES", "GN_UNSUPPORTED", "RevMLPRequiredError",
+    "DEFAULT_LOG_EVERY", "get_batch_size", "needs_revmlp", "is_gauss_newton",
+    "tuning_search_space", "init_optimizer_state", "update_params", "prepare_for_eval",
+    "data_selection", "ForwardPassMode", "loss_kind", "unwrap_model", "SubmissionState",
 ]
 
 #: The optimizer of a submission unless another registry name is given.
@@ -70,6 +79,13 @@ DEFAULT_OPTIMIZER = "gnrev.dense_gn"
 #: output-space system (:data:`GN_BATCH_SIZES`, :data:`GN_UNSUPPORTED`), declared by the entry as
 #: data. ``needs=("model", "loss")`` alone does not say this: the sharpness wrappers declare it too.
 GAUSS_NEWTON_TAG = "gauss_newton"
+#: The registered optimizers that only take a :class:`~gnrev_plugin.nn.RevMLP` (ExactGN finds the
+#: RevMLP owning the parameters and refuses any other model at ``init_optimizer_state``). The
+#: registry has no capability tag for this (``registry.contracts.TAGS``), hence the names.
+NEEDS_REVMLP = ("gnrev.exact_gn",)
+#: Updates between two exactness records in AlgoPerf's ``measurements.csv`` (module docstring):
+#: AlgoPerf's CSV writer rereads the file on every append, and that time counts as submission time.
+DEFAULT_LOG_EVERY = 100
 
 #: Every workload name of AlgoPerf's registry (``algoperf/workloads/workloads.py``, checked at
 #: commit 2c90454 of github.com/mlcommons/algorithmic-efficiency) → its base workload.
@@ -106,10 +122,24 @@ REFERENCE_BATCH_SIZES: dict[str, int] = {
 }
 REFERENCE_BATCH_SIZES.update(imagenet_resnet_silu=512, imagenet_resnet_gelu=512)
 
-#: Gauss-Newton batch sizes. ``mnist`` (784 → 128 → 10 sigmoid MLP, ``P = 101,770``): a batch
-#: of 128 gives ``n·C = 1,280`` output rows ≤ ``P`` (an exact solve is possible) and a dense
-#: Jacobian of 1,280 × 101,770 ≈ 1.3·10⁸ entries, under DenseGN's ``max_jacobian_entries`` (2·10⁸).
-GN_BATCH_SIZES: dict[str, int] = {"mnist": 128}
+#: The model of each base workload (``algoperf/workloads/*/*_pytorch/models.py``): none is a
+#: :class:`~gnrev_plugin.nn.RevMLP`.
+WORKLOAD_MODELS: dict[str, str] = {
+    "mnist": "a 784-128-10 sigmoid MLP (torch.nn.Sequential)", "cifar": "ResNet-18",
+    "criteo1tb": "DLRM-small", "fastmri": "a U-Net", "imagenet_resnet": "ResNet-50",
+    "imagenet_vit": "ViT-S/16", "librispeech_conformer": "a Conformer",
+    "librispeech_deepspeech": "DeepSpeech", "ogbg": "a graph network (GNN)",
+    "wmt": "a Transformer",
+}
+
+#: Gauss-Newton batch sizes. ``mnist`` (784 → 128 → 10 sigmoid MLP, ``P = 101,770``): 16,
+#: AlgoPerf's own reference batch size, ``n·C = 160`` output rows. AlgoPerf feeds raw pixel values
+#: (``(x − 0.1307)/0.3081`` with ``x`` in 0…255, not 0…1), which saturate the sigmoid: DenseGN's
+#: ``J Jᵀ`` in float32 lost rank at batch 64 (2 of 3 steps) and 128 (3 of 3), while every step at
+#: 8, 16 and 32 was exact; a step took 0.4 s at 16, 1.3 s at 32 and 17–18 s at 128 on 2 shared
+#: cores (``benchmarks/algoperf_mnist_gn_batch.py``), against MNIST's ``max_allowed_runtime_sec``
+#: of 60 s.
+GN_BATCH_SIZES: dict[str, int] = {"mnist": 16}
 
 #: Why the Gauss-Newton family cannot run on the other base workloads.
 GN_UNSUPPORTED: dict[str, str] = {
@@ -134,6 +164,11 @@ GN_UNSUPPORTED: dict[str, str] = {
     "wmt": "its logits are (batch, length, 32000): the output-space system would have "
            "tokens × 32000 rows per batch, and DenseGN takes (n, C) outputs",
 }
+
+
+class RevMLPRequiredError(ValueError):
+    """The optimizer needs a :class:`~gnrev_plugin.nn.RevMLP` and the AlgoPerf workload's model
+    is not one (raised before ``init_optimizer_state`` would fail on it)."""
 
 
 def _forward_pass_mode():
@@ -188,17 +223,52 @@ def _hp(hyperparameters: Any, name: str, default: Any = None) -> Any:
     return getattr(hyperparameters, name, default)
 
 
+def needs_revmlp(optimizer: str, registry: Registry | None = None) -> bool:
+    """Whether registered ``optimizer`` is one of :data:`NEEDS_REVMLP`.
+
+    Args:
+        optimizer: a registered optimizer name (the ``gnrev.`` prefix is optional).
+        registry: the plugin registry (default: the global one).
+
+    Returns:
+        ``True`` when the optimizer only takes a :class:`~gnrev_plugin.nn.RevMLP`.
+    """
+    return _registry(registry).resolve_name("optimizer", optimizer) in NEEDS_REVMLP
+
+
+def _refuse_revmlp_only(optimizer: str, workload: str | None, registry: Registry | None) -> None:
+    if not needs_revmlp(optimizer, registry):
+        return
+    where = (f"AlgoPerf's {workload!r} model is {WORKLOAD_MODELS[WORKLOADS[workload]]}"
+             if workload is not None else "no AlgoPerf workload's model is one ("
+             + ", ".join(sorted(set(WORKLOAD_MODELS.values()))) + ")")
+    raise RevMLPRequiredError(
+        f"{optimizer} needs a gnrev_plugin.nn.RevMLP model and {where}, so it would fail at "
+        f"init_optimizer_state; use gnrev.dense_gn (exact Gauss-Newton for any model)")
+
+
 def get_batch_size(workload_name: str, *, optimizer: str = DEFAULT_OPTIMIZER,
                    registry: Registry | None = None) -> int:
     """The global batch size of ``workload_name`` for registered ``optimizer`` (module docstring).
 
+    Args:
+        workload_name: an AlgoPerf workload name (:data:`WORKLOADS`).
+        optimizer: the registered optimizer name.
+        registry: the plugin registry (default: the global one).
+
+    Returns:
+        AlgoPerf's reference batch size, or :data:`GN_BATCH_SIZES` for the Gauss-Newton ones.
+
     Raises:
+        RevMLPRequiredError: ``optimizer`` needs a RevMLP (:data:`NEEDS_REVMLP`); no AlgoPerf
+            workload's model is one.
         ValueError: an unknown workload name, or a Gauss-Newton optimizer on a workload it
             cannot run (the message says why).
     """
     if workload_name not in WORKLOADS:
         raise ValueError(f"unknown AlgoPerf workload {workload_name!r}; known: "
                          f"{', '.join(sorted(WORKLOADS))}")
+    _refuse_revmlp_only(optimizer, workload_name, registry)
     if not is_gauss_newton(optimizer, registry):
         return REFERENCE_BATCH_SIZES[workload_name]
     base = WORKLOADS[workload_name]
@@ -220,14 +290,28 @@ def tuning_search_space(optimizer: str = DEFAULT_OPTIMIZER,
 
 class SubmissionState:
     """The ``optimizer_state`` entry that records which registered optimizer the submission runs,
-    its loss, and whether the optimizer takes the loss by name (``needs`` ``"loss"``); it
-    checkpoints like the optimizer (``state_dict`` / ``load_state_dict``)."""
+    its loss, whether the optimizer takes the loss by name (``needs`` ``"loss"``), the exactness
+    log period, and the counts of updates (``steps``) and of updates the optimizer reported as
+    exact (``exact_steps``); it checkpoints like the optimizer (``state_dict`` /
+    ``load_state_dict``), counts included."""
 
-    def __init__(self, optimizer: str, loss: str, needs_loss: bool) -> None:
+    def __init__(self, optimizer: str, loss: str, needs_loss: bool,
+                 log_every: int = DEFAULT_LOG_EVERY) -> None:
+        if int(log_every) < 1:
+            raise ValueError(f"log_every must be a positive number of updates, got {log_every}")
         self.optimizer, self.loss, self.needs_loss = optimizer, loss, bool(needs_loss)
+        self.log_every = int(log_every)
+        self.steps = self.exact_steps = 0
+
+    def record(self, exact: bool | None) -> None:
+        """Count one update; ``exact`` is the optimizer's ``last_step_exact`` (``None``: it does
+        not report one, and the update does not count as exact)."""
+        self.steps += 1
+        self.exact_steps += bool(exact)
 
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer, "loss": self.loss, "needs_loss": self.needs_loss}
+        return {"optimizer": self.optimizer, "loss": self.loss, "needs_loss": self.needs_loss,
+                "steps": self.steps, "exact_steps": self.exact_steps}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore; a checkpoint of another optimizer or loss is a ``ValueError``."""
@@ -235,11 +319,14 @@ class SubmissionState:
             raise ValueError(f"the checkpoint was written by optimizer {state.get('optimizer')!r}"
                              f" with loss {state.get('loss')!r}; this submission runs "
                              f"{self.optimizer!r} with {self.loss!r}")
+        self.steps = int(state.get("steps", 0))
+        self.exact_steps = int(state.get("exact_steps", 0))
 
 
 def init_optimizer_state(workload, model_params: nn.Module, model_state, hyperparameters,
                          rng, *, optimizer: str = DEFAULT_OPTIMIZER,
                          optimizer_kwargs: dict | None = None,
+                         log_every: int = DEFAULT_LOG_EVERY,
                          registry: Registry | None = None) -> dict:
     """``{"optimizer": <registered optimizer>, "submission": SubmissionState}`` for the model.
 
@@ -263,16 +350,18 @@ def init_optimizer_state(workload, model_params: nn.Module, model_state, hyperpa
     model = unwrap_model(model_params) if "model" in needs else model_params
     opt = build_optimizer(name, model, kwargs, loss=kind, registry=reg)
     return {"optimizer": opt,
-            "submission": SubmissionState(name, kind, "loss" in needs)}
+            "submission": SubmissionState(name, kind, "loss" in needs, log_every)}
 
 
 def update_params(workload, current_param_container: nn.Module, current_params_types,
                   model_state, hyperparameters, batch: dict[str, torch.Tensor], loss_type,
                   optimizer_state: dict, eval_results, global_step: int, rng,
                   train_state: dict | None = None):
-    """One step of the submission's optimizer on ``batch`` (module docstring); returns
+    """One step of the submission's optimizer on ``batch`` (module docstring), counted in
+    ``optimizer_state["submission"]`` and logged every ``log_every`` updates to
+    ``workload.metrics_logger`` (module docstring, "Exactness log"); returns
     ``(optimizer_state, model, new_model_state)``."""
-    del current_params_types, eval_results, global_step, train_state
+    del current_params_types, eval_results, train_state
     info: SubmissionState = optimizer_state["submission"]
     if info.needs_loss and loss_type is not None and loss_kind(loss_type) != info.loss:
         raise ValueError(f"loss_type {loss_type} differs from the optimizer's {info.loss!r}")
@@ -300,6 +389,15 @@ def update_params(workload, current_param_container: nn.Module, current_params_t
     loss = losses["summed"] / losses["n_valid_examples"]
     loss.backward()
     opt.step()
+    exact = getattr(opt, "last_step_exact", None)
+    info.record(exact)
+    logger = getattr(workload, "metrics_logger", None)  # AlgoPerf's, None without a log dir
+    if logger is not None and (global_step + 1) % info.log_every == 0:
+        logger.append_scalar_metrics(
+            {"gnrev/train_loss": float(loss.detach()), "gnrev/steps": info.steps,
+             "gnrev/exact_steps": info.exact_steps,
+             "gnrev/last_step_exact": float("nan") if exact is None else float(exact)},
+            global_step=global_step + 1)
     return optimizer_state, model, new_model_state
 
 
@@ -319,90 +417,3 @@ def data_selection(workload, input_queue: Iterator[dict[str, torch.Tensor]], opt
     del workload, optimizer_state, current_param_container, model_state, hyperparameters
     del global_step, rng
     return next(input_queue)
-
-
-# ---------------------------------------------------------------------------------- export
-_SUBMISSION_PY = '''"""AlgoPerf submission: the registered optimizer {name!r}, through gnrev-plugin.
-
-Written by ``gnrev algoperf export``. Requires ``gnrev-plugin`` (and the plugin that registers
-{name!r}) in the submission's environment. The five functions are
-:mod:`gnrev_plugin.hosts.algoperf`'s, bound to this optimizer and these fixed options.
-"""
-
-from gnrev_plugin.hosts import algoperf as _gnrev
-
-OPTIMIZER = {name!r}
-OPTIMIZER_KWARGS = {kwargs!r}
-
-
-def get_batch_size(workload_name):
-    return _gnrev.get_batch_size(workload_name, optimizer=OPTIMIZER)
-
-
-def init_optimizer_state(workload, model_params, model_state, hyperparameters, rng):
-    return _gnrev.init_optimizer_state(workload, model_params, model_state, hyperparameters,
-                                       rng, optimizer=OPTIMIZER,
-                                       optimizer_kwargs=OPTIMIZER_KWARGS)
-
-
-update_params = _gnrev.update_params
-prepare_for_eval = _gnrev.prepare_for_eval
-data_selection = _gnrev.data_selection
-'''
-
-
-def _yaml_scalar(value: str) -> str:
-    return json.dumps(value, ensure_ascii=False)  # a JSON string is a valid YAML scalar
-
-
-def export_submission(dest: str | Path, name: str | None = None, *,
-                      optimizer: str = DEFAULT_OPTIMIZER, optimizer_kwargs: dict | None = None,
-                      authors: str = "gnrev-plugin developers", affiliations: str = "",
-                      version: str = "1.0", ruleset: str = "external", overwrite: bool = False,
-                      registry: Registry | None = None) -> list[Path]:
-    """Write ``submission.py`` (bound to registered ``optimizer`` and ``optimizer_kwargs``),
-    ``submission_info.yml`` and (external tuning) ``tuning_search_space.json``
-    (:func:`tuning_search_space`). ``name`` defaults to ``gnrev_<optimizer>`` with dots as
-    underscores.
-
-    ``submission_info.yml`` carries the fields of AlgoPerf's submissions repository
-    (``submission_name, submission_folder, authors, affiliations, version, ruleset, framework,
-    description``). Returns the written paths.
-
-    Raises:
-        FileExistsError: if ``dest`` holds a ``submission.py`` and ``overwrite`` is false.
-        UnknownNameError: ``optimizer`` is not registered (the message lists the names).
-    """
-    if ruleset not in ("external", "self"):
-        raise ValueError(f"ruleset must be 'external' or 'self', got {ruleset!r}")
-    reg = _registry(registry)
-    optimizer = reg.resolve_name("optimizer", optimizer)
-    entry = reg.entry("optimizer", optimizer)
-    kwargs = dict(optimizer_kwargs or {})
-    json.dumps(kwargs, allow_nan=False)  # the options are JSON values
-    name = name or "gnrev_" + optimizer.replace(".", "_")
-    dest = Path(dest)
-    if (dest / "submission.py").exists() and not overwrite:
-        raise FileExistsError(f"{dest} already holds a submission.py; pass --force to "
-                              "overwrite it")
-    dest.mkdir(parents=True, exist_ok=True)
-    gn = " (Gauss-Newton: learning_rate is the function-space step alpha, J dtheta = -alpha "\
-         "eps)" if is_gauss_newton(optimizer, reg) else ""
-    info = {
-        "submission_name": name,
-        "submission_folder": f"submissions/{ruleset}_tuning/{name}",
-        "authors": authors,
-        "affiliations": affiliations,
-        "version": version,
-        "ruleset": ruleset,
-        "framework": "PyTorch",
-        "description": f"gnrev-plugin's registered optimizer {optimizer} "
-                       f"({entry.description or entry.target}){gn}.",
-    }
-    paths = [dest / "submission.py", dest / "submission_info.yml"]
-    paths[0].write_text(_SUBMISSION_PY.format(name=optimizer, kwargs=kwargs))
-    paths[1].write_text("".join(f"{k}: {_yaml_scalar(v)}\n" for k, v in info.items()))
-    if ruleset == "external":  # the self-tuning ruleset has no search space
-        paths.append(dest / "tuning_search_space.json")
-        paths[2].write_text(json.dumps(tuning_search_space(optimizer, reg), indent=2) + "\n")
-    return paths
