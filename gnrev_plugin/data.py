@@ -21,6 +21,7 @@ uses the training set's own pixel mean and std (e.g. Fashion-MNIST); ``"none"`` 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import re
 from dataclasses import dataclass, field
@@ -218,8 +219,25 @@ def load_idx_dataset(
     num_classes = int(max(y_tr.max(), y_te.max())) + 1
     return Dataset(name, _normalise(x_tr, x_tr, normalization), torch.from_numpy(y_tr.copy()),
                    _normalise(x_te, x_tr, normalization), torch.from_numpy(y_te.copy()),
-                   num_classes, info=dict(source=str(data_dir), split=split,
+                   num_classes, info=dict(source=idx_source(pairs), split=split,
                                           normalization=normalization))
+
+
+def idx_source(pairs: dict[str, tuple[Path, Path]]) -> str:
+    """How a run records its IDX data: the folder's name and the SHA-256 of its files (names
+    sorted), never the machine's absolute path, e.g. ``"mnist (sha256 1a2b…)"``.
+
+    Args:
+        pairs: :func:`find_idx_files`' answer.
+
+    Returns:
+        ``"<folder name> (sha256 <first 16 hex digits>)"``.
+    """
+    files = sorted({f for pair in pairs.values() for f in pair}, key=lambda f: f.name)
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.name.encode() + b"\0" + f.read_bytes())
+    return f"{files[0].parent.name} (sha256 {digest.hexdigest()[:16]})"
 
 
 # ---------------------------------------------------------------------------------- MNIST-1D

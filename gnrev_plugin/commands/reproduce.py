@@ -33,6 +33,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "this machine lacks fails each run with a clear error")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true", help="hide tqdm bars")
+    p.add_argument("--deterministic", action="store_true",
+                   help="torch.use_deterministic_algorithms(True) (seeds are always fixed); "
+                        "the same numbers need the same --threads, versions and hardware "
+                        "(gnrev_plugin.engine.provenance)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,6 +47,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if getattr(args, "deterministic", False):
+        from gnrev_plugin.engine.provenance import enable_determinism
+        enable_determinism()
     out = Path(args.out) if args.out else Path("runs") / (
         f"{args.experiment}-{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
     if args.resume and not (out / "config.json").exists():

@@ -69,6 +69,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (per process; with --nproc N default: cores / N)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="torch.use_deterministic_algorithms(True) (seeds are always fixed); "
+                        "the same numbers need the same --threads, versions and hardware "
+                        "(gnrev_plugin.engine.provenance)")
     p.add_argument("--nproc", type=int, default=1, metavar="N",
                    help="train on N local processes (torch.distributed; gloo on CPU, nccl on "
                         "CUDA), each taking a contiguous 1/N of every batch; the Gauss-Newton "
@@ -193,6 +197,9 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if getattr(args, "deterministic", False):
+        from gnrev_plugin.engine.provenance import enable_determinism
+        enable_determinism()
     reg = get_registry()
     spec = spec_from_args(args).resolve(reg)
     ds = load_data(spec.dataset, spec.dataset_kwargs,

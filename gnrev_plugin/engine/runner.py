@@ -24,6 +24,7 @@ from gnrev_plugin.registry import Registry, get_registry
 from .checkpoint import restore_checkpoint, save_checkpoint
 from .launch import check_batching, join_launcher_group, rank_and_world
 from .loop import EpochPlan, TrainState, run_epochs
+from .provenance import record_provenance
 from .rundir import RunDir
 
 __all__ = ["train_run"]
@@ -109,6 +110,8 @@ def train_run(
         run.write_config({"spec": spec.to_dict(), **(extra_config or {})}, resume=resume)
     if resume and run.done:
         return run.read_result()
+    if state.root:
+        record_provenance(run.path, spec.device, fresh=not resume)
     if resume:
         start = restore_checkpoint(state, callbacks)
     else:
