@@ -67,6 +67,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="run directory (default: runs/train-<optimizer>-"
                    "<data>-<time>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out (its log, checkpoint and result are "
+                        "deleted); without it (or --resume) an existing run is refused")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (per process; with --nproc N default: cores / N)")
     p.add_argument("--nproc", type=int, default=1, metavar="N",
@@ -96,6 +99,28 @@ def _default_out(args: argparse.Namespace, spec) -> Path:
         f"{time.strftime('%Y%m%d-%H%M%S')}")
 
 
+def refuse_to_overwrite(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to start afresh in a run directory that holds a run's results.
+
+    Args:
+        out: the run directory.
+        resume: ``--resume`` (continue the run: nothing is lost).
+        overwrite: ``--overwrite`` (the user asked to replace the run).
+
+    Raises:
+        FileExistsError: ``out`` holds a log, checkpoint or result and neither flag is given.
+    """
+    from gnrev_plugin.engine import RunDir
+
+    if resume or overwrite:
+        return
+    found = [n for n in (RunDir.LOG, RunDir.CHECKPOINT, RunDir.RESULT) if (out / n).exists()]
+    if found:
+        raise FileExistsError(f"{out} already holds a run ({', '.join(found)}); pass --resume to "
+                              "continue it, --overwrite to replace it (its files are deleted), "
+                              "or a new --out directory")
+
+
 def _launch(args: argparse.Namespace) -> int:
     """Start ``--nproc`` processes that each run :func:`_run` (rank 0 prints and writes)."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -111,6 +136,12 @@ def _launch(args: argparse.Namespace) -> int:
     spec = spec_from_args(args).resolve(get_registry())
     args = argparse.Namespace(**vars(args))
     args.out = str(_default_out(args, spec))      # one run directory for every rank
+    try:
+        refuse_to_overwrite(Path(args.out), args.resume, args.overwrite)
+    except FileExistsError as err:
+        print(f"gnrev train: error: {err}", file=sys.stderr)
+        return 2
+    args.overwrite = True       # checked once here: rank 0 may write before another rank checks
     try:
         codes = launch(_rank_main, args.nproc, args, backend=backend_for(spec.device))
     except ChildFailedError as err:
@@ -162,6 +193,7 @@ def _run(args: argparse.Namespace) -> int:
     ds = load_data(spec.dataset, spec.dataset_kwargs,
                    input_multiple=reg.entry("model", spec.model).input_multiple, registry=reg)
     out = _default_out(args, spec)
+    refuse_to_overwrite(out, args.resume, getattr(args, "overwrite", False))
     mk = ", ".join(f"{k}={v}" for k, v in spec.model_kwargs.items())
     ok = ", ".join(f"{k}={v}" for k, v in spec.optimizer_kwargs.items())
     print(f"gnrev train: {spec.model}(d={ds.in_features}, C={ds.num_classes}, {mk}) with "

@@ -24,7 +24,96 @@ from typing import Any
 import torch
 
 __all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "append_jsonl",
-           "read_jsonl", "RunDir", "to_jsonable"]
+           "read_jsonl", "read_json", "load_tensor_file", "RunDir", "RunFileError",
+           "config_diff", "to_jsonable"]
+
+
+class RunFileError(ValueError):
+    """A run directory's file is corrupt, truncated, foreign or unsafe to load; the message
+    names the file and the remedy."""
+
+
+def read_json(path: str | Path) -> Any:
+    """One JSON file of a run directory, read safely (JSON never executes code).
+
+    Args:
+        path: the file.
+
+    Returns:
+        Its value.
+
+    Raises:
+        RunFileError: the file is not valid UTF-8 JSON (truncated, corrupt or not JSON).
+    """
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise RunFileError(f"{path} is not a valid JSON file ({err}); it is truncated, corrupt "
+                           "or not written by gnrev: restore it, or start the run again in a new "
+                           "--out directory (or with --overwrite)") from None
+
+
+def load_tensor_file(path: str | Path, required: Iterable[str] = ()) -> dict:
+    """A checkpoint (``torch.save`` of a dict), loaded with ``weights_only=True``: only
+    tensors and plain containers are unpickled, a pickle that would run code (``__reduce__``
+    of ``os.system``, ...) is refused before it runs.
+
+    Args:
+        path: the file.
+        required: keys the dict must hold.
+
+    Returns:
+        The dict, its tensors on the CPU.
+
+    Raises:
+        RunFileError: the file is truncated, corrupt, not a ``torch.save`` file, holds objects
+            other than tensors and containers, is not a dict, or misses a required key.
+    """
+    path = Path(path)
+    remedy = ("delete it to restart the run from epoch 0 (or use a new --out directory); never "
+              "load a checkpoint from an untrusted source with weights_only=False")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - every load failure is a bad file
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RunFileError(f"cannot load the checkpoint {path}: it is truncated, corrupt, not a "
+                           f"torch.save file or holds objects other than tensors "
+                           f"({type(err).__name__}: {first}); {remedy}") from None
+    if not isinstance(obj, dict):
+        raise RunFileError(f"the checkpoint {path} holds a {type(obj).__name__}, not a gnrev "
+                           f"checkpoint dict; {remedy}")
+    missing = [k for k in required if k not in obj]
+    if missing:
+        raise RunFileError(f"the checkpoint {path} lacks the entries {missing} (it holds "
+                           f"{sorted(map(str, obj))}): it was not written by this version of "
+                           f"gnrev; {remedy}")
+    return obj
+
+
+def config_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """The fields in which two configs differ, as ``"a.b: <old> -> <new>"`` lines.
+
+    Args:
+        old: the stored config.
+        new: the requested config.
+        prefix: the dotted path of ``old`` / ``new`` (for recursion).
+
+    Returns:
+        One line per differing leaf field, sorted by path.
+    """
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new), key=str):
+            key = f"{prefix}.{k}" if prefix else str(k)
+            if k not in old:
+                out.append(f"{key}: (absent) -> {new[k]!r}")
+            elif k not in new:
+                out.append(f"{key}: {old[k]!r} -> (absent)")
+            else:
+                out.extend(config_diff(old[k], new[k], key))
+        return out
+    return [] if old == new else [f"{prefix or '(config)'}: {old!r} -> {new!r}"]
 
 
 def to_jsonable(obj: Any) -> Any:
@@ -155,14 +244,15 @@ class RunDir:
         cfg = to_jsonable(config)
         old = self.read_config()
         if resume and old is not None and old != cfg:
-            diff = sorted(k for k in set(old) | set(cfg) if old.get(k) != cfg.get(k))
-            raise ValueError(f"cannot resume {self.path}: its config.json differs in {diff}; "
-                             "use a new --out directory or the same options")
+            diff = "; ".join(config_diff(old, cfg))
+            raise ValueError(f"cannot resume {self.path}: its config.json differs (stored -> "
+                             f"requested) in {diff}; use a new --out directory or the same "
+                             "options")
         atomic_write_json(self.file(self.CONFIG), cfg)
 
     def read_config(self) -> dict | None:
         p = self.file(self.CONFIG)
-        return json.loads(p.read_text()) if p.exists() else None
+        return read_json(p) if p.exists() else None
 
     # logs --------------------------------------------------------------------------------
     def log(self, row: dict, name: str | None = None) -> None:
@@ -184,11 +274,13 @@ class RunDir:
         torch.save(state, buf)
         atomic_write_bytes(self.file(self.CHECKPOINT), buf.getvalue())
 
-    def load_checkpoint(self) -> dict | None:
+    def load_checkpoint(self, required: Iterable[str] = ()) -> dict | None:
+        """The checkpoint (:func:`load_tensor_file`: ``weights_only=True``, clear errors), or
+        ``None`` when there is none."""
         p = self.file(self.CHECKPOINT)
         if not p.exists():
             return None
-        return torch.load(p, map_location="cpu", weights_only=True)
+        return load_tensor_file(p, required)
 
     # results -----------------------------------------------------------------------------
     def write_result(self, result: dict) -> None:
@@ -199,7 +291,7 @@ class RunDir:
 
     def read_result(self) -> dict | None:
         p = self.file(self.RESULT)
-        return json.loads(p.read_text()) if p.exists() else None
+        return read_json(p) if p.exists() else None
 
     @property
     def done(self) -> bool:
