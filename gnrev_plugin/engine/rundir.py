@@ -315,12 +315,18 @@ def _bracket(name: str, kwargs: dict) -> str:
     return f"{name}[{inner}]" if inner else name
 
 
+#: Dataset options that say where the data lives, not which data: left out of the problem key.
+_LOCATION_KEYS = frozenset({"data_dir", "root", "path", "cache_dir"})
+
+
 def read_runs(folder: str | Path) -> list:
     """Curves (:class:`gnrev_plugin.results.Curve`) of every run directory under ``folder``
     written by :func:`~gnrev_plugin.engine.runner.train_run` (``config.json`` holding the
     resolved run spec, ``log.jsonl``). The optimizer is named by its registry name with its
     options, ``gnrev.exact_gn[lr=0.2,rank_policy=warn]``, like benchopt's solver names; the
-    problem by the dataset, the model and the batch size (and the reproduction's setting).
+    problem by the dataset with its options (``gnrev.mnist[train_size=2048]``: runs on 2,048 and
+    8,000 images never share a row or a target; the data's location is left out), the model and
+    the batch size (and the reproduction's setting).
 
     Args:
         folder: searched recursively for ``log.jsonl`` files.
@@ -338,7 +344,10 @@ def read_runs(folder: str | Path) -> list:
         spec = cfg.get("spec")
         if not spec or not rows or "train_loss" not in rows[0]:
             continue
-        problem = f"{spec['dataset']}"
+        # the dataset's options (train_size, ...) define the problem; where the files live does not
+        data_kwargs = {k: v for k, v in (spec.get("dataset_kwargs") or {}).items()
+                       if k not in _LOCATION_KEYS and v is not None}
+        problem = _bracket(spec["dataset"], data_kwargs)
         if cfg.get("setting"):
             problem += f" {cfg['setting']}"
         problem += f" ({_bracket(spec['model'], spec['model_kwargs'])}, bs={spec['batch_size']})"
