@@ -180,9 +180,10 @@ def spec_from_args(args: argparse.Namespace):
 
 def _run(args: argparse.Namespace) -> int:
     import torch
+    from tqdm.auto import tqdm
 
     from gnrev_plugin.build import load_data, short_name
-    from gnrev_plugin.engine import BatchLossChange, EpochEnd, RunDir, WallTime, train_run
+    from gnrev_plugin.engine import BatchLossChange, EpochEnd, InexactSteps, RunDir, WallTime, train_run
     from gnrev_plugin.engine.launch import rank_and_world
     from gnrev_plugin.registry import get_registry
 
@@ -211,13 +212,24 @@ def _run(args: argparse.Namespace) -> int:
             for key in sorted(k for k in row if k == name or k.startswith(name + ".")):
                 value = row[key]
                 extra += f"  {key} {value:.4g}" if value is not None else f"  {key} –"
-        print(f"epoch {row['epoch']:3d}  train loss {row['train_loss']:.4f} acc "
-              f"{100 * row['train_acc']:5.2f}%  test loss {row['test_loss']:.4f} acc "
-              f"{100 * row['test_acc']:5.2f}%{extra}  ({row['time_s']:.1f}s)", flush=True)
+        # tqdm.write: the line goes above the progress bar, never into it
+        tqdm.write(f"epoch {row['epoch']:3d}  train loss {row['train_loss']:.4f} acc "
+                   f"{100 * row['train_acc']:5.2f}%  test loss {row['test_loss']:.4f} acc "
+                   f"{100 * row['test_acc']:5.2f}%{extra}  ({row['time_s']:.1f}s)",
+                   file=sys.stdout)
+        sys.stdout.flush()
+
+    def warn_inexact(s: dict) -> None:
+        worst = "" if s["worst_residual"] is None else (
+            f", worst relative residual {s['worst_residual']:.1e}")
+        tqdm.write(f"warning: epoch {s['epoch']}: {s['inexact']} of {s['steps']} Gauss-Newton "
+                   f"steps inexact (rank-deficient{worst}); use a batch <= the block width "
+                   f"(hidden + 1) or --opt solver=damped --opt damping=1e-3", file=sys.stderr)
 
     world = rank_and_world()[1]
     extra = {"data_info": ds.info, **({"nproc": world} if world > 1 else {})}
-    train_run(spec, ds, RunDir(out), [BatchLossChange(), WallTime(), EpochEnd(show)],
+    callbacks = [BatchLossChange(), WallTime(), EpochEnd(show), InexactSteps(warn_inexact)]
+    train_run(spec, ds, RunDir(out), callbacks,
               resume=args.resume, progress=not args.no_progress, desc=short_name(spec.optimizer),
               registry=reg, extra_config=extra)
     print(f"done: {out}")
