@@ -70,6 +70,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run already in --out (its log, checkpoint and result are "
                         "deleted); without it (or --resume) an existing run is refused")
+    p.add_argument("--keep-checkpoints-every", type=int, default=0, metavar="K",
+                   help="also keep the checkpoint of every K-th epoch (checkpoint-epoch<E>.pt); "
+                        "default 0: only the last one, checkpoint.pt")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (per process; with --nproc N default: cores / N)")
     p.add_argument("--nproc", type=int, default=1, metavar="N",
@@ -183,7 +186,15 @@ def _run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from gnrev_plugin.build import load_data, short_name
-    from gnrev_plugin.engine import BatchLossChange, EpochEnd, InexactSteps, RunDir, WallTime, train_run
+    from gnrev_plugin.engine import (
+        BatchLossChange,
+        EpochEnd,
+        EpochPlan,
+        InexactSteps,
+        RunDir,
+        WallTime,
+        train_run,
+    )
     from gnrev_plugin.engine.launch import rank_and_world
     from gnrev_plugin.registry import get_registry
 
@@ -229,7 +240,8 @@ def _run(args: argparse.Namespace) -> int:
     world = rank_and_world()[1]
     extra = {"data_info": ds.info, **({"nproc": world} if world > 1 else {})}
     callbacks = [BatchLossChange(), WallTime(), EpochEnd(show), InexactSteps(warn_inexact)]
-    train_run(spec, ds, RunDir(out), callbacks,
+    plan = EpochPlan(keep_checkpoints_every=getattr(args, "keep_checkpoints_every", 0))
+    train_run(spec, ds, RunDir(out), callbacks, plan,
               resume=args.resume, progress=not args.no_progress, desc=short_name(spec.optimizer),
               registry=reg, extra_config=extra)
     print(f"done: {out}")

@@ -23,20 +23,25 @@ __all__ = ["save_checkpoint", "restore_checkpoint", "CHECKPOINT_KEYS"]
 CHECKPOINT_KEYS = ("epoch", "model", "optimizer")
 
 
-def save_checkpoint(state: TrainState, epoch: int, callbacks: Sequence) -> None:
-    """Write the checkpoint of ``epoch`` into ``state.run`` (atomically).
+def save_checkpoint(state: TrainState, epoch: int, callbacks: Sequence, keep_every: int = 0
+                    ) -> None:
+    """Write the checkpoint of ``epoch`` into ``state.run`` (atomically), replacing the previous
+    one: a run keeps one checkpoint, not one per epoch, unless ``keep_every`` asks for more.
 
     Args:
         state: the run.
         epoch: the epoch just logged.
         callbacks: their states are saved under their ``state_key``.
+        keep_every: ``k > 0``: at an epoch divisible by ``k`` also keep a copy,
+            ``checkpoint-epoch<E>.pt`` (:attr:`EpochPlan.keep_checkpoints_every`).
     """
     ckpt = dict(epoch=epoch, model=state.model.state_dict(),
                 optimizer=state.optimizer.state_dict(), stop_reason=state.stop_reason)
     for cb in callbacks:
         if cb.state_key is not None:
             ckpt[cb.state_key] = cb.state_dict()
-    state.run.save_checkpoint(ckpt)
+    keep = keep_every > 0 and epoch % keep_every == 0
+    state.run.save_checkpoint(ckpt, keep_as=state.run.epoch_checkpoint(epoch) if keep else None)
 
 
 def restore_checkpoint(state: TrainState, callbacks: Sequence) -> int:

@@ -267,12 +267,25 @@ class RunDir:
         atomic_write_text(self.file(name or self.LOG), text)
 
     # checkpoints -------------------------------------------------------------------------
-    def save_checkpoint(self, state: dict) -> None:
+    def save_checkpoint(self, state: dict, keep_as: str | None = None) -> None:
+        """Write ``checkpoint.pt`` (atomically, replacing the previous one); ``keep_as``: also
+        write the same bytes to that file name (a kept checkpoint, :meth:`epoch_checkpoint`)."""
         import io
 
         buf = io.BytesIO()
         torch.save(state, buf)
         atomic_write_bytes(self.file(self.CHECKPOINT), buf.getvalue())
+        if keep_as is not None:
+            atomic_write_bytes(self.file(keep_as), buf.getvalue())
+
+    @staticmethod
+    def epoch_checkpoint(epoch: int) -> str:
+        """The file name of the kept checkpoint of ``epoch``: ``checkpoint-epoch0012.pt``."""
+        return f"checkpoint-epoch{epoch:04d}.pt"
+
+    def kept_checkpoints(self) -> list[Path]:
+        """The kept per-epoch checkpoints, oldest first."""
+        return sorted(self.path.glob("checkpoint-epoch*.pt"))
 
     def load_checkpoint(self, required: Iterable[str] = ()) -> dict | None:
         """The checkpoint (:func:`load_tensor_file`: ``weights_only=True``, clear errors), or
@@ -306,6 +319,8 @@ class RunDir:
             p = self.file(name)
             if p.exists():
                 p.unlink()
+        for p in self.kept_checkpoints():
+            p.unlink()
 
 
 # ---------------------------------------------------------------------------------- reader
