@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
+import sys
 import warnings
 
 from tabulate import tabulate
@@ -101,7 +103,10 @@ def run(args: argparse.Namespace) -> int:
                 failed += 1
                 row.append(f"unavailable: {err.__cause__!r}"[:80])
         rows.append(row)
-    print(fit_table(rows, headers, args.tablefmt, shutil.get_terminal_size().columns))
+    if sys.stdout.isatty() or "COLUMNS" in os.environ:   # a terminal: fit its width
+        print(fit_table(rows, headers, args.tablefmt, shutil.get_terminal_size().columns))
+    else:                                                 # a pipe or file: whole lines
+        print(tabulate(rows, headers=headers, tablefmt=args.tablefmt))
     plugins = ", ".join(f"{s.plugin} ({s.distribution} {s.version})" for s in reg.sources)
     print(f"\n{len(rows)} entries from {len(reg.sources)} plugin(s): {plugins or 'none'}")
     if reg.problems:

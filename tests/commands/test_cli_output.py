@@ -58,3 +58,12 @@ def test_list_fits_the_terminal(monkeypatch, capsys, width):
     out = capsys.readouterr().out
     assert max(len(line) for line in out.splitlines()) <= width
     assert "gnrev.exact_gn" in out and "gnrev.revmlp" in out
+
+
+def test_list_into_a_pipe_keeps_whole_lines(monkeypatch, capsys):
+    """Not a terminal (no ``COLUMNS``): nothing wrapped or left out, for scripts."""
+    monkeypatch.delenv("COLUMNS", raising=False)
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if "gnrev.revmlp" in ln.split())
+    assert "gnrev_plugin.nn:RevMLP" in line and "gnrev-plugin" in line
