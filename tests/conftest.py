@@ -31,8 +31,15 @@ settings.register_profile("thorough", deadline=None, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 settings.load_profile("ci" if os.environ.get("CI") else os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
-#: Shared fixtures: ``toy_registry`` (the repo's toy plugin installed on sys.path).
-pytest_plugins = ["toy_plugin"]
+#: Shared fixtures: ``toy_registry`` (the repo's toy plugin installed on sys.path); the session's
+#: temporary HOME and its end-of-session check (``home_guard``).
+pytest_plugins = ["toy_plugin", "home_guard"]
+
+
+@pytest.fixture(autouse=True)
+def _gnrev_cache_in_tmp(tmp_path_factory, monkeypatch):
+    """Every test's gnrev cache (benchopt solver files) lives in its own temporary folder."""
+    monkeypatch.setenv("GNREV_CACHE_DIR", str(tmp_path_factory.mktemp("gnrev-cache")))
 
 #: A skip under CI is allowed only for a test that truly needs a missing GPU.
 GPU_SKIP = re.compile(r"\b(gpu|cuda)\b", re.IGNORECASE)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
+import sys
 import warnings
 
 from tabulate import tabulate
@@ -35,6 +38,52 @@ def _contract(e) -> str:
     return "; ".join(parts)
 
 
+#: The columns that wrap to fit the terminal, with their share of the room left by the others.
+_WRAPPED = {"description": 0.4, "contract": 0.25, "tags": 0.15, "target": 0.2}
+
+
+#: Left out, in this order, while the terminal is too narrow for the table even wrapped (the
+#: distributions are listed below the table anyway).
+_DROPPED_FIRST = ("distribution", "target", "tags")
+
+
+def fit_table(rows: list[list[str]], headers: list[str], tablefmt: str, width: int) -> str:
+    """The table, its long text columns wrapped so that no line is wider than ``width``.
+
+    Args:
+        rows: the cells.
+        headers: the column names.
+        tablefmt: the tabulate format.
+        width: the terminal's width (:func:`shutil.get_terminal_size`).
+
+    Returns:
+        The table text (on a narrow terminal without the columns of :data:`_DROPPED_FIRST`,
+        in that order, as long as it is still too narrow); a line is cut at ``width`` (ending
+        in ``…``) only if wrapping cannot make it fit.
+    """
+    text = tabulate(rows, headers=headers, tablefmt=tablefmt)
+    if max(map(len, text.splitlines()), default=0) <= width:
+        return text
+    natural = [max([len(h)] + [len(str(r[i])) for r in rows]) for i, h in enumerate(headers)]
+    fixed = sum(n for h, n in zip(headers, natural, strict=True) if h not in _WRAPPED)
+    wrapped = [h for h in headers if h in _WRAPPED]
+    for drop in _DROPPED_FIRST:     # too narrow even wrapped: leave out the least useful column
+        if fixed + 10 * len(wrapped) + 2 * len(headers) <= width or drop not in headers:
+            continue
+        i = headers.index(drop)
+        headers = headers[:i] + headers[i + 1:]
+        rows = [r[:i] + r[i + 1:] for r in rows]
+        fixed -= 0 if drop in _WRAPPED else natural[i]
+        wrapped = [h for h in headers if h in _WRAPPED]
+        natural = natural[:i] + natural[i + 1:]
+    room = max(0, width - fixed - 2 * len(headers))
+    share = sum(_WRAPPED[h] for h in wrapped) or 1.0
+    limits = [max(8, int(room * _WRAPPED[h] / share)) if h in _WRAPPED else None for h in headers]
+    text = tabulate(rows, headers=headers, tablefmt=tablefmt, maxcolwidths=limits)
+    return "\n".join(line if len(line) <= width else line[:width - 1] + "…"
+                     for line in text.splitlines())
+
+
 def run(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():  # the problems are printed below the table instead
         warnings.simplefilter("ignore", PluginWarning)
@@ -54,7 +103,10 @@ def run(args: argparse.Namespace) -> int:
                 failed += 1
                 row.append(f"unavailable: {err.__cause__!r}"[:80])
         rows.append(row)
-    print(tabulate(rows, headers=headers, tablefmt=args.tablefmt))
+    if sys.stdout.isatty() or "COLUMNS" in os.environ:   # a terminal: fit its width
+        print(fit_table(rows, headers, args.tablefmt, shutil.get_terminal_size().columns))
+    else:                                                 # a pipe or file: whole lines
+        print(tabulate(rows, headers=headers, tablefmt=args.tablefmt))
     plugins = ", ".join(f"{s.plugin} ({s.distribution} {s.version})" for s in reg.sources)
     print(f"\n{len(rows)} entries from {len(reg.sources)} plugin(s): {plugins or 'none'}")
     if reg.problems:

@@ -22,6 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="output directory (default: runs/<experiment>-<preset>-<time>)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run in --out exactly where it stopped")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a non-empty --out (its runs are replaced); without it "
+                        "(or --resume) a non-empty --out is refused")
     p.add_argument("--data", default="mnist", choices=["mnist", "mnist1d"],
                    help="dataset (exact-gn and conditioning; nme uses it for its inputs too)")
     p.add_argument("--data-dir", default=None,
@@ -54,6 +57,9 @@ def run(args: argparse.Namespace) -> int:
         f"{args.experiment}-{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
     if args.resume and not (out / "config.json").exists():
         raise FileNotFoundError(f"--resume: {out} holds no run to resume (no config.json)")
+    if not (args.resume or args.overwrite) and out.is_dir() and any(out.iterdir()):
+        raise FileExistsError(f"{out} is not empty; pass --resume to continue the runs in it, "
+                              "--overwrite to replace them, or a new --out directory")
     t0 = time.perf_counter()
     progress = not args.no_progress
 

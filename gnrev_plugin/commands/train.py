@@ -67,6 +67,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="run directory (default: runs/train-<optimizer>-"
                    "<data>-<time>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out (its log, checkpoint and result are "
+                        "deleted); without it (or --resume) an existing run is refused")
+    p.add_argument("--keep-checkpoints-every", type=int, default=0, metavar="K",
+                   help="also keep the checkpoint of every K-th epoch (checkpoint-epoch<E>.pt); "
+                        "default 0: only the last one, checkpoint.pt")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (per process; with --nproc N default: cores / N)")
     p.add_argument("--deterministic", action="store_true",
@@ -106,6 +112,28 @@ def _default_out(args: argparse.Namespace, spec) -> Path:
         f"{time.strftime('%Y%m%d-%H%M%S')}")
 
 
+def refuse_to_overwrite(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to start afresh in a run directory that holds a run's results.
+
+    Args:
+        out: the run directory.
+        resume: ``--resume`` (continue the run: nothing is lost).
+        overwrite: ``--overwrite`` (the user asked to replace the run).
+
+    Raises:
+        FileExistsError: ``out`` holds a log, checkpoint or result and neither flag is given.
+    """
+    from gnrev_plugin.engine import RunDir
+
+    if resume or overwrite:
+        return
+    found = [n for n in (RunDir.LOG, RunDir.CHECKPOINT, RunDir.RESULT) if (out / n).exists()]
+    if found:
+        raise FileExistsError(f"{out} already holds a run ({', '.join(found)}); pass --resume to "
+                              "continue it, --overwrite to replace it (its files are deleted), "
+                              "or a new --out directory")
+
+
 def _launch(args: argparse.Namespace) -> int:
     """Start ``--nproc`` processes that each run :func:`_run` (rank 0 prints and writes)."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -121,6 +149,12 @@ def _launch(args: argparse.Namespace) -> int:
     spec = spec_from_args(args).resolve(get_registry())
     args = argparse.Namespace(**vars(args))
     args.out = str(_default_out(args, spec))      # one run directory for every rank
+    try:
+        refuse_to_overwrite(Path(args.out), args.resume, args.overwrite)
+    except FileExistsError as err:
+        print(f"gnrev train: error: {err}", file=sys.stderr)
+        return 2
+    args.overwrite = True       # checked once here: rank 0 may write before another rank checks
     try:
         codes = launch(_rank_main, args.nproc, args, backend=backend_for(spec.device))
     except ChildFailedError as err:
@@ -189,9 +223,18 @@ def spec_from_args(args: argparse.Namespace):
 
 def _run(args: argparse.Namespace) -> int:
     import torch
+    from tqdm.auto import tqdm
 
     from gnrev_plugin.build import load_data, short_name
-    from gnrev_plugin.engine import BatchLossChange, EpochEnd, RunDir, WallTime, train_run
+    from gnrev_plugin.engine import (
+        BatchLossChange,
+        EpochEnd,
+        EpochPlan,
+        InexactSteps,
+        RunDir,
+        WallTime,
+        train_run,
+    )
     from gnrev_plugin.engine.launch import rank_and_world
     from gnrev_plugin.registry import get_registry
 
@@ -205,6 +248,7 @@ def _run(args: argparse.Namespace) -> int:
     ds = load_data(spec.dataset, spec.dataset_kwargs,
                    input_multiple=reg.entry("model", spec.model).input_multiple, registry=reg)
     out = _default_out(args, spec)
+    refuse_to_overwrite(out, args.resume, getattr(args, "overwrite", False))
     mk = ", ".join(f"{k}={v}" for k, v in spec.model_kwargs.items())
     ok = ", ".join(f"{k}={v}" for k, v in spec.optimizer_kwargs.items())
     print(f"gnrev train: {spec.model}(d={ds.in_features}, C={ds.num_classes}, {mk}) with "
@@ -222,13 +266,25 @@ def _run(args: argparse.Namespace) -> int:
             for key in sorted(k for k in row if k == name or k.startswith(name + ".")):
                 value = row[key]
                 extra += f"  {key} {value:.4g}" if value is not None else f"  {key} –"
-        print(f"epoch {row['epoch']:3d}  train loss {row['train_loss']:.4f} acc "
-              f"{100 * row['train_acc']:5.2f}%  test loss {row['test_loss']:.4f} acc "
-              f"{100 * row['test_acc']:5.2f}%{extra}  ({row['time_s']:.1f}s)", flush=True)
+        # tqdm.write: the line goes above the progress bar, never into it
+        tqdm.write(f"epoch {row['epoch']:3d}  train loss {row['train_loss']:.4f} acc "
+                   f"{100 * row['train_acc']:5.2f}%  test loss {row['test_loss']:.4f} acc "
+                   f"{100 * row['test_acc']:5.2f}%{extra}  ({row['time_s']:.1f}s)",
+                   file=sys.stdout)
+        sys.stdout.flush()
+
+    def warn_inexact(s: dict) -> None:
+        worst = "" if s["worst_residual"] is None else (
+            f", worst relative residual {s['worst_residual']:.1e}")
+        tqdm.write(f"warning: epoch {s['epoch']}: {s['inexact']} of {s['steps']} Gauss-Newton "
+                   f"steps inexact (rank-deficient{worst}); use a batch <= the block width "
+                   f"(hidden + 1) or --opt solver=damped --opt damping=1e-3", file=sys.stderr)
 
     world = rank_and_world()[1]
     extra = {"data_info": ds.info, **({"nproc": world} if world > 1 else {})}
-    train_run(spec, ds, RunDir(out), [BatchLossChange(), WallTime(), EpochEnd(show)],
+    callbacks = [BatchLossChange(), WallTime(), EpochEnd(show), InexactSteps(warn_inexact)]
+    plan = EpochPlan(keep_checkpoints_every=getattr(args, "keep_checkpoints_every", 0))
+    train_run(spec, ds, RunDir(out), callbacks, plan,
               resume=args.resume, progress=not args.no_progress, desc=short_name(spec.optimizer),
               registry=reg, extra_config=extra)
     print(f"done: {out}")

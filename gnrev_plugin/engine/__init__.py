@@ -20,6 +20,7 @@ from .callbacks import (
     Callback,
     Diagnostics,
     EpochEnd,
+    InexactSteps,
     Interrupted,
     StopOnDivergence,
     WallTime,
@@ -30,5 +31,5 @@ from .runner import train_run
 from .sweep import Job, run_jobs
 
 __all__ = ["train_run", "EpochPlan", "TrainState", "run_epochs", "Callback", "BatchLossChange",
-           "WallTime", "Diagnostics", "EpochEnd", "StopOnDivergence", "Interrupted", "RunDir",
+           "WallTime", "Diagnostics", "EpochEnd", "InexactSteps", "StopOnDivergence", "Interrupted", "RunDir",
            "Job", "run_jobs"]

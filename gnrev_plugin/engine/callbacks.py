@@ -23,7 +23,7 @@ from collections.abc import Callable
 from gnrev_plugin.stepping import StepResult
 
 __all__ = ["Callback", "BatchLossChange", "WallTime", "Diagnostics", "EpochEnd",
-           "StopOnDivergence", "Interrupted"]
+           "InexactSteps", "StopOnDivergence", "Interrupted"]
 
 
 class Interrupted(BaseException):
@@ -190,6 +190,40 @@ class EpochEnd(Callback):
 
     def on_checkpoint(self, state, row: dict) -> None:
         self.fn(row)
+
+
+class InexactSteps(Callback):
+    """``fn(summary)`` after each row whose epochs took inexact Gauss-Newton steps (the
+    optimizer's ``last_step_exact`` is ``False``): ``summary = {"epoch", "steps", "inexact",
+    "worst_residual"}``, the steps since the previous row, how many were inexact and the largest
+    relative residual ``‖E − AΔ‖/‖E‖`` their reports (``last_step_info``) record (``None`` if
+    they record none). The step's own warning is silenced by the runner
+    (:func:`gnrev_plugin.stepping.train_step`), so this is how a user learns of it."""
+
+    def __init__(self, fn: Callable[[dict], None]) -> None:
+        self.fn = fn
+        self.steps, self.inexact, self.worst = 0, 0, None
+
+    def on_train_start(self, state, epoch: int) -> None:
+        self.steps, self.inexact, self.worst = 0, 0, None
+
+    def on_step(self, state, epoch: int, result: StepResult) -> None:
+        self.steps += 1
+        if result.exact is not False:
+            return
+        self.inexact += 1
+        info = getattr(state.optimizer, "last_step_info", None) or {}
+        found = [b.get(k) for b in info.get("blocks", ()) for k in ("residual_f", "residual_g")]
+        found.append(info.get("relative_residual"))
+        found = [float(r) for r in found if r is not None]
+        if found:
+            self.worst = max(found + ([self.worst] if self.worst is not None else []))
+
+    def on_checkpoint(self, state, row: dict) -> None:
+        if self.inexact:
+            self.fn(dict(epoch=row["epoch"], steps=self.steps, inexact=self.inexact,
+                         worst_residual=self.worst))
+        self.steps, self.inexact, self.worst = 0, 0, None
 
 
 class StopOnDivergence(Callback):

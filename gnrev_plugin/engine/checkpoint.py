@@ -14,24 +14,34 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from .loop import TrainState
+from .rundir import RunFileError
 
-__all__ = ["save_checkpoint", "restore_checkpoint"]
+__all__ = ["save_checkpoint", "restore_checkpoint", "CHECKPOINT_KEYS"]
+
+#: The entries every checkpoint holds; one without them is refused with a clear error
+#: (:class:`~gnrev_plugin.engine.rundir.RunFileError`), not a bare ``KeyError: 'model'``.
+CHECKPOINT_KEYS = ("epoch", "model", "optimizer")
 
 
-def save_checkpoint(state: TrainState, epoch: int, callbacks: Sequence) -> None:
-    """Write the checkpoint of ``epoch`` into ``state.run`` (atomically).
+def save_checkpoint(state: TrainState, epoch: int, callbacks: Sequence, keep_every: int = 0
+                    ) -> None:
+    """Write the checkpoint of ``epoch`` into ``state.run`` (atomically), replacing the previous
+    one: a run keeps one checkpoint, not one per epoch, unless ``keep_every`` asks for more.
 
     Args:
         state: the run.
         epoch: the epoch just logged.
         callbacks: their states are saved under their ``state_key``.
+        keep_every: ``k > 0``: at an epoch divisible by ``k`` also keep a copy,
+            ``checkpoint-epoch<E>.pt`` (:attr:`EpochPlan.keep_checkpoints_every`).
     """
     ckpt = dict(epoch=epoch, model=state.model.state_dict(),
                 optimizer=state.optimizer.state_dict(), stop_reason=state.stop_reason)
     for cb in callbacks:
         if cb.state_key is not None:
             ckpt[cb.state_key] = cb.state_dict()
-    state.run.save_checkpoint(ckpt)
+    keep = keep_every > 0 and epoch % keep_every == 0
+    state.run.save_checkpoint(ckpt, keep_as=state.run.epoch_checkpoint(epoch) if keep else None)
 
 
 def restore_checkpoint(state: TrainState, callbacks: Sequence) -> int:
@@ -46,13 +56,21 @@ def restore_checkpoint(state: TrainState, callbacks: Sequence) -> int:
         run directory's old log, checkpoint and result are removed).
     """
     run = state.run
-    ckpt = run.load_checkpoint()
+    ckpt = run.load_checkpoint(required=CHECKPOINT_KEYS)
     if ckpt is None:
         if state.root:
             run.reset()
         return 0
-    state.model.load_state_dict(ckpt["model"])
-    state.optimizer.load_state_dict(ckpt["optimizer"])
+    try:
+        state.model.load_state_dict(ckpt["model"])
+        state.optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as err:
+        path = run.file(run.CHECKPOINT)
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RunFileError(f"the checkpoint {path} does not fit this run's model or optimizer "
+                           f"({type(err).__name__}: {first}); it belongs to another run: "
+                           "delete it to restart from epoch 0, or use a new --out "
+                           "directory") from None
     state.stop_reason = ckpt.get("stop_reason")
     for cb in callbacks:
         if cb.state_key is not None and ckpt.get(cb.state_key) is not None:

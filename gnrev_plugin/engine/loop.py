@@ -76,15 +76,23 @@ class EpochPlan:
         batch_order: ``batch_order(n, seed, epoch)``, the order of the training samples in epoch
             ``epoch ≥ 1`` (a function of its arguments only, so that resume is exact); the
             default is :func:`gnrev_plugin.data.epoch_permutation`.
+        keep_checkpoints_every: ``0`` (default): one checkpoint per run, ``checkpoint.pt``,
+            replaced at every row (the last one is kept); ``k > 0``: also keep a copy,
+            ``checkpoint-epoch<E>.pt``, of every row's checkpoint at an epoch ``E`` divisible by
+            ``k``.
     """
 
     every: int = 1
     reevaluate: bool = True
     batch_order: Callable[[int, int, int], torch.Tensor] = gdata.epoch_permutation
+    keep_checkpoints_every: int = 0
 
     def __post_init__(self) -> None:
         if self.every < 1:
             raise ValueError(f"every must be ≥ 1, got {self.every}")
+        if self.keep_checkpoints_every < 0:
+            raise ValueError(f"keep_checkpoints_every must be ≥ 0, got "
+                             f"{self.keep_checkpoints_every}")
 
     def due(self, epoch: int, last: int) -> bool:
         """Whether epoch ``epoch`` of a run of ``last`` epochs gets a row.

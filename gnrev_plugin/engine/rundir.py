@@ -24,7 +24,96 @@ from typing import Any
 import torch
 
 __all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "append_jsonl",
-           "read_jsonl", "RunDir", "to_jsonable"]
+           "read_jsonl", "read_json", "load_tensor_file", "RunDir", "RunFileError",
+           "config_diff", "to_jsonable"]
+
+
+class RunFileError(ValueError):
+    """A run directory's file is corrupt, truncated, foreign or unsafe to load; the message
+    names the file and the remedy."""
+
+
+def read_json(path: str | Path) -> Any:
+    """One JSON file of a run directory, read safely (JSON never executes code).
+
+    Args:
+        path: the file.
+
+    Returns:
+        Its value.
+
+    Raises:
+        RunFileError: the file is not valid UTF-8 JSON (truncated, corrupt or not JSON).
+    """
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise RunFileError(f"{path} is not a valid JSON file ({err}); it is truncated, corrupt "
+                           "or not written by gnrev: restore it, or start the run again in a new "
+                           "--out directory (or with --overwrite)") from None
+
+
+def load_tensor_file(path: str | Path, required: Iterable[str] = ()) -> dict:
+    """A checkpoint (``torch.save`` of a dict), loaded with ``weights_only=True``: only
+    tensors and plain containers are unpickled, a pickle that would run code (``__reduce__``
+    of ``os.system``, ...) is refused before it runs.
+
+    Args:
+        path: the file.
+        required: keys the dict must hold.
+
+    Returns:
+        The dict, its tensors on the CPU.
+
+    Raises:
+        RunFileError: the file is truncated, corrupt, not a ``torch.save`` file, holds objects
+            other than tensors and containers, is not a dict, or misses a required key.
+    """
+    path = Path(path)
+    remedy = ("delete it to restart the run from epoch 0 (or use a new --out directory); never "
+              "load a checkpoint from an untrusted source with weights_only=False")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - every load failure is a bad file
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RunFileError(f"cannot load the checkpoint {path}: it is truncated, corrupt, not a "
+                           f"torch.save file or holds objects other than tensors "
+                           f"({type(err).__name__}: {first}); {remedy}") from None
+    if not isinstance(obj, dict):
+        raise RunFileError(f"the checkpoint {path} holds a {type(obj).__name__}, not a gnrev "
+                           f"checkpoint dict; {remedy}")
+    missing = [k for k in required if k not in obj]
+    if missing:
+        raise RunFileError(f"the checkpoint {path} lacks the entries {missing} (it holds "
+                           f"{sorted(map(str, obj))}): it was not written by this version of "
+                           f"gnrev; {remedy}")
+    return obj
+
+
+def config_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """The fields in which two configs differ, as ``"a.b: <old> -> <new>"`` lines.
+
+    Args:
+        old: the stored config.
+        new: the requested config.
+        prefix: the dotted path of ``old`` / ``new`` (for recursion).
+
+    Returns:
+        One line per differing leaf field, sorted by path.
+    """
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new), key=str):
+            key = f"{prefix}.{k}" if prefix else str(k)
+            if k not in old:
+                out.append(f"{key}: (absent) -> {new[k]!r}")
+            elif k not in new:
+                out.append(f"{key}: {old[k]!r} -> (absent)")
+            else:
+                out.extend(config_diff(old[k], new[k], key))
+        return out
+    return [] if old == new else [f"{prefix or '(config)'}: {old!r} -> {new!r}"]
 
 
 def to_jsonable(obj: Any) -> Any:
@@ -155,14 +244,15 @@ class RunDir:
         cfg = to_jsonable(config)
         old = self.read_config()
         if resume and old is not None and old != cfg:
-            diff = sorted(k for k in set(old) | set(cfg) if old.get(k) != cfg.get(k))
-            raise ValueError(f"cannot resume {self.path}: its config.json differs in {diff}; "
-                             "use a new --out directory or the same options")
+            diff = "; ".join(config_diff(old, cfg))
+            raise ValueError(f"cannot resume {self.path}: its config.json differs (stored -> "
+                             f"requested) in {diff}; use a new --out directory or the same "
+                             "options")
         atomic_write_json(self.file(self.CONFIG), cfg)
 
     def read_config(self) -> dict | None:
         p = self.file(self.CONFIG)
-        return json.loads(p.read_text()) if p.exists() else None
+        return read_json(p) if p.exists() else None
 
     # logs --------------------------------------------------------------------------------
     def log(self, row: dict, name: str | None = None) -> None:
@@ -177,18 +267,33 @@ class RunDir:
         atomic_write_text(self.file(name or self.LOG), text)
 
     # checkpoints -------------------------------------------------------------------------
-    def save_checkpoint(self, state: dict) -> None:
+    def save_checkpoint(self, state: dict, keep_as: str | None = None) -> None:
+        """Write ``checkpoint.pt`` (atomically, replacing the previous one); ``keep_as``: also
+        write the same bytes to that file name (a kept checkpoint, :meth:`epoch_checkpoint`)."""
         import io
 
         buf = io.BytesIO()
         torch.save(state, buf)
         atomic_write_bytes(self.file(self.CHECKPOINT), buf.getvalue())
+        if keep_as is not None:
+            atomic_write_bytes(self.file(keep_as), buf.getvalue())
 
-    def load_checkpoint(self) -> dict | None:
+    @staticmethod
+    def epoch_checkpoint(epoch: int) -> str:
+        """The file name of the kept checkpoint of ``epoch``: ``checkpoint-epoch0012.pt``."""
+        return f"checkpoint-epoch{epoch:04d}.pt"
+
+    def kept_checkpoints(self) -> list[Path]:
+        """The kept per-epoch checkpoints, oldest first."""
+        return sorted(self.path.glob("checkpoint-epoch*.pt"))
+
+    def load_checkpoint(self, required: Iterable[str] = ()) -> dict | None:
+        """The checkpoint (:func:`load_tensor_file`: ``weights_only=True``, clear errors), or
+        ``None`` when there is none."""
         p = self.file(self.CHECKPOINT)
         if not p.exists():
             return None
-        return torch.load(p, map_location="cpu", weights_only=True)
+        return load_tensor_file(p, required)
 
     # results -----------------------------------------------------------------------------
     def write_result(self, result: dict) -> None:
@@ -199,7 +304,7 @@ class RunDir:
 
     def read_result(self) -> dict | None:
         p = self.file(self.RESULT)
-        return json.loads(p.read_text()) if p.exists() else None
+        return read_json(p) if p.exists() else None
 
     @property
     def done(self) -> bool:
@@ -214,6 +319,8 @@ class RunDir:
             p = self.file(name)
             if p.exists():
                 p.unlink()
+        for p in self.kept_checkpoints():
+            p.unlink()
 
 
 # ---------------------------------------------------------------------------------- reader
@@ -223,12 +330,18 @@ def _bracket(name: str, kwargs: dict) -> str:
     return f"{name}[{inner}]" if inner else name
 
 
+#: Dataset options that say where the data lives, not which data: left out of the problem key.
+_LOCATION_KEYS = frozenset({"data_dir", "root", "path", "cache_dir"})
+
+
 def read_runs(folder: str | Path) -> list:
     """Curves (:class:`gnrev_plugin.results.Curve`) of every run directory under ``folder``
     written by :func:`~gnrev_plugin.engine.runner.train_run` (``config.json`` holding the
     resolved run spec, ``log.jsonl``). The optimizer is named by its registry name with its
     options, ``gnrev.exact_gn[lr=0.2,rank_policy=warn]``, like benchopt's solver names; the
-    problem by the dataset, the model and the batch size (and the reproduction's setting).
+    problem by the dataset with its options (``gnrev.mnist[train_size=2048]``: runs on 2,048 and
+    8,000 images never share a row or a target; the data's location is left out), the model and
+    the batch size (and the reproduction's setting).
 
     Args:
         folder: searched recursively for ``log.jsonl`` files.
@@ -246,7 +359,10 @@ def read_runs(folder: str | Path) -> list:
         spec = cfg.get("spec")
         if not spec or not rows or "train_loss" not in rows[0]:
             continue
-        problem = f"{spec['dataset']}"
+        # the dataset's options (train_size, ...) define the problem; where the files live does not
+        data_kwargs = {k: v for k, v in (spec.get("dataset_kwargs") or {}).items()
+                       if k not in _LOCATION_KEYS and v is not None}
+        problem = _bracket(spec["dataset"], data_kwargs)
         if cfg.get("setting"):
             problem += f" {cfg['setting']}"
         problem += f" ({_bracket(spec['model'], spec['model_kwargs'])}, bs={spec['batch_size']})"

@@ -121,7 +121,8 @@ def train_run(
     row = None
     if state.stop_reason is None:
         row = run_epochs(state, plan, callbacks, start,
-                         lambda epoch: save_checkpoint(state, epoch, callbacks),
+                         lambda epoch: save_checkpoint(state, epoch, callbacks,
+                                                       plan.keep_checkpoints_every),
                          progress=progress, desc=desc or short_name(spec.optimizer))
     if callable(getattr(state.optimizer, "close", None)):
         state.optimizer.close()

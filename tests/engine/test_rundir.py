@@ -54,7 +54,7 @@ def test_rundir_config_resume_check_and_checkpoint(tmp_path):
     run = rundir.RunDir(tmp_path / "r")
     run.write_config({"lr": 0.1, "seed": 1}, resume=False)
     run.write_config({"lr": 0.1, "seed": 1}, resume=True)
-    with pytest.raises(ValueError, match=r"differs in \['lr'\]"):
+    with pytest.raises(ValueError, match=r"differs \(stored -> requested\) in lr: 0.1 -> 0.2;"):
         run.write_config({"lr": 0.2, "seed": 1}, resume=True)
     run.write_config({"lr": 0.2, "seed": 1}, resume=False)  # a fresh run may overwrite
     state = {"epoch": 3, "w": torch.arange(4.0)}
