@@ -83,22 +83,25 @@ def _per_sample_grads(f: LayerFactors, lo: int, hi: int) -> torch.Tensor:
     return grads.reshape(grads.shape[0] * grads.shape[1], -1)
 
 
-def _gram_per_sample(f: LayerFactors, budget_bytes: int) -> torch.Tensor:
+def _gram_per_sample(f: LayerFactors, budget_bytes: int, blocks: int = 4) -> torch.Tensor:
+    """``Γ Γᵀ`` by sample blocks, upper blocks only (mirrored): ``Γ`` whole when it fits the
+    budget, else recomputed per block pair."""
     n, C, G, T, d, m = f.shape()
-    width = G * m * d
-    row_bytes = C * width * f.a.element_size()
-    step = _chunk_samples(n, row_bytes, budget_bytes)
-    if step >= n:
-        grads = _per_sample_grads(f, 0, n)
-        return grads @ grads.mT
-    K = f.a.new_zeros(n * C, n * C)
+    row_bytes = C * G * m * d * f.a.element_size()
+    whole = n * row_bytes <= budget_bytes
+    step = -(-n // blocks) if whole else _chunk_samples(n, row_bytes, budget_bytes)
+    grads = _per_sample_grads(f, 0, n) if whole else None
+
+    def rows(lo: int, hi: int) -> torch.Tensor:
+        return grads[lo * C:hi * C] if whole else _per_sample_grads(f, lo, hi)
+
+    K = f.a.new_empty(n * C, n * C)
     for lo in range(0, n, step):
         hi = min(n, lo + step)
-        left = _per_sample_grads(f, lo, hi)
+        left = rows(lo, hi)
         for lo2 in range(lo, n, step):
             hi2 = min(n, lo2 + step)
-            right = left if lo2 == lo else _per_sample_grads(f, lo2, hi2)
-            block = left @ right.mT
+            block = left @ (left if lo2 == lo else rows(lo2, hi2)).mT
             K[lo * C:hi * C, lo2 * C:hi2 * C] = block
             if lo2 != lo:
                 K[lo2 * C:hi2 * C, lo * C:hi * C] = block.mT
