@@ -43,11 +43,12 @@ def _check_cg_step(net, x, y, lr, opt_kwargs, preconditioner):
     return opt
 
 
+@pytest.mark.parametrize("preconditioner", ["block", "diagonal", "none"])
 @pytest.mark.parametrize("case", ["mixed", "groups_no_bias", "same_reflect"])
-def test_cg_step_matches_pinv_with_exact_diagonal_preconditioner(case):
+def test_cg_step_matches_pinv_with_exact_preconditioners(case, preconditioner):
     net = conv_net(case, "batch_eval")
     x, y = _batch(5)
-    _check_cg_step(net, x, y, 0.7, {}, "diagonal")
+    _check_cg_step(net, x, y, 0.7, {"cg_preconditioner": preconditioner}, preconditioner)
 
 
 def test_cg_on_a_generic_module_without_preconditioner():
@@ -120,4 +121,4 @@ def test_conjugate_gradient_solves_an_spd_system():
 def test_cg_step_matches_pinv_cuda():
     net = conv_net("mixed", "batch_eval").cuda()
     x, y = _batch(5, device="cuda")
-    _check_cg_step(net, x, y, 0.7, {}, "diagonal")
+    _check_cg_step(net, x, y, 0.7, {}, "block")

@@ -3,7 +3,7 @@
 The oracle differentiates the whole network with ``jacrev`` (float64) and forms ``J Jᵀ``; the
 package's Gram comes from unfolded patches / normalised inputs and output-VJPs, by both strategies
 (per-sample gradients, chunked under a tiny memory budget too, and the patch Gram), at 1e-10. The
-diagonal (CG's preconditioner) is checked against ``diag(J Jᵀ)``.
+diagonal and the per-sample ``C × C`` blocks (CG's preconditioners) against those of the oracle.
 """
 
 import pytest
@@ -11,7 +11,12 @@ import torch
 from oracles import dense_jacobian
 from torch import nn
 
-from gnrev_plugin.optim.gram import choose_strategy, factored_diagonal, factored_gram
+from gnrev_plugin.optim.gram import (
+    choose_strategy,
+    factored_diagonal,
+    factored_gram,
+    factored_sample_blocks,
+)
 from gnrev_plugin.optim.gram.capture import capture_factors, plan_layers
 
 TOL = 1e-10
@@ -72,7 +77,18 @@ def structured_gram(net, x, strategy=None, max_memory_mb=1024.0):
     _, factors, _ = capture_factors(f, params, x, layers)
     K = sum(factored_gram(fa, strategy, max_memory_mb)[0] for fa in factors)
     d = sum(factored_diagonal(fa, strategy, max_memory_mb) for fa in factors)
-    return K, d
+    blocks = sum(factored_sample_blocks(fa, strategy, max_memory_mb) for fa in factors)
+    return K, d, blocks
+
+
+def check_against(ref, K, d, blocks):
+    """Gram, diagonal and per-sample C×C blocks against the oracle's J Jᵀ (1e-10)."""
+    n = blocks.shape[0]
+    C = ref.shape[0] // n
+    ref_blocks = torch.stack([ref[i * C:(i + 1) * C, i * C:(i + 1) * C] for i in range(n)])
+    assert float((K - ref).norm() / ref.norm()) <= TOL
+    assert float((d - ref.diagonal()).norm() / ref.diagonal().norm()) <= TOL
+    assert float((blocks - ref_blocks).norm() / ref_blocks.norm()) <= TOL
 
 
 @pytest.mark.parametrize("strategy", ["per_sample_grad", "patch_gram", None])
@@ -83,9 +99,7 @@ def test_conv_norm_gram_equals_jacrev(case, norm, strategy):
     x = torch.randn(5, 2, 9, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     J = dense_jacobian(net, x)
     ref = J @ J.mT
-    K, d = structured_gram(net, x, strategy)
-    assert float((K - ref).norm() / ref.norm()) <= TOL
-    assert float((d - ref.diagonal()).norm() / ref.diagonal().norm()) <= TOL
+    check_against(ref, *structured_gram(net, x, strategy))
 
 
 @pytest.mark.parametrize("strategy", ["per_sample_grad", "patch_gram"])
@@ -94,9 +108,7 @@ def test_linear_on_sequences_and_layer_norm(strategy):
     x = torch.randn(4, 3, 5, dtype=torch.float64)
     J = dense_jacobian(net, x)
     ref = J @ J.mT
-    K, d = structured_gram(net, x, strategy)
-    assert float((K - ref).norm() / ref.norm()) <= TOL
-    assert float((d - ref.diagonal()).norm() / ref.diagonal().norm()) <= TOL
+    check_against(ref, *structured_gram(net, x, strategy))
 
 
 def test_chunked_per_sample_gram_under_a_small_budget():
@@ -105,9 +117,7 @@ def test_chunked_per_sample_gram_under_a_small_budget():
     x = torch.randn(6, 2, 9, 8, dtype=torch.float64)
     J = dense_jacobian(net, x)
     ref = J @ J.mT
-    K, d = structured_gram(net, x, "per_sample_grad", max_memory_mb=2e-3)
-    assert float((K - ref).norm() / ref.norm()) <= TOL
-    assert float((d - ref.diagonal()).norm() / ref.diagonal().norm()) <= TOL
+    check_against(ref, *structured_gram(net, x, "per_sample_grad", max_memory_mb=2e-3))
 
 
 def test_strategy_follows_the_shapes():

@@ -28,7 +28,7 @@ class CGResult:
 
 
 def conjugate_gradient(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, *,
-                       preconditioner: torch.Tensor | None = None, tol: float = 1e-6,
+                       preconditioner: torch.Tensor | Callable | None = None, tol: float = 1e-6,
                        max_iter: int = 500) -> CGResult:
     """Preconditioned CG for a symmetric positive (semi-)definite ``M`` given as ``matvec``.
 
@@ -39,7 +39,8 @@ def conjugate_gradient(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.
     Args:
         matvec: ``v ↦ M v``.
         b: right-hand side (1-D).
-        preconditioner: the diagonal ``D`` of ``M`` (Jacobi, ``z = r / D``), or ``None``.
+        preconditioner: the diagonal ``D`` of ``M`` (Jacobi, ``z = r / D``), a callable
+            ``r ↦ P⁻¹ r`` (symmetric positive definite ``P``), or ``None``.
         tol: relative tolerance on the recursive residual.
         max_iter: iteration limit.
 
@@ -48,16 +49,19 @@ def conjugate_gradient(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.
     """
     if tol <= 0 or max_iter < 1:
         raise ValueError(f"cg_tol must be > 0 and cg_max_iter ≥ 1, got {tol}, {max_iter}")
-    inv_d = None
-    if preconditioner is not None:
+    apply = preconditioner if callable(preconditioner) else None
+    if isinstance(preconditioner, torch.Tensor):
         d = preconditioner.to(b.dtype)
         inv_d = torch.where(d > 0, 1.0 / d.clamp_min(torch.finfo(b.dtype).tiny), 1.0)
+
+        def apply(r: torch.Tensor) -> torch.Tensor:
+            return r * inv_d
     x = torch.zeros_like(b)
     r = b.clone()
     b_norm = float(b.norm())
     if b_norm == 0.0:
         return CGResult(x, 0, 0.0)
-    z = r * inv_d if inv_d is not None else r
+    z = apply(r) if apply is not None else r
     p = z.clone()
     rz = torch.dot(r, z)
     k, res = 0, 1.0
@@ -73,7 +77,7 @@ def conjugate_gradient(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.
         res = float(r.norm()) / b_norm
         if res <= tol:
             break
-        z = r * inv_d if inv_d is not None else r
+        z = apply(r) if apply is not None else r
         rz_new = torch.dot(r, z)
         p = z + (rz_new / rz) * p
         rz = rz_new
@@ -108,3 +112,31 @@ class JacobianProducts:
     def gram_matvec(self, v: torch.Tensor) -> torch.Tensor:
         """``J Jᵀ v`` (one VJP, one JVP), in ``v``'s dtype."""
         return self.jvp(self.vjp(v)).to(v.dtype)
+
+
+def block_preconditioner(blocks: torch.Tensor, damping: float = 0.0
+                         ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Block-Jacobi ``r ↦ P⁻¹ r`` from the per-sample ``C × C`` diagonal blocks of ``J Jᵀ``.
+
+    .. math::
+
+        P = \\mathrm{blockdiag}_i\\big(K_{ii} + \\lambda I + \\delta_i I\\big)
+
+    with ``δ_i`` a jitter of ``1e-10·tr K_ii / C`` (a rank-deficient block stays invertible).
+
+    Args:
+        blocks: ``(n, C, C)``.
+        damping: ``λ``.
+
+    Returns:
+        The preconditioner as a function of a flat, sample-major ``r``.
+    """
+    n, C, _ = blocks.shape
+    eye = torch.eye(C, dtype=blocks.dtype, device=blocks.device)
+    jitter = 1e-10 * blocks.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(1e-300) / C
+    L = torch.linalg.cholesky(blocks + (damping + jitter)[:, None, None] * eye)
+
+    def apply(r: torch.Tensor) -> torch.Tensor:
+        z = torch.cholesky_solve(r.reshape(n, C, 1).to(L.dtype), L)
+        return z.reshape(-1).to(r.dtype)
+    return apply

@@ -62,7 +62,7 @@ from torch.func import functional_call, jacrev, vmap
 from ..nn.discovery import find_module_owning
 from . import distributed as gdist
 from .capture import OutputCapture, autocast_disabled, suspended
-from .cg import JacobianProducts, conjugate_gradient
+from .cg import JacobianProducts, block_preconditioner, conjugate_gradient
 from .common import (
     apply_update,
     as_dtype,
@@ -72,7 +72,7 @@ from .common import (
     validate_gn_options,
 )
 from .errors import RankDeficiencyError
-from .gram import LayerFactors, factored_diagonal, factored_gram
+from .gram import LayerFactors, factored_diagonal, factored_gram, factored_sample_blocks
 from .gram.capture import capture_factors, plan_layers
 from .solvers import GramSystem, SolverConfig
 from .targets import mean_loss, newton_target
@@ -81,6 +81,7 @@ __all__ = ["DenseGN", "find_module_owning", "JACOBIAN_METHODS"]
 
 JACOBIAN_METHODS = ("auto", "structured", "linear", "per_sample", "rows")
 SOLVERS = ("cholesky", "eigh", "cg")
+CG_PRECONDITIONERS = ("block", "diagonal", "none")
 _COUPLED_NOTE = ("BatchNorm in training mode couples the samples: J is the batch Jacobian "
                  "(jacobian='rows')")
 _BATCH_COUPLING = (nn.modules.batchnorm._BatchNorm,)
@@ -104,6 +105,9 @@ class DenseGN(torch.optim.Optimizer):
         max_memory_mb: memory bound for the structured Grams' per-sample gradients.
         cg_tol, cg_max_iter: ``solver="cg"``: relative true-residual tolerance and iteration
             limit.
+        cg_preconditioner: ``"block"`` (the exact per-sample ``C×C`` blocks of ``J Jᵀ``),
+            ``"diagonal"`` (its exact diagonal) or ``"none"``; both exact ones need every trained
+            parameter in a structured layer and independent samples, else none is used.
         factor_dtype: dtype ``J Jᵀ`` is factored and solved in (default float64; or its name,
             e.g. ``"float32"``); with
             bfloat16/float16 parameters the Jacobian and the Gram are computed in it too
@@ -133,6 +137,7 @@ class DenseGN(torch.optim.Optimizer):
         max_memory_mb: float = 1024.0,
         cg_tol: float = 1e-6,
         cg_max_iter: int = 500,
+        cg_preconditioner: str = "block",
         factor_dtype: torch.dtype = torch.float64,
         process_group=gdist.AUTO,
     ) -> None:
@@ -145,6 +150,9 @@ class DenseGN(torch.optim.Optimizer):
             raise ValueError(f"DenseGN solver must be one of {SOLVERS}, got {solver!r}")
         if max_memory_mb <= 0 or cg_tol <= 0 or int(cg_max_iter) < 1:
             raise ValueError("max_memory_mb and cg_tol must be > 0 and cg_max_iter ≥ 1")
+        if cg_preconditioner not in CG_PRECONDITIONERS:
+            raise ValueError(f"cg_preconditioner must be one of {CG_PRECONDITIONERS}, got "
+                             f"{cg_preconditioner!r}")
         method = "damped" if damping else ("cholesky" if solver == "cg" else solver)
         factor_dtype = as_dtype(factor_dtype, "factor_dtype")
         SolverConfig(method, rtol, atol, damping, rank_rtol, factor_dtype=factor_dtype)
@@ -152,7 +160,8 @@ class DenseGN(torch.optim.Optimizer):
                         solver=solver, rtol=rtol, atol=atol, rank_rtol=rank_rtol,
                         ce_target=ce_target, ce_damping=ce_damping, jacobian=jacobian,
                         rank_policy=rank_policy, factor_dtype=factor_dtype,
-                        max_memory_mb=max_memory_mb, cg_tol=cg_tol, cg_max_iter=int(cg_max_iter))
+                        max_memory_mb=max_memory_mb, cg_tol=cg_tol, cg_max_iter=int(cg_max_iter),
+                        cg_preconditioner=cg_preconditioner)
         super().__init__(params, defaults)
         if len(self.param_groups) != 1:
             raise ValueError("DenseGN takes a single parameter group")
@@ -406,18 +415,24 @@ class DenseGN(torch.optim.Optimizer):
         return torch.as_tensor(total / n, dtype=loss.dtype, device=loss.device)
 
 
-    def _cg_preconditioner(self, x: torch.Tensor, dtype: torch.dtype | None
-                           ) -> torch.Tensor | None:
-        """The exact diagonal of ``J Jᵀ`` when every trained parameter is in a structured layer
-        and the samples are independent, else ``None``."""
+    def _cg_preconditioner(self, x: torch.Tensor, dtype: torch.dtype | None):
+        """``(preconditioner for conjugate_gradient, its name)``: exact per-sample blocks or
+        diagonal of ``J Jᵀ`` when every trained parameter is in a structured layer and the
+        samples are independent, else ``(None, "none")``."""
+        group = self.param_groups[0]
+        kind = group["cg_preconditioner"]
         layers, generic = plan_layers(self.model, self.names)
-        if generic or self._coupled():
-            return None
+        if kind == "none" or generic or self._coupled():
+            return None, "none"
         f = self._forward_functional(x, dtype)
         with suspended():
             _, factors, _ = capture_factors(f, self._trained(dtype), x, layers)
-        budget = self.param_groups[0]["max_memory_mb"]
-        return sum(factored_diagonal(fa, max_memory_mb=budget) for fa in factors)
+        budget, fdt = group["max_memory_mb"], group["factor_dtype"]
+        if kind == "diagonal":
+            diag = sum(factored_diagonal(fa, max_memory_mb=budget) for fa in factors)
+            return diag.to(fdt) + group["damping"], kind
+        blocks = sum(factored_sample_blocks(fa, max_memory_mb=budget) for fa in factors)
+        return block_preconditioner(blocks.to(fdt), group["damping"]), kind
 
     def _step_cg(self, x: torch.Tensor, y: torch.Tensor, label_smoothing: float) -> torch.Tensor:
         """Matrix-free step (module docstring): CG on ``(J Jᵀ + λI) Λ = −α vec ε``."""
@@ -440,19 +455,18 @@ class DenseGN(torch.optim.Optimizer):
                                 ce_damping=group["ce_damping"], label_smoothing=label_smoothing)
             fdt = group["factor_dtype"]
             b = (-group["lr"] * eps).reshape(-1).to(fdt)
-            diag = self._cg_preconditioner(x, dtype)
+            pre, pre_name = self._cg_preconditioner(x, dtype)
             lam = group["damping"]
-            result = conjugate_gradient(
-                lambda v: ops.gram_matvec(v) + lam * v, b,
-                preconditioner=None if diag is None else diag.to(fdt) + lam,
-                tol=group["cg_tol"], max_iter=group["cg_max_iter"])
+            result = conjugate_gradient(lambda v: ops.gram_matvec(v) + lam * v, b,
+                                        preconditioner=pre, tol=group["cg_tol"],
+                                        max_iter=group["cg_max_iter"])
             delta = ops.vjp(result.solution)
             true_res = float((ops.jvp(delta).to(fdt) - b).norm() / b.norm().clamp_min(1e-300))
         exact = group["damping"] == 0 and true_res <= group["cg_tol"]
         report = {"exact": exact, "n_outputs": b.numel(), "jacobian": "matrix_free",
                   "cg_iterations": result.iterations, "true_residual": true_res,
                   "recursive_residual": result.recursive_residual,
-                  "preconditioner": "none" if diag is None else "diagonal", **self._note()}
+                  "preconditioner": pre_name, **self._note()}
         if not exact and group["damping"] == 0 and group["rank_policy"] == "raise":
             raise RankDeficiencyError(
                 f"CG reached a true residual ‖JΔθ + αε‖/‖αε‖ = {true_res:.2e} > cg_tol = "

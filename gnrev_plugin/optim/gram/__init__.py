@@ -16,9 +16,16 @@ import torch
 from torch import nn
 
 from . import conv2d, linear, norm
-from .factored import LayerFactors, choose_strategy, factored_diagonal, factored_gram
+from .factored import (
+    LayerFactors,
+    choose_strategy,
+    factored_diagonal,
+    factored_gram,
+    factored_sample_blocks,
+)
 
 __all__ = ["LayerFactors", "choose_strategy", "factored_gram", "factored_diagonal",
+           "factored_sample_blocks",
            "layer_kind", "layer_factors", "PARAMETER_NAMES"]
 
 _KINDS: dict[str, tuple[Callable[[nn.Module], bool], Callable[..., LayerFactors]]] = {

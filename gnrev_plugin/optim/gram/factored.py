@@ -29,7 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["LayerFactors", "choose_strategy", "factored_gram", "factored_diagonal", "STRATEGIES"]
+__all__ = ["LayerFactors", "choose_strategy", "factored_gram", "factored_diagonal",
+           "factored_sample_blocks", "STRATEGIES"]
 
 STRATEGIES = ("per_sample_grad", "patch_gram")
 
@@ -173,3 +174,34 @@ def factored_diagonal(factors: LayerFactors, strategy: str | None = None,
                           for lo in range(0, n, step)])
     aa = torch.einsum("igpd,igqd->igpq", factors.a, factors.a)
     return torch.einsum("icgmp,igpq,icgmq->ic", factors.g, aa, factors.g).reshape(n * C)
+
+
+def factored_sample_blocks(factors: LayerFactors, strategy: str | None = None,
+                           max_memory_mb: float = 1024.0) -> torch.Tensor:
+    """The per-sample ``C × C`` diagonal blocks of ``J_ℓ J_ℓᵀ``: ``(n, C, C)``.
+
+    .. math::
+
+        K_{(i,c),(i,c')} = \\sum_g \\sum_{p,q}
+            \\langle a_{i,g,p}, a_{i,g,q}\\rangle\\,\\langle g_{i,c,g,p}, g_{i,c',g,q}\\rangle
+
+    Args:
+        factors: the layer's factored rows.
+        strategy: as in :func:`factored_gram`.
+        max_memory_mb: bound on the per-sample gradients held at once.
+
+    Returns:
+        The blocks, one per sample.
+    """
+    strategy = strategy or choose_strategy(factors)
+    n, C, G, T, d, m = factors.shape()
+    if strategy == "per_sample_grad":
+        step = _chunk_samples(n, C * G * m * d * factors.a.element_size(),
+                              int(max_memory_mb * 2**20), parts=1)
+        out = []
+        for lo in range(0, n, step):
+            grads = _per_sample_grads(factors, lo, min(n, lo + step)).reshape(-1, C, G * m * d)
+            out.append(grads @ grads.mT)
+        return torch.cat(out)
+    aa = torch.einsum("igpd,igqd->igpq", factors.a, factors.a)
+    return torch.einsum("icgmp,igpq,iegmq->ice", factors.g, aa, factors.g)
