@@ -28,8 +28,8 @@ How ``J Jᵀ`` is formed (``jacobian=``):
 
 **Matrix-free** (``solver="cg"``, any module): preconditioned conjugate gradients on
 ``(J Jᵀ + λI) Λ = −α vec ε`` with one JVP and one VJP per iteration (:mod:`gnrev_plugin.optim.cg`),
-memory ``O(P + nC)``, preconditioned by the exact diagonal of ``J Jᵀ`` when every trained
-parameter is in a structured layer (else none). ``last_step_exact`` is true only when the true
+memory ``O(P + nC)``, preconditioned by the exact per-sample ``C×C`` blocks (or the diagonal) of
+``J Jᵀ`` when every trained parameter is in a structured layer (else none). ``last_step_exact`` is true only when the true
 residual ``‖J Δθ + α ε‖ / ‖α ε‖``, recomputed with a separate JVP, is at most ``cg_tol`` (and
 ``λ = 0``); ``last_step_info`` has the iterations and that residual. A step that misses it raises
 :class:`~gnrev_plugin.optim.errors.RankDeficiencyError` (``rank_policy="raise"``) or is taken with a
