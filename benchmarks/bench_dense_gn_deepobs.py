@@ -29,8 +29,8 @@ GOALS = {"mlp": (5.0, 1024), "2c2d": (40.0, 2048), "2c2d_cg": (100.0, 2048)}
 def _setup(problem: str, batch: int):
     import torch  # noqa: PLC0415
 
+    from gnrev_plugin.compat import deepobs as compat  # noqa: PLC0415
     from gnrev_plugin.data import load_idx_dataset  # noqa: PLC0415
-    from gnrev_plugin.hosts.deepobs import compat  # noqa: PLC0415
 
     torch.set_num_threads(2)
     torch.manual_seed(0)

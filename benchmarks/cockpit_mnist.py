@@ -15,7 +15,7 @@ ExactGN (``lr=0.2``, cross-entropy, identity Newton target) steps through ``opt.
 y)`` on the batch Cockpit just saw (the same update as the drop-in ``opt.step()``); SGD uses
 ``lr=0.1``.
 
-Writes ``docs/figures/cockpit/`` (``cockpit_<opt>.png``: Cockpit's dashboard with gnrev's column,
+Writes ``docs/results/figures/cockpit/`` (``cockpit_<opt>.png``: Cockpit's dashboard with gnrev's column,
 ``exactgn_vs_sgd.png``, ``run.json``) and prints the numbers quoted in the docs.
 
 Usage: ``python benchmarks/cockpit_mnist.py [--steps 40] [--data-dir DIR] [--out DIR]``.
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--out", default=str(ROOT / "docs" / "figures" / "cockpit"))
+    parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "figures" / "cockpit"))
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore")
     torch.set_num_threads(min(2, torch.get_num_threads()))

@@ -10,5 +10,5 @@ exclude_patterns = ["_build"]
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
 html_theme = "alabaster"
-suppress_warnings = ["myst.header", "myst.xref_missing", "toc.not_included"]
+suppress_warnings = []   # none: `-W` makes every warning (duplicate object, unknown reference or anchor) an error
 nitpicky = False

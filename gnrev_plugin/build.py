@@ -9,14 +9,14 @@ A run is described by a small JSON-serialisable :class:`RunSpec`::
             epochs=3, batch_size=256, probe_size=128)
 
 and :func:`build` turns it into a model, an optimizer, a loss and run metrics by resolving the
-names in the plugin registry (:func:`gnrev_plugin.plugins.get_registry`): built-ins live under
+names in the plugin registry (:func:`gnrev_plugin.registry.get_registry`): built-ins live under
 ``gnrev.*`` and may be named without the prefix. Unset options come from the entry's registered
 ``defaults`` (the built-ins' are in :mod:`gnrev_plugin.defaults`); :meth:`RunSpec.resolve`
 returns the spec with every name and default filled in, which is what runs record in their
 ``config.json``. ``gnrev train``, ``gnrev reproduce``, the benchopt benchmark and solvers, the
 DeepOBS runner and the AlgoPerf submission all call these functions and nothing else.
 
-Contracts (:mod:`gnrev_plugin.hookspecs`): a model factory is called as
+Contracts (:mod:`gnrev_plugin.registry.hookspecs`): a model factory is called as
 ``factory(in_features=d, num_classes=C, **model_kwargs)`` with torch's RNG seeded by ``seed``
 (in a forked RNG state); an optimizer factory as ``factory(params, **optimizer_kwargs)`` plus
 ``model=`` and ``loss=`` when its entry declares ``needs``; a run metric as
@@ -37,16 +37,12 @@ import torch
 from torch import nn
 
 from .defaults import RUN_DEFAULTS
-from .plugins import PluginError, Registry, get_registry
+from .optim.targets import LOSSES
+from .registry import PluginError, Registry, get_registry
 
 __all__ = ["RunSpec", "Built", "LOSSES", "build", "build_model", "build_optimizer", "build_loss",
            "loss_targets", "build_run_metrics", "evaluate_run_metrics", "load_data",
            "parse_options", "short_name", "resolve_device"]
-
-#: Losses a run may use: mean cross-entropy on class indices, or mean squared error on one-hot
-#: targets ``‖F − Y‖² / (nC)`` (``nn.MSELoss()``).
-LOSSES = ("cross_entropy", "mse")
-
 
 def _registry(registry: Registry | None) -> Registry:
     return registry if registry is not None else get_registry()
@@ -119,7 +115,7 @@ class RunSpec:
     def resolve(self, registry: Registry | None = None) -> RunSpec:
         """The spec with registered names (``exact_gn`` → ``gnrev.exact_gn``) and every model
         and optimizer option filled from the entries' defaults. Raises
-        :class:`~gnrev_plugin.plugins.UnknownNameError` (listing the known names) or
+        :class:`~gnrev_plugin.registry.UnknownNameError` (listing the known names) or
         ``ValueError`` (a metric that is not a run metric)."""
         reg = _registry(registry)
         model = reg.resolve_name("model", self.model)

@@ -2,8 +2,8 @@
 
 Each result format has its reader next to its writer: benchopt files in
 :mod:`gnrev_plugin.hosts.benchopt.results`, DeepOBS folders in the DeepOBS host, gnrev run
-directories in :mod:`gnrev_plugin.experiments.rundir`. They all return :class:`Curve` objects,
-which the leaderboard (:mod:`gnrev_plugin.experiments.leaderboard`) summarises.
+directories in :mod:`gnrev_plugin.engine.rundir`. They all return :class:`Curve` objects,
+which the leaderboard (:mod:`gnrev_plugin.hosts.leaderboard`) summarises.
 """
 
 from __future__ import annotations

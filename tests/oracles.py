@@ -41,7 +41,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # ------------------------------------------------------------------ cross-entropy Newton targets
 #: H's null eigenvalue comes out as ±1e-17 in floating point, which pinv's default cut
-#: (2·eps·λ_max) can keep (C=2, seed 2 of tests/test_targets_oracle.py: error 0.99). Eigenvalues of
+#: (2·eps·λ_max) can keep (C=2, seed 2 of tests/optim/test_targets_oracle.py: error 0.99). Eigenvalues of
 #: diag(p) − ppᵀ interlace the p_k, so for logits in [−3, 3] the nonzero ones are ≥ ~1e-4·λ_max: a
 #: 1e-8 cut separates them from the null one.
 PINV_RTOL = 1e-8

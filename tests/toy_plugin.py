@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from gnrev_plugin.plugins import get_registry
+from gnrev_plugin.registry import get_registry
 
 TOY = Path(__file__).resolve().parent / "fixtures" / "gnrev_toy_plugin"
 

@@ -19,7 +19,7 @@ import argparse
 
 from gnrev_plugin.build import parse_options
 from gnrev_plugin.hosts.algoperf import DEFAULT_OPTIMIZER, export_submission
-from gnrev_plugin.plugins import PluginError
+from gnrev_plugin.registry import PluginError
 
 NAME = "algoperf"
 HELP = "AlgoPerf integration: export a submission folder (submission.py, info, search space)"

@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from gnrev_plugin.hosts.benchopt import init_benchmark, solver_path
-    from gnrev_plugin.plugins import UnknownNameError, get_registry
+    from gnrev_plugin.registry import UnknownNameError, get_registry
 
     if args.benchopt_command == "init":
         try:

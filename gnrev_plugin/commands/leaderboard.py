@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from gnrev_plugin.experiments.leaderboard import (
+from gnrev_plugin.hosts.leaderboard import (
     METRICS,
     format_csv,
     format_markdown,

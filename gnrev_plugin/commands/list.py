@@ -7,7 +7,7 @@ import warnings
 
 from tabulate import tabulate
 
-from ..plugins import ENTRY_POINT_GROUP, KINDS, PluginError, PluginWarning, discover
+from ..registry import ENTRY_POINT_GROUP, KINDS, PluginError, PluginWarning, discover
 
 NAME = "list"
 HELP = (f"list the models, optimizers, metrics and datasets of every installed plugin "
@@ -39,12 +39,12 @@ def run(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():  # the problems are printed below the table instead
         warnings.simplefilter("ignore", PluginWarning)
         reg = discover()
-    headers = ["kind", "name", "description", "contract", "target", "distribution"]
+    headers = ["kind", "name", "description", "contract", "tags", "target", "distribution"]
     if args.check:
         headers.append("status")
     rows, failed = [], 0
     for e in reg.list(args.kind):
-        row = [e.kind, e.name, e.description, _contract(e), e.target,
+        row = [e.kind, e.name, e.description, _contract(e), ",".join(e.tags), e.target,
                f"{e.distribution} {e.version}".strip()]
         if args.check:
             try:

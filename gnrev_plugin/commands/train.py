@@ -8,7 +8,7 @@ resolved (with every default filled in) to ``OUT/config.json``.
 ``--nproc N`` trains on ``N`` local processes launched through torch.distributed's launcher (gloo
 on CPU, NCCL on CUDA): the global batch ``--batch-size`` is split into ``N`` equal contiguous
 shards, and the Gauss-Newton step is taken on their union, so the logged losses are those of the
-one-process run (:mod:`gnrev_plugin.experiments.distributed_run`).
+one-process run (:mod:`gnrev_plugin.engine.launch`).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from gnrev_plugin.defaults import RUN_DEFAULTS
+from gnrev_plugin.optim.targets import LOSSES
 
 NAME = "train"
 HELP = ("train a registered model with a registered optimizer (exact GN by default) and log "
@@ -27,7 +28,7 @@ HELP = ("train a registered model with a registered optimizer (exact GN by defau
 
 
 def _names(kind: str) -> str:
-    from gnrev_plugin.plugins import get_registry
+    from gnrev_plugin.registry import get_registry
 
     return ", ".join(get_registry().names(kind))
 
@@ -46,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metric", action="append", default=[], metavar="NAME",
                    help="registered run metric logged every epoch on the probe batch; "
                         "repeatable")
-    p.add_argument("--loss", default=d["loss"], choices=("cross_entropy", "mse"))
+    p.add_argument("--loss", default=d["loss"], choices=LOSSES)
     p.add_argument("--data", default=d["dataset"].removeprefix("gnrev."), metavar="NAME",
                    help="registered dataset (default mnist: the real split in "
                         "../shared/data/mnist, no download)")
@@ -76,7 +77,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gnrev_plugin.plugins import PluginError
+    from gnrev_plugin.registry import PluginError
 
     try:
         if getattr(args, "nproc", 1) != 1:
@@ -99,8 +100,8 @@ def _launch(args: argparse.Namespace) -> int:
     """Start ``--nproc`` processes that each run :func:`_run` (rank 0 prints and writes)."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    from gnrev_plugin.experiments.distributed_run import backend_for, check_batching, launch
-    from gnrev_plugin.plugins import get_registry
+    from gnrev_plugin.engine.launch import backend_for, check_batching, launch
+    from gnrev_plugin.registry import get_registry
 
     try:
         check_batching(args.batch_size, args.batch_size, args.nproc)
@@ -150,10 +151,9 @@ def _run(args: argparse.Namespace) -> int:
     import torch
 
     from gnrev_plugin.build import load_data, short_name
-    from gnrev_plugin.experiments.distributed_run import rank_and_world
-    from gnrev_plugin.experiments.rundir import RunDir
-    from gnrev_plugin.experiments.training import train_run
-    from gnrev_plugin.plugins import get_registry
+    from gnrev_plugin.engine import BatchLossChange, EpochEnd, RunDir, WallTime, train_run
+    from gnrev_plugin.engine.launch import rank_and_world
+    from gnrev_plugin.registry import get_registry
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -184,8 +184,9 @@ def _run(args: argparse.Namespace) -> int:
               f"{100 * row['test_acc']:5.2f}%{extra}  ({row['time_s']:.1f}s)", flush=True)
 
     world = rank_and_world()[1]
-    train_run(spec, ds, RunDir(out), resume=args.resume, progress=not args.no_progress,
-              on_epoch=show, desc=short_name(spec.optimizer), registry=reg,
-              extra_config={"nproc": world} if world > 1 else None)
+    extra = {"data_info": ds.info, **({"nproc": world} if world > 1 else {})}
+    train_run(spec, ds, RunDir(out), [BatchLossChange(), WallTime(), EpochEnd(show)],
+              resume=args.resume, progress=not args.no_progress, desc=short_name(spec.optimizer),
+              registry=reg, extra_config=extra)
     print(f"done: {out}")
     return 0

@@ -9,6 +9,10 @@ differs).
   to reuse BackPACK's own ``nn.Linear`` rules inside the coupling blocks, and to let an entry a
   user set with ``set_module_extension`` win over the process-wide fallback.
 * :func:`fail_mode`: the extension's ``_fail_mode`` (``"ERROR"``, ``"WARNING"``, ``"SILENT"``).
+* :func:`opt_out_of_extend`: ``backpack.extend`` skips (installs no hooks on) a module whose
+  ``_backpack_extend`` attribute is already true; the RevMLP's coupling parts set it so that a
+  coupling block is one BackPACK leaf whose module extension lives in
+  :mod:`gnrev_plugin.hosts.backpack`. Setting it imports nothing from BackPACK.
 * :func:`install_module_extension_fallback`: wraps ``BackpropExtension.__call__`` (which looks the
   module's class up in that table and runs the module extension) so that a module class missing
   from an instance's table is offered to a fallback first. This is how
@@ -30,8 +34,8 @@ from typing import Any
 
 CHECKED_VERSION = "1.7.1"
 
-__all__ = ["CHECKED_VERSION", "module_extensions", "fail_mode", "installed_version",
-           "check_version", "install_module_extension_fallback",
+__all__ = ["CHECKED_VERSION", "module_extensions", "fail_mode", "opt_out_of_extend",
+           "installed_version", "check_version", "install_module_extension_fallback",
            "install_extension_hook_wrapper"]
 
 _TABLE = "_BackpropExtension__module_extensions"
@@ -47,6 +51,16 @@ def module_extensions(extension: Any) -> dict:
 def fail_mode(extension: Any) -> str:
     """What the extension does for a module class it has no rule for (``"ERROR"`` if unknown)."""
     return getattr(extension, "_fail_mode", "ERROR")
+
+
+def opt_out_of_extend(module: Any) -> None:
+    """Make ``backpack.extend`` leave ``module`` alone (no hooks): set its ``_backpack_extend``.
+
+    Args:
+        module: an ``nn.Module`` whose gradients BackPACK handles through an enclosing module's
+            extension.
+    """
+    module._backpack_extend = True
 
 
 def installed_version() -> str | None:

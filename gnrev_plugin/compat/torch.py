@@ -16,6 +16,9 @@ For ``torch.compile``'d models (:mod:`gnrev_plugin.nn.discovery`, :mod:`~gnrev_p
 * :func:`compiled_module_type`: the class of the wrapper ``torch.compile(module)`` returns
   (``torch._dynamo.eval_frame.OptimizedModule``, whose ``_orig_mod`` is the wrapped module), or
   ``None`` while Dynamo is not imported (then no such wrapper can exist; importing it costs seconds).
+
+For the optimizers' caches (:mod:`gnrev_plugin.optim`): :func:`tensor_version`, the in-place
+modification counter ``Tensor._version``.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import torch
 CHECKED_VERSION = "2.14.1"
 
 __all__ = ["CHECKED_VERSION", "DisableTorchFunctionSubclass", "functorch_transforms_active",
-           "is_functorch_wrapped_tensor", "compiled_module_type"]
+           "is_functorch_wrapped_tensor", "compiled_module_type", "tensor_version"]
 
 DisableTorchFunctionSubclass = torch._C.DisableTorchFunctionSubclass
 
@@ -50,3 +53,17 @@ def compiled_module_type() -> type | None:
     """
     eval_frame = sys.modules.get("torch._dynamo.eval_frame")
     return None if eval_frame is None else getattr(eval_frame, "OptimizedModule", None)
+
+
+def tensor_version(t: torch.Tensor) -> int:
+    """The in-place modification counter ``Tensor._version`` (private; checked against torch
+    2.14.1): it grows by at least one with every in-place write, so ``(id, data_ptr, version)``
+    keys a cache entry that must not survive a change of the tensor's values.
+
+    Args:
+        t: any tensor.
+
+    Returns:
+        Its current version counter.
+    """
+    return t._version

@@ -1,18 +1,16 @@
-"""Experiment runners behind ``gnrev train``, ``gnrev reproduce`` and ``gnrev report``.
+"""The paper reproductions behind ``gnrev reproduce`` and ``gnrev report``.
 
-Shared modules: :mod:`.rundir` (run directories, JSONL logs, atomic writes, checkpoints),
-:mod:`.training` (the resumable training loop of one :class:`~gnrev_plugin.build.RunSpec`, built
-through the registry), :mod:`.diagnostics` (NTK, CKA and weight change of a RevMLP against init),
-:mod:`.sweep` (crash-tolerant sweeps), :mod:`.presets`, :mod:`.whitening`, :mod:`.plotting` and
-:mod:`.tables` (the reports' shared table helpers), and :mod:`.leaderboard`.
+One sub-package per reproduction, each with a ``run`` module (specs plus callbacks on the
+training engine, :mod:`gnrev_plugin.engine`) and a ``report`` module (figures and ``report.md``
+from the logs alone): :mod:`.exact_gn` (Buffelli et al.), :mod:`.conditioning` (Zhao, Singh &
+Lucchi), :mod:`.nme` and :mod:`.sharpness` (Dauphin, Agarwala & Mobahi), and :mod:`.laziness` (is
+exact GN lazy? a sweep over width, step, α, init and optimizer). :mod:`.catalog` maps their names
+to them (``EXPERIMENTS = {name: Experiment(run, report)}``).
 
-One sub-package per reproduction, each with a ``run`` and a ``report`` module:
-:mod:`.exact_gn` (Buffelli et al.), :mod:`.conditioning` (Zhao, Singh & Lucchi), :mod:`.nme` and
-:mod:`.sharpness` (Dauphin, Agarwala & Mobahi), and :mod:`.laziness` (is exact GN lazy? a sweep
-over width, step, α, init and optimizer). :mod:`.catalog` maps their names to them
-(``EXPERIMENTS = {name: Experiment(run, report)}``) for ``gnrev reproduce`` and ``gnrev report``.
-:mod:`.distributed_run` launches ``gnrev train --nproc N``.
+Shared by them: :mod:`.presets`, :mod:`.diagnostics` (NTK, CKA and weight change of a RevMLP
+against init), :mod:`.whitening` (PCA-whitened inputs), :mod:`.plotting` and :mod:`.tables`.
 
-Imports point one way: ``nn``/``optim``/``metrics`` ← ``hosts`` ← ``experiments`` ← ``commands``;
-inside, ``catalog`` → ``<experiment>.run`` → ``<experiment>.report`` → ``tables``/``plotting``.
+Imports point one way: core ← registry/build ← ``engine``, ``hosts`` ← ``experiments`` ←
+``commands``; inside, ``catalog`` → ``<experiment>.run`` → ``<experiment>.report`` →
+``tables``/``plotting``.
 """

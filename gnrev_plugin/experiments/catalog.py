@@ -13,11 +13,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from gnrev_plugin.engine.rundir import RunDir
+
 from .conditioning import build_conditioning_report, run_conditioning
 from .exact_gn import build_exact_gn_report, run_exact_gn
 from .laziness import build_laziness_report, run_laziness
 from .nme import build_nme_report, run_nme
-from .rundir import RunDir
 from .sharpness import build_sharpness_report, run_sharpness
 
 __all__ = ["Experiment", "EXPERIMENTS", "build_report"]
@@ -25,9 +26,10 @@ __all__ = ["Experiment", "EXPERIMENTS", "build_report"]
 
 @dataclass(frozen=True)
 class Experiment:
-    """A reproduction: ``run(out, preset_name=, data=, data_dir=, resume=, progress=, device=)``
-    returns one status dict per run (and writes the report); ``report(out, config)`` rebuilds the
-    report from the logs (``config`` = ``OUT/config.json``)."""
+    """A reproduction: ``run(out, preset_name=, data=, data_dir=, resume=, progress=, device=,
+    callbacks=)`` returns one status dict per run (and writes the report; ``callbacks`` join
+    every training run on the engine); ``report(out, config)`` rebuilds the report from the logs
+    (``config`` = ``OUT/config.json``)."""
 
     name: str
     paper: str

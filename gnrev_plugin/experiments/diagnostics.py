@@ -58,9 +58,9 @@ class RevMLPDiagnostics:
 
     @classmethod
     def factory(cls, probe_size: int = 128, **flags):
-        """``factory(model_init, dataset, spec)`` for :func:`~.training.train_run`: the probe
-        batch is the first ``probe_size`` training inputs, on the model's device and dtype
-        (``last_epoch`` defaults to ``spec.epochs``)."""
+        """``factory(model_init, dataset, spec)`` for :class:`gnrev_plugin.engine.Diagnostics`:
+        the probe batch is the first ``probe_size`` training inputs, on the model's device and
+        dtype (``last_epoch`` defaults to ``spec.epochs``)."""
         def make(model_init, dataset, spec):
             p = next(model_init.parameters())
             kw = dict(flags)

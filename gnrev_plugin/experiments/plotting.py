@@ -72,7 +72,7 @@ def save(fig, path: str | Path) -> Path:
     """Save as PNG atomically (render to bytes, then an atomic replace)."""
     import io
 
-    from .rundir import atomic_write_bytes
+    from gnrev_plugin.engine.rundir import atomic_write_bytes
 
     buf = io.BytesIO()
     fig.tight_layout()

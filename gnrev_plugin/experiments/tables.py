@@ -15,8 +15,8 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from .rundir import RunDir, atomic_write_text
-from .sweep import sweep_status
+from gnrev_plugin.engine.rundir import RunDir, atomic_write_text
+from gnrev_plugin.engine.sweep import sweep_status
 
 __all__ = ["collect_runs", "fmt", "mean_std", "failures_section", "write_report", "spec_of"]
 

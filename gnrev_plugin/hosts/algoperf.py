@@ -12,7 +12,7 @@ bound to one registry name (``gnrev algoperf export DIR --optimizer NAME``).
 ``gnrev.exact_gn`` when the model is a :class:`~gnrev_plugin.nn.RevMLP`, or any registered name:
 ``gnrev.adam``, a plugin's ``toy.sign_sgd``). Options: the entry's registered defaults, then the
 export's fixed ``optimizer_kwargs`` (``--opt K=V``), then AlgoPerf's tuned ``learning_rate`` as
-``lr``. An optimizer that declares ``needs=("model", "loss")`` (:mod:`gnrev_plugin.hookspecs`:
+``lr``. An optimizer that declares ``needs=("model", "loss")`` (:mod:`gnrev_plugin.registry.hookspecs`:
 the Gauss-Newton optimizers, the sharpness wrappers, a plugin's) gets the network and the loss
 name (``workload.loss_type``: softmax cross-entropy or MSE); a ``DistributedDataParallel`` /
 ``DataParallel`` model (anything wrapping the network as ``.module``) gives it the inner network,
@@ -38,8 +38,8 @@ name and loss and refuses to restore a checkpoint of another optimizer.
 
 **Batch sizes.** :func:`get_batch_size` knows every AlgoPerf workload name
 (:data:`WORKLOADS`): AlgoPerf's reference batch sizes, and for the Gauss-Newton optimizers
-(:data:`GAUSS_NEWTON`) :data:`GN_BATCH_SIZES` or a ``ValueError`` that says why GN cannot run
-there (:data:`GN_UNSUPPORTED`).
+(tagged :data:`GAUSS_NEWTON_TAG` in the registry) :data:`GN_BATCH_SIZES` or a ``ValueError``
+that says why GN cannot run there (:data:`GN_UNSUPPORTED`).
 """
 
 from __future__ import annotations
@@ -54,10 +54,11 @@ import torch
 from torch import nn
 
 from gnrev_plugin.build import build_optimizer
-from gnrev_plugin.plugins import Registry, get_registry
+from gnrev_plugin.optim.distributed import unwrap_model
+from gnrev_plugin.registry import Registry, get_registry
 
 __all__ = [
-    "DEFAULT_OPTIMIZER", "GAUSS_NEWTON", "WORKLOADS", "REFERENCE_BATCH_SIZES", "GN_BATCH_SIZES",
+    "DEFAULT_OPTIMIZER", "GAUSS_NEWTON_TAG", "WORKLOADS", "REFERENCE_BATCH_SIZES", "GN_BATCH_SIZES",
     "GN_UNSUPPORTED", "get_batch_size", "is_gauss_newton", "tuning_search_space",
     "init_optimizer_state", "update_params", "prepare_for_eval", "data_selection",
     "export_submission", "ForwardPassMode", "loss_kind", "unwrap_model", "SubmissionState",
@@ -65,10 +66,10 @@ __all__ = [
 
 #: The optimizer of a submission unless another registry name is given.
 DEFAULT_OPTIMIZER = "gnrev.dense_gn"
-#: The registered optimizers whose batch size is bounded by the Gauss-Newton output-space system
-#: (:data:`GN_BATCH_SIZES`, :data:`GN_UNSUPPORTED`). ``needs=("model", "loss")`` alone does not
-#: say this: the sharpness wrappers declare it too.
-GAUSS_NEWTON = ("gnrev.exact_gn", "gnrev.dense_gn")
+#: The registry tag of the optimizers whose batch size is bounded by the Gauss-Newton
+#: output-space system (:data:`GN_BATCH_SIZES`, :data:`GN_UNSUPPORTED`), declared by the entry as
+#: data. ``needs=("model", "loss")`` alone does not say this: the sharpness wrappers declare it too.
+GAUSS_NEWTON_TAG = "gauss_newton"
 
 #: Every workload name of AlgoPerf's registry (``algoperf/workloads/workloads.py``, checked at
 #: commit 2c90454 of github.com/mlcommons/algorithmic-efficiency) → its base workload.
@@ -156,8 +157,16 @@ def _registry(registry: Registry | None) -> Registry:
 
 
 def is_gauss_newton(optimizer: str, registry: Registry | None = None) -> bool:
-    """Whether registered ``optimizer`` is one of :data:`GAUSS_NEWTON`."""
-    return _registry(registry).resolve_name("optimizer", optimizer) in GAUSS_NEWTON
+    """Whether registered ``optimizer`` declares the :data:`GAUSS_NEWTON_TAG` capability.
+
+    Args:
+        optimizer: a registered optimizer name (a built-in's may omit ``gnrev.``).
+        registry: the registry to read (default: the installed plugins').
+
+    Returns:
+        ``True`` when the entry's tags include ``"gauss_newton"``.
+    """
+    return GAUSS_NEWTON_TAG in _registry(registry).optimizer_tags(optimizer)
 
 
 def loss_kind(loss_type: Any) -> str:
@@ -171,14 +180,6 @@ def loss_kind(loss_type: Any) -> str:
         return "mse"
     raise ValueError(f"exact Gauss-Newton supports softmax cross-entropy and MSE losses, not "
                      f"{name}")
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The network inside ``DistributedDataParallel`` / ``DataParallel`` (any module exposing
-    another as ``.module``), unwrapped repeatedly; ``model`` itself otherwise."""
-    while isinstance(getattr(model, "module", None), nn.Module):
-        model = model.module
-    return model
 
 
 def _hp(hyperparameters: Any, name: str, default: Any = None) -> Any:

@@ -256,11 +256,6 @@ def compress(bp: dict) -> dict:
     return {"matrices": [m.reshape(width, *shape) for m in out], "signs": [1.0, -1.0]}
 
 
-def _extend(bp: dict, factors: list[tuple[Tensor, float]]) -> dict:
-    return {"matrices": [*bp["matrices"], *(m for m, _ in factors)],
-            "signs": [*bp["signs"], *(s for _, s in factors)]}
-
-
 # ------------------------------------------------------------------------------ module extension
 class CouplingLeafExtension(ModuleExtension):
     """One BackPACK module extension for :class:`AdditiveCoupling` and :class:`RevMLP` leaves.

@@ -49,6 +49,7 @@ from matplotlib.figure import Figure
 from ..metrics import kernel_alignment, linear_cka, nme_trace, revmlp_ntk, revmlp_representations
 from ..nn import RevMLP
 from ..optim import ExactGN
+from ..optim.shadow_model import copy_revmlp
 
 __all__ = ["GNStepExactness", "NMETrace", "NTKSimilarityToInit", "CKAToInit",
            "gnrev_quantities", "plot", "GNREV_QUANTITIES", "undefined"]
@@ -197,12 +198,7 @@ class NMETrace(_GnrevQuantity):
 def plain_copy(model: RevMLP) -> RevMLP:
     """A RevMLP with ``model``'s configuration, parameters and buffers but none of its hooks
     (BackPACK's, ExactGN's output capture): what curvlinops and ``torch.func`` may trace."""
-    p = next(model.parameters())
-    copy = RevMLP(**model.config, dtype=p.dtype).to(p.device)
-    copy.load_state_dict(model.state_dict())
-    for q, q0 in zip(copy.parameters(), model.parameters(), strict=True):
-        q.requires_grad_(q0.requires_grad)
-    return copy
+    return copy_revmlp(model)
 
 
 # ------------------------------------------------------------------------------ NTK, CKA to init

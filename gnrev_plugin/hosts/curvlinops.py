@@ -31,14 +31,14 @@ from curvlinops import JacobianLinearOperator, TransposedJacobianLinearOperator
 from torch import Tensor, nn
 
 from ..compat.curvlinops import PyTorchLinearOperator
-from ..metrics.hessian import SurrogateNMELinearOperator
+from ..metrics.hessian import SurrogateNMELinearOperator, dense_matrix
 
 __all__ = ["NMELinearOperator", "NTKLinearOperator", "GaussNewtonStepOperator", "to_dense"]
 
 
-def to_dense(op: PyTorchLinearOperator) -> Tensor:
-    """``op @ I``: the dense matrix of a (small) operator, in its dtype and on its device."""
-    return op @ torch.eye(op.shape[1], dtype=op.dtype, device=op.device)
+#: ``op @ I``, the dense matrix of a (small) operator: :func:`gnrev_plugin.metrics.dense_matrix`
+#: under the name curvlinops users know.
+to_dense = dense_matrix
 
 
 class NMELinearOperator(SurrogateNMELinearOperator):

@@ -151,7 +151,7 @@ def revmlp_representations(model, X: torch.Tensor, per: str = "half_layer"
     """
     if per not in ("half_layer", "block"):
         raise ValueError("per must be 'half_layer' or 'block'")
-    z = model._flatten(X)
+    z = model.flatten_input(X)
     reps = {"input": z.clone()}
     for l, block in enumerate(model.blocks):
         x1, x2 = block.split(z)

@@ -4,7 +4,7 @@ Each is called as ``fn(model, *, inputs, targets, loss_fn, initial_model, **_)``
 probe batch ``(X_p, Y_p)`` (``targets`` in the loss's form, ``loss_fn`` an ``nn.Module`` loss,
 ``initial_model`` the model at epoch 0) and returns a float or a ``{key: float}`` dict (logged
 as ``<registry name>.<key>``). They are registered as ``gnrev.*`` run metrics
-(``gnrev train --metric NAME``); see :mod:`gnrev_plugin.hookspecs` for the contract.
+(``gnrev train --metric NAME``); see :mod:`gnrev_plugin.registry.hookspecs` for the contract.
 
 * :func:`ntk_similarity_to_init`: ``A(Θ₀, Θ_t) = ⟨Θ₀, Θ_t⟩_F / (‖Θ₀‖_F ‖Θ_t‖_F)`` with the
   empirical logit NTK ``Θ = J Jᵀ`` on ``X_p`` (structured for a RevMLP, ``torch.func`` else);

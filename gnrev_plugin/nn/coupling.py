@@ -17,6 +17,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from ..compat.backpack import opt_out_of_extend
 from .activations import Activation, get_activation
 
 __all__ = ["CouplingFunction", "AdditiveCoupling", "BlockActivations"]
@@ -136,7 +137,7 @@ class AdditiveCoupling(nn.Module):
         # For BackPACK the block is one leaf (its module extensions live in
         # gnrev_plugin.hosts.backpack), so its parts opt out of `backpack.extend`'s hooks.
         for part in (self.f, self.g, self.f.linear, self.g.linear):
-            part._backpack_extend = True
+            opt_out_of_extend(part)
 
     def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return x[..., : self.half], x[..., self.half :]

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from ..compat.torch import compiled_module_type
+from ..compat.torch_nn import compiled_original
 
 __all__ = ["find_module_owning", "unwrap_compiled", "compiled_wrappers_of"]
 
@@ -44,7 +45,7 @@ def unwrap_compiled(module: nn.Module) -> nn.Module:
     ``OptimizedModule``, ``module`` itself otherwise."""
     cls = compiled_module_type()
     while cls is not None and isinstance(module, cls):
-        module = module._orig_mod
+        module = compiled_original(module)
     return module
 
 

@@ -18,6 +18,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from ..compat.backpack import opt_out_of_extend
 from .activations import Activation, get_activation
 from .coupling import AdditiveCoupling, BlockActivations
 from .discovery import find_module_owning
@@ -79,7 +80,7 @@ class RevMLP(nn.Module):
             for i in range(num_blocks)
         )
         for block in self.blocks:  # the readout is no module: BackPACK sees the RevMLP as one leaf
-            block._backpack_extend = True
+            opt_out_of_extend(block)
         if num_classes is None:
             self.register_buffer("readout", None)
         else:
@@ -93,7 +94,16 @@ class RevMLP(nn.Module):
         self.last_activations: list[BlockActivations] | None = None
 
     # ------------------------------------------------------------------ forward / inverse
-    def _flatten(self, x: torch.Tensor) -> torch.Tensor:
+    def flatten_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The batch as rows ``(n, d)``: ``(n, d)`` as is, ``(n, *image)`` flattened.
+
+        Args:
+            x: a batch tensor of at least two dimensions whose trailing ones hold ``d`` values.
+
+        Returns:
+            ``x.reshape(n, -1)``, checked against the model's ``in_features`` (a clear error
+            for a non-tensor, an empty or integer batch, or a width mismatch).
+        """
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"RevMLP expects a tensor, got {type(x).__name__}")
         if x.dim() < 2:
@@ -114,7 +124,7 @@ class RevMLP(nn.Module):
         self, x: torch.Tensor
     ) -> tuple[torch.Tensor, list[BlockActivations]]:
         """``X^(L)`` and every block's :class:`BlockActivations`."""
-        z = self._flatten(x)
+        z = self.flatten_input(x)
         acts = []
         for block in self.blocks:
             z, a = block.forward_with_activations(z)
@@ -123,7 +133,7 @@ class RevMLP(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """``X^(L)``, the output of the last block (before the readout)."""
-        z = self._flatten(x)
+        z = self.flatten_input(x)
         for block in self.blocks:
             z = block(z)
         return z
@@ -147,12 +157,6 @@ class RevMLP(nn.Module):
         for block in reversed(self.blocks):
             z = block.inverse(z)
         return z
-
-    # ------------------------------------------------------------------ presets
-    @classmethod
-    def from_preset(cls, name: str, **overrides) -> RevMLP:
-        """Build a model from :data:`PRESETS` (``mnist_paper``, ``cifar10_paper``, ``tiny``, ...)."""
-        return revmlp_from_preset(name, **overrides)
 
     def extra_repr(self) -> str:
         return (f"d={self.in_features}, M={self.hidden}, L={self.num_blocks}, "

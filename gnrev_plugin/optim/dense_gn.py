@@ -26,14 +26,14 @@ How ``J Jᵀ`` is formed (``jacobian=``):
 * ``"auto"`` (default): ``"structured"`` unless a BatchNorm layer is in training mode: it couples
   the samples, so ``J`` is the batch Jacobian (``"rows"``; ``last_step_info["note"]`` says so).
 
-**Matrix-free** (``solver="cg"``, any module): preconditioned conjugate gradients on
-``(J Jᵀ + λI) Λ = −α vec ε`` with one JVP and one VJP per iteration (:mod:`gnrev_plugin.optim.cg`),
-memory ``O(P + nC)``, preconditioned by the exact per-sample ``C×C`` blocks (or the diagonal) of
-``J Jᵀ`` when every trained parameter is in a structured layer (else none). ``last_step_exact`` is true only when the true
-residual ``‖J Δθ + α ε‖ / ‖α ε‖``, recomputed with a separate JVP, is at most ``cg_tol`` (and
-``λ = 0``); ``last_step_info`` has the iterations and that residual. A step that misses it raises
-:class:`~gnrev_plugin.optim.errors.RankDeficiencyError` (``rank_policy="raise"``) or is taken with a
-warning (``"warn"``).
+**Matrix-free** (``solver="cg"``, any module): preconditioned conjugate gradients on ``(J Jᵀ + λI)
+Λ = −α vec ε`` with one JVP and one VJP per iteration (:mod:`gnrev_plugin.optim.cg`), memory ``O(P
++ nC)``, preconditioned by the exact per-sample ``C×C`` blocks (or the diagonal) of ``J Jᵀ`` when
+every trained parameter is in a structured layer (else none). ``last_step_exact`` is true only when
+the true residual ``‖J Δθ + α ε‖ / ‖α ε‖``, recomputed with a separate JVP, is at most ``cg_tol``
+(and ``λ = 0``); ``last_step_info`` has the iterations and that residual. A step that misses it
+raises :class:`~gnrev_plugin.optim.errors.RankDeficiencyError` (``rank_policy="raise"``) or is
+taken with a warning (``"warn"``).
 
 Rank handling follows :class:`ExactGN`: ``rank_policy="raise"`` raises
 :class:`~gnrev_plugin.optim.errors.RankDeficiencyError` when ``J Jᵀ`` is rank-deficient (``nC > P``,
@@ -74,6 +74,7 @@ from .common import (
 from .errors import RankDeficiencyError
 from .gram import LayerFactors, factored_diagonal, factored_gram, factored_sample_blocks
 from .gram.capture import capture_factors, plan_layers
+from .protocols import BATCH_STEP, DISTRIBUTED, GAUSS_NEWTON
 from .solvers import GramSystem, SolverConfig
 from .targets import mean_loss, newton_target
 
@@ -115,6 +116,8 @@ class DenseGN(torch.optim.Optimizer):
         process_group: ``"auto"``, ``None`` or a process group (see :class:`ExactGN` and
             :mod:`gnrev_plugin.optim.distributed`).
     """
+
+    capabilities = frozenset({GAUSS_NEWTON, BATCH_STEP, DISTRIBUTED})
 
     def __init__(
         self,
@@ -160,6 +163,7 @@ class DenseGN(torch.optim.Optimizer):
                         solver=solver, rtol=rtol, atol=atol, rank_rtol=rank_rtol,
                         ce_target=ce_target, ce_damping=ce_damping, jacobian=jacobian,
                         rank_policy=rank_policy, factor_dtype=factor_dtype,
+                        max_jacobian_entries=int(max_jacobian_entries),
                         max_memory_mb=max_memory_mb, cg_tol=cg_tol, cg_max_iter=int(cg_max_iter),
                         cg_preconditioner=cg_preconditioner)
         super().__init__(params, defaults)
@@ -176,10 +180,14 @@ class DenseGN(torch.optim.Optimizer):
         if missing:
             raise ValueError(f"parameters {missing} passed to DenseGN are not in the model")
         self.names = [owned[id(p)] for p in self.params]
-        self.max_jacobian_entries = int(max_jacobian_entries)
         self._capture = OutputCapture(self.model)
         self.last_step_exact: bool | None = None
         self.last_step_info: dict = {}
+
+    @property
+    def max_jacobian_entries(self) -> int:
+        """The largest ``J`` materialised (the param group's ``max_jacobian_entries``)."""
+        return self.param_groups[0]["max_jacobian_entries"]
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)

@@ -54,27 +54,25 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from ..nn.coupling import BlockActivations
 from ..nn.revmlp import RevMLP, find_revmlp_owning
 from . import distributed as gdist
+from .block_gather import gather_block_rows
 from .capture import OutputCapture, autocast_disabled
 from .common import (
     apply_update,
     as_dtype,
     caller_stacklevel,
     check_all_finite,
-    is_low_precision,
     validate_gn_options,
 )
-from .errors import NonFiniteError
+from .exact_gn_checks import check_inputs, check_targets, check_values, participating_blocks
+from .protocols import BATCH_STEP, DISTRIBUTED, GAUSS_NEWTON
 from .right_inverse import (
     RANK_POLICIES,
-    LinearBlockActivations,
-    is_linear_block,
-    linear_block_forward,
     right_inverse,
     step_forward,
 )
+from .shadow_model import LowPrecisionShadow
 from .solvers import SolverConfig
 from .targets import mean_loss, newton_target
 
@@ -165,6 +163,8 @@ class ExactGN(torch.optim.Optimizer):
             (:class:`~gnrev_plugin.optim.right_inverse.BlockReport`), ``alpha``, ``solver``.
     """
 
+    capabilities = frozenset({GAUSS_NEWTON, BATCH_STEP, DISTRIBUTED})
+
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict],
@@ -217,12 +217,11 @@ class ExactGN(torch.optim.Optimizer):
             raise TypeError(f"ExactGN needs a reversible gnrev_plugin.nn.RevMLP, got "
                             f"{type(model).__name__}; for any nn.Module use DenseGN")
         self.model = model
-        self.blocks = self._participating_blocks(model, group_params)
+        self.blocks = participating_blocks(model, group_params)
         self._capture = OutputCapture(model, extra=_recorded_activations)
         self._factor_cache: dict = {}
         self.process_group = process_group
-        self._shadow: RevMLP | None = None
-        self._shadow_key: tuple | None = None
+        self._shadow = LowPrecisionShadow()
         model.record_activations = True
         self.last_step_exact: bool | None = None
         self.last_step_info: dict = {}
@@ -241,28 +240,6 @@ class ExactGN(torch.optim.Optimizer):
     @verify.setter
     def verify(self, value: bool) -> None:
         self.param_groups[0]["verify"] = bool(value)
-
-    @staticmethod
-    def _participating_blocks(model: RevMLP, params: list[torch.Tensor]) -> list[int]:
-        given = {id(p) for p in params}
-        owned = {id(p) for p in model.parameters()}
-        if not given <= owned:
-            raise ValueError("some parameters passed to ExactGN do not belong to the RevMLP")
-        blocks = []
-        for i, block in enumerate(model.blocks):
-            ids = [id(p) for p in block.parameters()]
-            hit = sum(j in given for j in ids)
-            if hit == len(ids):
-                blocks.append(i)
-            elif hit:
-                raise ValueError(f"block {i}: pass all of W_f, b_f, W_g, b_g or none of them "
-                                 "(the exact step solves for whole half-layers)")
-        if not blocks:
-            raise ValueError("ExactGN got no trainable block parameters")
-        for i in blocks:
-            if not all(p.requires_grad for p in model.blocks[i].parameters()):
-                raise ValueError(f"block {i} has parameters with requires_grad=False")
-        return blocks
 
     # -- public API -------------------------------------------------------------------------
     @torch.no_grad()
@@ -286,12 +263,13 @@ class ExactGN(torch.optim.Optimizer):
         batch, call = self._capture.consume(group["loss"])
         ls = float(call.options.get("label_smoothing", 0.0) or 0.0)
         x = batch.inputs.reshape(batch.inputs.shape[0], -1)
-        labels = self._check_targets(call.target, batch.output.shape)
+        labels = check_targets(group["loss"], call.target, batch.output.shape)
         named = {"model output": batch.output}
         if call.target.is_floating_point():
             named["targets"] = call.target
-        self._check_values(x, named, labels, batch.output.shape[1])
-        model, out, acts, target = self._working_model(), batch.output, batch.extra, call.target
+        check_values(x, named, labels, batch.output.shape[1])
+        model = self._shadow.working_model(self.model, group["factor_dtype"])
+        out, acts, target = batch.output, batch.extra, call.target
         if model is not self.model:               # low-precision parameters: recompute in
             x = x.to(model.blocks[0].f.weight.dtype)   # factor_dtype from the inputs
             z, acts = step_forward(model, x)
@@ -325,13 +303,13 @@ class ExactGN(torch.optim.Optimizer):
 
     def _prepare_batch(self, x, y):
         """The explicit step's local part: activations, Newton target, inputs, loss."""
-        xf = self._check_inputs(x)
+        xf = check_inputs(self.model, x)
         group = self.param_groups[0]
         out_shape = (xf.shape[0], self.model.num_classes or self.model.in_features)
-        labels = self._check_targets(y, out_shape)
-        self._check_values(xf, {"targets": y} if y.is_floating_point() else {}, labels,
+        labels = check_targets(group["loss"], y, out_shape)
+        check_values(xf, {"targets": y} if y.is_floating_point() else {}, labels,
                            out_shape[1])
-        model = self._working_model()
+        model = self._shadow.working_model(self.model, group["factor_dtype"])
         if model is not self.model:               # low-precision parameters (module docstring)
             xf = xf.to(model.blocks[0].f.weight.dtype)
             if y.is_floating_point():
@@ -344,106 +322,11 @@ class ExactGN(torch.optim.Optimizer):
         check_all_finite({"loss": loss, "Newton target": eps})
         return acts, eps, xf, loss
 
-    def _working_model(self) -> RevMLP:
-        """The model the step computes with: ``self.model``, or for bfloat16/float16 parameters
-        a shadow RevMLP in ``factor_dtype`` holding the same (exactly converted) values."""
-        model = self.model
-        weight = model.blocks[0].f.weight
-        if not is_low_precision(weight.dtype):
-            return model
-        dtype = self.param_groups[0]["factor_dtype"]
-        shadow = self._shadow
-        if shadow is None or shadow.blocks[0].f.weight.dtype != dtype \
-                or shadow.blocks[0].f.weight.device != weight.device:
-            shadow = RevMLP(**model.config, dtype=dtype).to(weight.device)
-            self._shadow, self._shadow_key = shadow, None
-        for dst, src in zip(shadow.parameters(), model.parameters(), strict=True):
-            dst.detach().copy_(src)
-        key = tuple((b.data_ptr(), b._version) for b in model.buffers())
-        if key != self._shadow_key:               # the fixed projections / readout
-            for dst, src in zip(shadow.buffers(), model.buffers(), strict=True):
-                dst.copy_(src)
-            self._shadow_key = key
-        return shadow
-
     def close(self) -> None:
         """Remove the hooks this optimizer put on the model."""
         self._capture.close()
         self.model.record_activations = False
         self.model.last_activations = None
-
-    # -- input validation -------------------------------------------------------------------
-    def _check_inputs(self, x) -> torch.Tensor:
-        """The flattened batch, or a ``TypeError``/``ValueError`` naming what is wrong with it."""
-        m = self.model
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"ExactGN.step_on_batch expects the inputs as a tensor, got "
-                            f"{type(x).__name__}")
-        dtype = m.blocks[0].f.weight.dtype
-        if x.dim() < 2:
-            raise ValueError(f"inputs must be a batch of shape (n, {m.in_features}) or "
-                             f"(n, *image); got shape {tuple(x.shape)}")
-        if x.shape[0] == 0:
-            raise ValueError("empty batch: the inputs have 0 samples; a Gauss-Newton step needs "
-                             "at least one")
-        if not x.is_floating_point() or x.is_complex():
-            raise ValueError(f"inputs must be real floating point like the model ({dtype}), got "
-                             f"{x.dtype}; convert them, e.g. x.to({dtype})")
-        if x.dtype != dtype:
-            raise ValueError(f"inputs are {x.dtype} but the model's parameters are {dtype}; "
-                             f"convert one of them (x.to({dtype}) or model.to({x.dtype}))")
-        if x[0].numel() != m.in_features:
-            raise ValueError(f"the model was built for in_features={m.in_features}, but each "
-                             f"input has {x[0].numel()} features (shape {tuple(x.shape)})")
-        return x.reshape(x.shape[0], -1)
-
-    def _check_targets(self, y, out_shape: tuple[int, int]) -> torch.Tensor | None:
-        """Shapes and dtypes of the targets (``ValueError``/``TypeError``); returns integer class
-        indices, whose range :meth:`_check_values` checks."""
-        n, c = out_shape
-        if not isinstance(y, torch.Tensor):
-            raise TypeError(f"targets must be a tensor, got {type(y).__name__}")
-        if y.dim() == 0 or y.shape[0] != n:
-            raise ValueError(f"{n} inputs but targets of shape {tuple(y.shape)}")
-        if self.param_groups[0]["loss"] == "mse":
-            if tuple(y.shape) != (n, c) or not y.is_floating_point():
-                raise ValueError(f"MSE targets must be floating point of the output's shape "
-                                 f"({n}, {c}), got {tuple(y.shape)} {y.dtype}")
-            return None
-        if y.is_floating_point():
-            if tuple(y.shape) != (n, c):
-                raise ValueError(f"cross-entropy probability targets must have shape ({n}, {c}), "
-                                 f"got {tuple(y.shape)}")
-            return None
-        if y.dim() != 1 or y.dtype == torch.bool or y.is_complex():
-            raise ValueError(f"cross-entropy targets must be integer class indices of shape ({n},) "
-                             f"or probabilities of shape ({n}, {c}); got {tuple(y.shape)} {y.dtype}")
-        return y
-
-    @staticmethod
-    def _check_values(x: torch.Tensor, named: dict[str, torch.Tensor],
-                      labels: torch.Tensor | None, c: int) -> None:
-        """One host synchronisation for all value checks before any work: ``NonFiniteError``
-        for non-finite ``x`` or ``named`` tensors, or when the squared row norms of ``x`` overflow
-        its dtype (the Grams ``S Sᵀ`` would too: finite but huge inputs, e.g. 1e30 in float32);
-        ``ValueError`` for class indices outside ``[0, c)``."""
-        sq = x.square().sum(1)           # non-finite iff x is, or its squares overflow
-        flags = [torch.isfinite(t).all() for t in (*named.values(), sq)]
-        if labels is not None:
-            flags += [labels.min() >= 0, labels.max() < c]
-        if all(torch.stack(flags).tolist()):
-            return
-        check_all_finite(named)
-        check_all_finite({"inputs": x})
-        if not bool(torch.isfinite(sq).all()):
-            big = float(x.abs().max())
-            raise NonFiniteError(
-                f"inputs too large for {x.dtype}: their squared norms overflow (max |x| = "
-                f"{big:.1e}), so the Gauss-Newton Grams would not be finite. Rescale the inputs; "
-                "the parameters were not changed")
-        lo, hi = int(labels.min()), int(labels.max())
-        raise ValueError(f"class indices must lie in [0, {c}) for a model with {c} outputs, "
-                         f"got range [{lo}, {hi}]")
 
     # -- internals --------------------------------------------------------------------------
     def _comm(self) -> gdist.Comm | None:
@@ -457,7 +340,7 @@ class ExactGN(torch.optim.Optimizer):
         comm = self._comm()
         if comm is None:
             acts, eps, x, loss = prepare()
-            self._finish(*self._solve(self._current_model(x), acts, eps, x))
+            self._finish(*self._solve(self._shadow.current(self.model, x), acts, eps, x))
             return loss
         err = prepared = None
         try:
@@ -468,8 +351,8 @@ class ExactGN(torch.optim.Optimizer):
         loss = None if prepared is None else prepared[3]
         total, n = comm.agree(err, 0.0 if loss is None else float(loss) * n_local, n_local)
         acts, eps, x, loss = prepared
-        model = self._current_model(x)
-        gathered = self._gather(comm, model, acts, eps, x)
+        model = self._shadow.current(self.model, x)
+        gathered = gather_block_rows(comm, model, acts, eps, x)
         outcome = flat = None
         if comm.is_root:
             try:
@@ -482,38 +365,6 @@ class ExactGN(torch.optim.Optimizer):
         self._finish(report, gdist.unflatten(flat, like))
         return None if loss is None else torch.as_tensor(total / n, dtype=loss.dtype,
                                                          device=loss.device)
-
-    def _current_model(self, x: torch.Tensor) -> RevMLP:
-        """The model ``prepare`` computed with (the shadow when ``x`` is in another dtype)."""
-        if self._shadow is not None and x.dtype == self._shadow.blocks[0].f.weight.dtype \
-                and x.dtype != self.model.blocks[0].f.weight.dtype:
-            return self._shadow
-        return self.model
-
-    @staticmethod
-    def _gather(comm: gdist.Comm, model: RevMLP, acts, eps: torch.Tensor, x: torch.Tensor):
-        """Gather the rows every half-layer system needs on the root: per block ``(h_f, s_f,
-        h_g, s_g)`` (ReLU: ``h`` is ``s``, sent once) or, for a linear block, ``(X2, Y1)``;
-        then ``ε`` and the flattened inputs. Returns ``(acts, eps, inputs)`` of the global batch
-        on the root, ``(None, None, None)`` elsewhere."""
-        acts = list(acts)
-        if is_linear_block(model.blocks[0]) and not isinstance(acts[0], LinearBlockActivations):
-            acts[0] = linear_block_forward(model.blocks[0], x)[1]   # n×d/2 instead of n×M
-        fields: list[torch.Tensor] = []
-        for a in acts:
-            fields += [a.x2, a.y1] if isinstance(a, LinearBlockActivations) else list(a)
-        got = comm.gather_rows([*fields, eps, x])
-        if got is None:
-            return None, None, None
-        out, i = [], 0
-        for a in acts:
-            if isinstance(a, LinearBlockActivations):
-                out.append(LinearBlockActivations(a.block, got[i], got[i + 1], a.P_f, a.P_g))
-                i += 2
-            else:
-                out.append(BlockActivations(*got[i:i + 4]))
-                i += 4
-        return out, got[i], got[i + 1]
 
     def _solve(self, model: RevMLP, acts, eps: torch.Tensor, inputs: torch.Tensor | None
                ) -> tuple[dict, list[torch.Tensor]]:

@@ -21,11 +21,16 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-__all__ = ["LOSSES", "CE_TARGETS", "soft_targets", "newton_target", "loss_gradient_direction",
+__all__ = ["LOSS_MODULES", "LOSSES", "CE_TARGETS", "soft_targets", "newton_target", "loss_gradient_direction",
            "mean_loss"]
 
-LOSSES = ("mse", "cross_entropy")
+#: The one list of losses (optimizers, runners, the CLI): each name → the ``nn.Module`` loss it
+#: denotes, mean-reduced: cross-entropy on class indices, or ``‖F − Y‖²/(nC)`` on ``(n, C)`` targets.
+LOSS_MODULES: dict[str, type[nn.Module]] = {"cross_entropy": nn.CrossEntropyLoss, "mse": nn.MSELoss}
+#: The loss names, ``("cross_entropy", "mse")``.
+LOSSES = tuple(LOSS_MODULES)
 CE_TARGETS = ("identity", "pinv", "damped")
 
 

@@ -21,23 +21,27 @@ Three parts, on PCA-whitened MNIST (or MNIST-1D) inputs ``X`` with ``Σ = XᵀX/
    ``MSELoss`` (``‖F − Y‖²/(nC)``), whose gradient is ``2/C`` times that one, so the optimizer gets
    ``lr = η·C/2`` and the iterates are the paper's; κ(G) does not depend on the loss's scale.
 
-Resume works per run: finished runs (``result.json``) are skipped; each run is seconds long.
+Each training run is a spec on the training engine (:func:`gnrev_plugin.engine.train_run`): an
+interrupted run resumes exactly (``--resume``); finished runs (``result.json``) are skipped.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from gnrev_plugin import data as gdata
 from gnrev_plugin import metrics
-from gnrev_plugin.build import RunSpec, build, evaluate_run_metrics, loss_targets
-from gnrev_plugin.stepping import evaluate, train_step
+from gnrev_plugin.build import RunSpec
+from gnrev_plugin.engine import Callback, EpochPlan, train_run
+from gnrev_plugin.engine.loop import in_order
+from gnrev_plugin.engine.rundir import RunDir
+from gnrev_plugin.engine.sweep import Job, run_jobs
 
 from ..presets import get_preset
-from ..rundir import RunDir
-from ..sweep import Job, run_jobs
 from ..whitening import whitened_inputs
 from .report import KAPPA_METRIC, build_conditioning_report
 
@@ -106,35 +110,23 @@ def training_spec(training: dict, width: int, seed: int, num_classes: int, data:
 
 
 def _training(run: RunDir, spec: RunSpec, extra: dict, X: torch.Tensor, y: torch.Tensor,
-              num_classes: int, resume: bool) -> None:
-    run.write_config({"spec": spec.to_dict(), **extra}, resume)
-    if resume and run.done:
-        return
-    run.reset()
-    built = build(spec, in_features=X.shape[1], num_classes=num_classes)
-    model, opt, loss_fn = built.model, built.optimizer, built.loss_fn
-    dev, dtype = next(model.parameters()).device, next(model.parameters()).dtype
-    X, y = X.to(dev, dtype), y.to(dev)
-    Y = loss_targets(spec.loss, y, num_classes, dtype)
-    every = extra["every"]
-    for epoch in range(spec.epochs + 1):
-        if epoch % every == 0 or epoch == spec.epochs:
-            loss, acc = evaluate(model, loss_fn, X, y, Y)
-            run.log(dict(epoch=epoch, train_loss=loss, train_acc=acc,
-                         **evaluate_run_metrics(built.metrics, model, inputs=X, targets=Y,
-                                                loss_fn=loss_fn,
-                                                initial_model=built.initial_model)))
-        if epoch == spec.epochs:
-            break
-        train_step(opt, model, loss_fn, X, Y, reevaluate=False)   # full batch: one GD step
-    run.write_result(dict(final=run.rows()[-1]))
+              num_classes: int, resume: bool, progress: bool = False,
+              callbacks: Sequence[Callback] = ()) -> None:
+    """One training run on the engine: full-batch GD on the samples in order, a row (loss,
+    accuracy, κ(G) by the spec's run metric) every ``extra["every"]`` epochs."""
+    data = gdata.Dataset(spec.dataset, X, y, None, None, num_classes)
+    plan = EpochPlan(every=extra["every"], reevaluate=False, batch_order=in_order)
+    train_run(spec, data, run, list(callbacks), plan, resume=resume, progress=progress,
+              extra_config=extra)
 
 
 def run_conditioning(out: str | Path, preset_name: str = "quick", data: str = "mnist",
                      data_dir: str | None = None, resume: bool = False, progress: bool = True,
-                     preset: dict | None = None, device: str = "cpu") -> list[dict]:
+                     preset: dict | None = None, device: str = "cpu",
+                     callbacks: Sequence[Callback] = ()) -> list[dict]:
     """Run (or resume) the three parts into ``out``, rebuild the report; returns the per-run
-    statuses. ``device`` is where the training runs train (the spectra are computed on the CPU)."""
+    statuses. ``device`` is where the training runs train (the spectra are computed on the CPU);
+    ``callbacks`` are given to every training run (e.g. to stop the sweep)."""
     out = Path(out)
     preset = preset if preset is not None else get_preset("conditioning", preset_name)
     X, _, _, desc = whitened_inputs(data, data_dir, preset["num_samples"], preset["input_dim"])
@@ -166,7 +158,8 @@ def run_conditioning(out: str | Path, preset_name: str = "quick", data: str = "m
             run_t = RunDir(out / "runs" / "training" / f"width{w}" / f"seed{seed}")
             jobs.append(Job(f"training/width{w}/seed{seed}", run_t.path,
                             lambda run=run_t, spec=spec, extra=extra:
-                            _training(run, spec, extra, Xt, yt, C, resume)))
+                            _training(run, spec, extra, Xt, yt, C, resume, progress,
+                                      callbacks)))
     statuses = run_jobs(out, jobs, progress=progress, desc="conditioning runs")
     build_conditioning_report(out, top.read_config())
     return statuses

@@ -7,7 +7,7 @@ Two settings, each with every optimizer and seed:
 
 Every run is a :class:`~gnrev_plugin.build.RunSpec` (model ``gnrev.revmlp``, optimizer
 ``gnrev.exact_gn`` / ``gnrev.adam`` / ``gnrev.sgd`` or any registered name, cross-entropy) trained
-by :func:`~gnrev_plugin.experiments.training.train_run`, which builds it through the registry and
+by :func:`~gnrev_plugin.engine.runner.train_run`, which builds it through the registry and
 records the resolved spec (including the GN ``rank_policy``) in the run's ``config.json``.
 
 **Step-size convention** (stated once, used everywhere): ``lr`` of ``gnrev.exact_gn`` is the
@@ -38,19 +38,20 @@ from __future__ import annotations
 import os
 import resource
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from gnrev_plugin import data as gdata
 from gnrev_plugin.build import RunSpec, load_data, short_name
-from gnrev_plugin.plugins import get_registry
+from gnrev_plugin.engine import BatchLossChange, Callback, Diagnostics, EpochEnd, WallTime, train_run
+from gnrev_plugin.engine.rundir import RunDir, append_jsonl
+from gnrev_plugin.engine.sweep import Job, run_jobs
+from gnrev_plugin.registry import get_registry
 
 from ..diagnostics import RevMLPDiagnostics
 from ..presets import get_preset
-from ..rundir import RunDir, append_jsonl
-from ..sweep import Job, run_jobs
-from ..training import train_run
 from .report import build_exact_gn_report
 
 __all__ = ["SETTINGS", "MODEL", "REFERENCE_LR", "RESOURCES_LOG", "reference_lr",
@@ -78,8 +79,8 @@ def _cpu_seconds() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-def record_resources(run: RunDir):
-    """``on_epoch(row)`` for :func:`~gnrev_plugin.experiments.training.train_run` that appends
+def record_resources(run: RunDir) -> EpochEnd:
+    """A callback for :func:`~gnrev_plugin.engine.runner.train_run` that appends
     ``{epoch, time_s, wall_clock, maxrss_mib, cpu_s, load1, load5, load15, threads}`` to the
     run's ``resources.jsonl``; ``cpu_s`` is the process's user + system CPU time since the
     previous row of this session (since the call for the first one). On resume, rows past the
@@ -101,7 +102,7 @@ def record_resources(run: RunDir):
             cpu_s=now - last_cpu[0], load1=load[0], load5=load[1], load15=load[2],
             threads=torch.get_num_threads()))
         last_cpu[0] = now
-    return on_epoch
+    return EpochEnd(on_epoch)
 
 
 def reference_lr(optimizer: str, setting: str, num_blocks: int) -> float:
@@ -186,9 +187,11 @@ def exact_gn_run_specs(preset: dict, data: str, device: str = "cpu"
 
 def run_exact_gn(out: str | Path, preset_name: str = "quick", data: str = "mnist",
                  data_dir: str | None = None, resume: bool = False, progress: bool = True,
-                 preset: dict | None = None, device: str = "cpu") -> list[dict]:
+                 preset: dict | None = None, device: str = "cpu",
+                 callbacks: Sequence[Callback] = ()) -> list[dict]:
     """Run (or resume) the whole sweep into ``out``, rebuild the report; returns the per-run
-    statuses."""
+    statuses. ``callbacks`` join every training run's own (after them), e.g. to stop the
+    sweep."""
     out = Path(out)
     preset = preset if preset is not None else get_preset("exact-gn", preset_name)
     specs = exact_gn_run_specs(preset, data, device)   # unknown names fail before any work
@@ -206,9 +209,10 @@ def run_exact_gn(out: str | Path, preset_name: str = "quick", data: str = "mnist
         ds = datasets[extra["setting"]]
 
         def fn(spec=spec, run=run, ds=ds, name=name, extra=extra):
-            return train_run(spec, ds, run, resume=resume, progress=progress,
-                             diagnostics_factory=RevMLPDiagnostics.factory(spec.probe_size),
-                             desc=name, extra_config=extra, on_epoch=record_resources(run))
+            diagnostics = Diagnostics(RevMLPDiagnostics.factory(spec.probe_size))
+            own = [BatchLossChange(), diagnostics, WallTime(), record_resources(run)]
+            return train_run(spec, ds, run, [*own, *callbacks], resume=resume, progress=progress,
+                             desc=name, extra_config={"data_info": ds.info, **extra})
         jobs.append(Job(name, run.path, fn))
     statuses = run_jobs(out, jobs, progress=progress, desc="exact-gn runs")
     build_exact_gn_report(out, top.read_config())

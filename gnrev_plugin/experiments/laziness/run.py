@@ -31,19 +31,20 @@ cosine and norm ratio. Layout of ``OUT``: like ``exact-gn``; ``laziness.csv``, `
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 from gnrev_plugin import data as gdata
 from gnrev_plugin.build import RunSpec, short_name
-from gnrev_plugin.plugins import get_registry
+from gnrev_plugin.engine import BatchLossChange, Callback, Diagnostics, WallTime, train_run
+from gnrev_plugin.engine.rundir import RunDir
+from gnrev_plugin.engine.sweep import Job, run_jobs
+from gnrev_plugin.registry import get_registry
 
 from ..diagnostics import RevMLPDiagnostics
 from ..exact_gn import reference_lr
 from ..exact_gn.run import load_exact_gn_data
 from ..presets import get_preset
-from ..rundir import RunDir
-from ..sweep import Job, run_jobs
-from ..training import train_run
 from .report import build_laziness_report
 
 __all__ = ["MODEL", "INITS", "init_std", "laziness_configs", "laziness_run_specs",
@@ -156,9 +157,11 @@ def load_laziness_data(preset: dict, data: str, data_dir: str | None) -> gdata.D
 
 def run_laziness(out: str | Path, preset_name: str = "quick", data: str = "mnist",
                  data_dir: str | None = None, resume: bool = False, progress: bool = True,
-                 preset: dict | None = None, device: str = "cpu") -> list[dict]:
+                 preset: dict | None = None, device: str = "cpu",
+                 callbacks: Sequence[Callback] = ()) -> list[dict]:
     """Run (or resume) the laziness sweep into ``out`` and rebuild the report; returns the
-    per-run statuses."""
+    per-run statuses. ``callbacks`` join every training run's own (after them), e.g. to stop the
+    sweep."""
     out = Path(out)
     preset = preset if preset is not None else get_preset("laziness", preset_name)
     specs = laziness_run_specs(preset, data, device)   # unknown names fail before any work
@@ -177,8 +180,10 @@ def run_laziness(out: str | Path, preset_name: str = "quick", data: str = "mnist
         run = RunDir(out / "runs" / name)
 
         def fn(spec=spec, run=run, name=name, extra=extra):
-            return train_run(spec, ds, run, resume=resume, progress=progress,
-                             diagnostics_factory=factory, desc=name, extra_config=extra)
+            own = [BatchLossChange(), Diagnostics(factory), WallTime()]
+            return train_run(spec, ds, run, [*own, *callbacks],
+                             resume=resume, progress=progress, desc=name,
+                             extra_config={"data_info": ds.info, **extra})
         jobs.append(Job(name, run.path, fn))
     statuses = run_jobs(out, jobs, progress=progress, desc="laziness runs")
     build_laziness_report(out, top.read_config())

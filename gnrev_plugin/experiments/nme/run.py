@@ -14,11 +14,13 @@ of ``H``, ``G`` and ``NME = H − G`` and its summary gives ``tr(H)``, ``tr(G)``
 Expected from the theory (checked in the report): linear nets have ``NME ≡ 0`` up to the
 cross-layer terms, ReLU nets have ``tr(NME) = 0`` (``φ'' = 0`` a.e.), smooth activations have a
 nonzero NME trace, and β-GELU approaches ReLU as β grows.
-Resume works per run (finished runs are skipped; each run is seconds long).
+Each run is a spec plus the :class:`Curvature` callback on the training engine
+(:func:`gnrev_plugin.engine.train_run`): an interrupted run resumes exactly (``--resume``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -26,16 +28,17 @@ from torch import nn
 
 from gnrev_plugin import data as gdata
 from gnrev_plugin import metrics
-from gnrev_plugin.build import RunSpec, build, loss_targets
-from gnrev_plugin.stepping import evaluate, train_step
+from gnrev_plugin.build import RunSpec
+from gnrev_plugin.engine import Callback, EpochPlan, train_run
+from gnrev_plugin.engine.loop import permutation_of_previous_epoch
+from gnrev_plugin.engine.rundir import RunDir
+from gnrev_plugin.engine.sweep import Job, run_jobs
 
 from ..presets import get_preset
-from ..rundir import RunDir
-from ..sweep import Job, run_jobs
 from ..whitening import whitened_inputs
 from .report import build_nme_report
 
-__all__ = ["run_nme", "nme_spec", "curvature_row"]
+__all__ = ["run_nme", "nme_spec", "curvature_row", "Curvature"]
 
 
 def nme_spec(preset: dict, activation: str, seed: int, data: str, device: str = "cpu"
@@ -70,36 +73,38 @@ def curvature_row(model: nn.Module, loss_fn: nn.Module, X: torch.Tensor, targets
                 mode=s.mode, num_params=s.num_params)
 
 
+class Curvature(Callback):
+    """The :func:`curvature_row` of each row, on the probe batch (the first ``probe_size``
+    training samples)."""
+
+    def __init__(self, exact_max_dim: int) -> None:
+        self.exact_max_dim = exact_max_dim
+
+    def measure(self, state, epoch: int, row: dict) -> dict:
+        p = state.spec.probe_size
+        return curvature_row(state.model, state.loss_fn, state.x_train[:p], state.t_train[:p],
+                             self.exact_max_dim, state.spec.seed)
+
+
 def _nme_run(run: RunDir, spec: RunSpec, extra: dict, X: torch.Tensor, y: torch.Tensor,
-             num_classes: int, resume: bool) -> None:
-    run.write_config({"spec": spec.to_dict(), **extra}, resume)
-    if resume and run.done:
-        return
-    run.reset()
-    built = build(spec, in_features=X.shape[1], num_classes=num_classes)
-    model, opt, loss_fn = built.model, built.optimizer, built.loss_fn
-    dev, dtype = next(model.parameters()).device, next(model.parameters()).dtype
-    X, y = X.to(dev, dtype), y.to(dev)
-    T = loss_targets(spec.loss, y, num_classes, dtype)
-    Xp, Tp = X[:spec.probe_size], T[:spec.probe_size]
-    for epoch in range(spec.epochs + 1):
-        if epoch % extra["every"] == 0 or epoch == spec.epochs:
-            loss, acc = evaluate(model, loss_fn, X, y, T)
-            run.log(dict(epoch=epoch, train_loss=loss, train_acc=acc,
-                         **curvature_row(model, loss_fn, Xp, Tp, extra["exact_max_dim"],
-                                         spec.seed)))
-        if epoch == spec.epochs:
-            break
-        for xb, tb in gdata.minibatches(X, T, spec.batch_size, spec.seed, epoch):
-            train_step(opt, model, loss_fn, xb, tb, reevaluate=False)
-    run.write_result(dict(final=run.rows()[-1]))
+             num_classes: int, resume: bool, progress: bool = False,
+             callbacks: Sequence[Callback] = ()) -> None:
+    """One run on the training engine: mini-batch SGD, a row with the curvature every
+    ``extra["every"]`` epochs."""
+    data = gdata.Dataset(spec.dataset, X, y, None, None, num_classes)
+    plan = EpochPlan(every=extra["every"], reevaluate=False,
+                     batch_order=permutation_of_previous_epoch)
+    train_run(spec, data, run, [Curvature(extra["exact_max_dim"]), *callbacks], plan, resume=resume,
+              progress=progress, extra_config=extra)
 
 
 def run_nme(out: str | Path, preset_name: str = "quick", data: str = "mnist",
             data_dir: str | None = None, resume: bool = False, progress: bool = True,
-            preset: dict | None = None, device: str = "cpu") -> list[dict]:
+            preset: dict | None = None, device: str = "cpu",
+            callbacks: Sequence[Callback] = ()) -> list[dict]:
     """Run (or resume) every activation × seed into ``out``, rebuild the report; returns the
-    per-run statuses."""
+    per-run statuses. ``callbacks`` join every training run's own (after them), e.g. to stop the
+    sweep."""
     out = Path(out)
     preset = preset if preset is not None else get_preset("nme", preset_name)
     X, y, C, desc = whitened_inputs(data, data_dir, preset["num_samples"], preset["input_dim"])
@@ -117,7 +122,7 @@ def run_nme(out: str | Path, preset_name: str = "quick", data: str = "mnist",
             name = f"{act.replace(':', '')}/seed{seed}"
             run = RunDir(out / "runs" / name)
             jobs.append(Job(name, run.path, lambda run=run, spec=spec, extra=extra:
-                            _nme_run(run, spec, extra, X, y, C, resume)))
+                            _nme_run(run, spec, extra, X, y, C, resume, progress, callbacks)))
     statuses = run_jobs(out, jobs, progress=progress, desc="nme runs")
     build_nme_report(out, top.read_config())
     return statuses

@@ -147,6 +147,61 @@ def _accuracy_tables(R: _Runs, p: dict) -> str:
             + "\n\n".join(out) + "\n")
 
 
+def _curvature_figure(out: Path, R: _Runs, p: dict, ds: str) -> Path | None:
+    """``tr H``, ``tr G``, ``tr NME`` over training per activation (one seed)."""
+    # curvature over training (the curvature runs: one seed)
+    curv = [m for m in p.get("curvature_methods", []) if m == SGD or m in p["methods"]]
+    if curv:
+        acts = p["activations"]
+        fig, ax = new_figure(3, len(acts), width=3.6, height=2.8)
+        for j, act in enumerate(acts):
+            for i, (key, title) in enumerate((("tr_hessian", "tr H"), ("tr_ggn", "tr G"),
+                                              ("tr_nme", "tr NME"))):
+                a = ax[i, j]
+                plot_mean_std(a, R.rows(act, SGD, key=key), key, "SGD", "k", marker="o")
+                for m, cmap in ((HTP, "Reds"), (GNTP, "Blues")):
+                    if m not in curv:
+                        continue
+                    for k, h in enumerate(p["sigma2s"]):
+                        import matplotlib
+
+                        c = matplotlib.colormaps[cmap](0.45 + 0.5 * k / max(1, len(p["sigma2s"]) - 1))
+                        plot_mean_std(a, R.rows(act, m, h, key=key), key,
+                                      f"{'HTP' if m == HTP else 'GNTP'} σ²={h:g}", c, marker=".")
+                a.axhline(0, color="k", lw=0.5)
+                a.set(xlabel="epoch", title=f"{title}, {activation_label(act)}")
+                if i == 0 and j == 0:
+                    a.legend(fontsize=6)
+        return save(fig, out / "figures" / f"fig_sharpness_curvature_{ds}.png")
+    return None
+
+
+def _beta_figure(out: Path, R: _Runs, p: dict, ds: str) -> Path | None:
+    """The gain over SGD against β at the largest ρ and the middle σ²."""
+    # the β trend at the largest ρ / the middle σ²
+    finite = [a for a in p["activations"] if math.isfinite(beta_of(a))]
+    order = sorted(finite, key=beta_of) + [a for a in p["activations"] if beta_of(a) == math.inf]
+    if order:
+        fig, ax = new_figure(1, 1, width=5.0)
+        a = ax[0, 0]
+        xs = list(range(len(order)))
+        lines = [(m, p["rhos"][-1], "ρ") for m in RHO_METHODS if m in p["methods"]]
+        mid = p["sigma2s"][len(p["sigma2s"]) // 2]
+        lines += [(m, mid, "σ²") for m in (HTP, GNTP) if m in p["methods"]]
+        for k, (m, h, sym) in enumerate(lines):
+            g = [R.gain(act, m, h) for act in order]
+            a.errorbar(xs, [100 * v[0] for v in g],
+                       yerr=[100 * (v[1] if math.isfinite(v[1]) else 0) for v in g],
+                       marker="o", capsize=2, color=f"C{k}", label=f"{NAMES[m]} {sym}={h:g}")
+        a.axhline(0, color="k", lw=0.6)
+        a.set_xticks(xs, [("ReLU (β=∞)" if beta_of(x) == math.inf else f"β={beta_of(x):g}")
+                          for x in order])
+        a.set(ylabel="test acc − SGD (pp)", title=f"β trend ({ds})")
+        a.legend(fontsize=7)
+        return save(fig, out / "figures" / f"fig_sharpness_beta_{ds}.png")
+    return None
+
+
 def _figures(out: Path, R: _Runs, p: dict, ds: str) -> list[Path]:
     figs = []
     variants = [(a, False) for a in p["activations"]] + [(a, True) for a in p.get("ablate", [])]
@@ -183,55 +238,14 @@ def _figures(out: Path, R: _Runs, p: dict, ds: str) -> list[Path]:
         for a, m in zip(ax.flat, s2_methods, strict=True):
             gain_panel(a, m, p["sigma2s"], "σ²")
         figs.append(save(fig, out / "figures" / f"fig_sharpness_sigma2_{ds}.png"))
-    # curvature over training (the curvature runs: one seed)
-    curv = [m for m in p.get("curvature_methods", []) if m == SGD or m in p["methods"]]
-    if curv:
-        acts = p["activations"]
-        fig, ax = new_figure(3, len(acts), width=3.6, height=2.8)
-        for j, act in enumerate(acts):
-            for i, (key, title) in enumerate((("tr_hessian", "tr H"), ("tr_ggn", "tr G"),
-                                              ("tr_nme", "tr NME"))):
-                a = ax[i, j]
-                plot_mean_std(a, R.rows(act, SGD, key=key), key, "SGD", "k", marker="o")
-                for m, cmap in ((HTP, "Reds"), (GNTP, "Blues")):
-                    if m not in curv:
-                        continue
-                    for k, h in enumerate(p["sigma2s"]):
-                        import matplotlib
-
-                        c = matplotlib.colormaps[cmap](0.45 + 0.5 * k / max(1, len(p["sigma2s"]) - 1))
-                        plot_mean_std(a, R.rows(act, m, h, key=key), key,
-                                      f"{'HTP' if m == HTP else 'GNTP'} σ²={h:g}", c, marker=".")
-                a.axhline(0, color="k", lw=0.5)
-                a.set(xlabel="epoch", title=f"{title}, {activation_label(act)}")
-                if i == 0 and j == 0:
-                    a.legend(fontsize=6)
-        figs.append(save(fig, out / "figures" / f"fig_sharpness_curvature_{ds}.png"))
-    # the β trend at the largest ρ / the middle σ²
-    finite = [a for a in p["activations"] if math.isfinite(beta_of(a))]
-    order = sorted(finite, key=beta_of) + [a for a in p["activations"] if beta_of(a) == math.inf]
-    if order:
-        fig, ax = new_figure(1, 1, width=5.0)
-        a = ax[0, 0]
-        xs = list(range(len(order)))
-        lines = [(m, p["rhos"][-1], "ρ") for m in RHO_METHODS if m in p["methods"]]
-        mid = p["sigma2s"][len(p["sigma2s"]) // 2]
-        lines += [(m, mid, "σ²") for m in (HTP, GNTP) if m in p["methods"]]
-        for k, (m, h, sym) in enumerate(lines):
-            g = [R.gain(act, m, h) for act in order]
-            a.errorbar(xs, [100 * v[0] for v in g],
-                       yerr=[100 * (v[1] if math.isfinite(v[1]) else 0) for v in g],
-                       marker="o", capsize=2, color=f"C{k}", label=f"{NAMES[m]} {sym}={h:g}")
-        a.axhline(0, color="k", lw=0.6)
-        a.set_xticks(xs, [("ReLU (β=∞)" if beta_of(x) == math.inf else f"β={beta_of(x):g}")
-                          for x in order])
-        a.set(ylabel="test acc − SGD (pp)", title=f"β trend ({ds})")
-        a.legend(fontsize=7)
-        figs.append(save(fig, out / "figures" / f"fig_sharpness_beta_{ds}.png"))
+    for make in (_curvature_figure, _beta_figure):
+        path = make(out, R, p, ds)
+        if path is not None:
+            figs.append(path)
     return figs
 
 
-def _claims(R: _Runs, p: dict, ds: str) -> list[str]:
+def _claims(R: _Runs, p: dict) -> list[str]:
     lines = []
     rho = p["rhos"][-1]
     smooth = [a for a in p["activations"] if a != "relu"]
@@ -328,7 +342,7 @@ def build_sharpness_report(out: Path, cfg: dict) -> Path:
         figs += ds_figs
         secs.append(f"## {ds}\n\n{(cfg.get('data_describe') or {}).get(ds, '')}\n\n"
                     + _accuracy_tables(R, p) + "\n### The paper's claims at this scale\n\n"
-                    + "\n".join(_claims(R, p, ds)) + "\n\n"
+                    + "\n".join(_claims(R, p)) + "\n\n"
                     + "\n".join(f"![{f.stem}](figures/{f.name})" for f in ds_figs) + "\n")
     text = (
         "# Sharpness regularisers and the NME (reproduction of Dauphin, Agarwala & Mobahi)\n\n"

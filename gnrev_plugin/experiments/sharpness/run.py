@@ -22,13 +22,15 @@ products).
 
 A step the optimizer refuses as non-finite (:class:`~gnrev_plugin.optim.errors.NonFiniteError`,
 parameters unchanged) or a non-finite training loss ends the run early; it is logged as
-``diverged`` with the accuracy of its last finite parameters. Runs are seconds long; ``--resume``
-skips finished ones.
+``diverged`` with the accuracy of its last finite parameters. Each run is a spec plus callbacks
+(:class:`OptimizerInfo`, :class:`Traces`, :class:`~gnrev_plugin.engine.StopOnDivergence`) on the
+training engine (:func:`gnrev_plugin.engine.train_run`): an interrupted run resumes exactly.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -36,18 +38,18 @@ from torch import nn
 
 from gnrev_plugin import data as gdata
 from gnrev_plugin import metrics
-from gnrev_plugin.build import RunSpec, build, load_data, loss_targets
+from gnrev_plugin.build import RunSpec, load_data
+from gnrev_plugin.engine import Callback, EpochPlan, StopOnDivergence, train_run
+from gnrev_plugin.engine.loop import permutation_of_previous_epoch
+from gnrev_plugin.engine.rundir import RunDir
+from gnrev_plugin.engine.sweep import Job, run_jobs
 from gnrev_plugin.metrics.hessian import dense_matrix, estimate_trace
-from gnrev_plugin.optim.errors import NonFiniteError
-from gnrev_plugin.stepping import evaluate, train_step
 
 from ..presets import get_preset
-from ..rundir import RunDir
-from ..sweep import Job, run_jobs
 from .report import build_sharpness_report
 
 __all__ = ["run_sharpness", "sharpness_spec", "sharpness_configs", "load_split", "traces",
-           "METHODS", "RHO_METHODS", "SIGMA2_METHODS"]
+           "METHODS", "RHO_METHODS", "SIGMA2_METHODS", "OptimizerInfo", "Traces"]
 
 #: The methods, by registry name.
 RHO_METHODS = ("gnrev.sam", "gnrev.psam")
@@ -139,61 +141,64 @@ def traces(model: nn.Module, loss_fn: nn.Module, X: torch.Tensor, T: torch.Tenso
 _INFO_KEYS = ("penalty", "hessian_trace_estimate", "gn_trace_estimate", "grad_norm")
 
 
-def _sharpness_run(run: RunDir, spec: RunSpec, extra: dict, split: tuple, resume: bool) -> None:
-    run.write_config({"spec": spec.to_dict(), **extra}, resume)
-    if resume and run.done:
-        return
-    run.reset()
+class OptimizerInfo(Callback):
+    """The epoch's mean of each of the optimizer's ``last_step_info`` estimates (the penalty,
+    the trace estimates, the gradient norm) over its finite steps."""
+
+    def __init__(self) -> None:
+        self.info: dict[str, list[float]] = {}
+
+    def on_epoch_start(self, state, epoch: int) -> None:
+        self.info = {k: [] for k in _INFO_KEYS}
+
+    def on_step(self, state, epoch: int, result) -> None:
+        step_info = getattr(state.optimizer, "last_step_info", {})
+        for k in _INFO_KEYS:
+            if step_info.get(k) is not None:
+                self.info[k].append(step_info[k])
+
+    def measure(self, state, epoch: int, row: dict) -> dict:
+        return {k: sum(v) / len(v) for k, v in self.info.items() if v}
+
+
+class Traces(Callback):
+    """:func:`traces` of each row with a finite training loss, on the first ``probe_size``
+    training samples."""
+
+    def __init__(self, exact_max_dim: int, matvecs: int) -> None:
+        self.exact_max_dim, self.matvecs = exact_max_dim, matvecs
+
+    def measure(self, state, epoch: int, row: dict) -> dict:
+        if not math.isfinite(row["train_loss"]):
+            return {}
+        p = state.spec.probe_size
+        return traces(state.model, state.loss_fn, state.x_train[:p], state.t_train[:p],
+                      self.exact_max_dim, self.matvecs, state.spec.seed)
+
+
+def _sharpness_run(run: RunDir, spec: RunSpec, extra: dict, split: tuple, resume: bool,
+                   progress: bool = False, callbacks: Sequence[Callback] = ()) -> None:
+    """One run on the training engine: a row every ``extra["every"]`` epochs; a divergence ends
+    the run after a row marked ``diverged``."""
     Xtr, ytr, Xte, yte, C = split
-    built = build(spec, in_features=Xtr.shape[1], num_classes=C)
-    model, opt, loss_fn = built.model, built.optimizer, built.loss_fn
-    dev, dtype = next(model.parameters()).device, next(model.parameters()).dtype
-    Xtr, ytr, Xte, yte = Xtr.to(dev, dtype), ytr.to(dev), Xte.to(dev, dtype), yte.to(dev)
-    T = loss_targets(spec.loss, ytr, C, dtype)
-    Xp, Tp = Xtr[:spec.probe_size], T[:spec.probe_size]
-    every, diverged, info = extra["every"], None, {}
-
-    def log(epoch: int) -> None:
-        tr_loss, tr_acc = evaluate(model, loss_fn, Xtr, ytr, T)
-        te_loss, te_acc = evaluate(model, loss_fn, Xte, yte)
-        row = dict(epoch=epoch, train_loss=tr_loss, train_acc=tr_acc, test_loss=te_loss,
-                   test_acc=te_acc, diverged=diverged is not None,
-                   **{k: sum(v) / len(v) for k, v in info.items() if v})
-        if extra["curvature"] and math.isfinite(tr_loss):
-            row.update(traces(model, loss_fn, Xp, Tp, extra["exact_max_dim"],
-                              extra["trace_matvecs"], spec.seed))
-        run.log(row)
-
-    for epoch in range(spec.epochs + 1):
-        if epoch % every == 0 or epoch == spec.epochs or diverged is not None:
-            log(epoch)
-        if epoch == spec.epochs or diverged is not None:
-            break
-        info = {k: [] for k in _INFO_KEYS}
-        for xb, tb in gdata.minibatches(Xtr, T, spec.batch_size, spec.seed, epoch):
-            try:
-                res = train_step(opt, model, loss_fn, xb, tb, reevaluate=False)
-            except NonFiniteError as err:
-                diverged = str(err)
-                break
-            if not math.isfinite(res.loss_before):
-                diverged = "non-finite training loss"
-                break
-            step_info = getattr(opt, "last_step_info", {})
-            for k in _INFO_KEYS:
-                if step_info.get(k) is not None:
-                    info[k].append(step_info[k])
-    if hasattr(opt, "close"):
-        opt.close()
-    run.write_result(dict(final=run.rows()[-1], diverged=diverged))
+    data = gdata.Dataset(spec.dataset, Xtr, ytr, Xte, yte, C)
+    plan = EpochPlan(every=extra["every"], reevaluate=False,
+                     batch_order=permutation_of_previous_epoch)
+    own: list[Callback] = [StopOnDivergence(), OptimizerInfo()]
+    if extra["curvature"]:
+        own.append(Traces(extra["exact_max_dim"], extra["trace_matvecs"]))
+    train_run(spec, data, run, [*own, *callbacks], plan, resume=resume, progress=progress,
+              extra_config=extra)
 
 
 def run_sharpness(out: str | Path, preset_name: str = "quick", data: str = "mnist",
                   data_dir: str | None = None, resume: bool = False, progress: bool = True,
-                  preset: dict | None = None, device: str = "cpu") -> list[dict]:
+                  preset: dict | None = None, device: str = "cpu",
+                  callbacks: Sequence[Callback] = ()) -> list[dict]:
     """Run (or resume) every dataset × configuration × seed into ``out`` and rebuild the
     report; returns the per-run statuses. The datasets are the preset's (``data`` is not used:
-    the experiment compares MNIST and MNIST-1D)."""
+    the experiment compares MNIST and MNIST-1D). ``callbacks`` join every training run's own
+    (after them), e.g. to stop the sweep."""
     out = Path(out)
     preset = preset if preset is not None else get_preset("sharpness", preset_name)
     splits, descs = {}, {}
@@ -224,7 +229,8 @@ def run_sharpness(out: str | Path, preset_name: str = "quick", data: str = "mnis
                 run = RunDir(out / "runs" / name)
                 jobs.append(Job(name, run.path,
                                 lambda run=run, spec=spec, extra=extra, ds=ds:
-                                _sharpness_run(run, spec, extra, splits[ds], resume)))
+                                _sharpness_run(run, spec, extra, splits[ds], resume, progress,
+                                               callbacks)))
     statuses = run_jobs(out, jobs, progress=progress, desc="sharpness runs")
     build_sharpness_report(out, top.read_config())
     return statuses

@@ -20,7 +20,7 @@ import os
 import shutil
 from pathlib import Path
 
-from gnrev_plugin.plugins import Registry, get_registry
+from gnrev_plugin.registry import Registry, get_registry
 
 __all__ = ["BENCHMARK_DIR", "benchmark_dir", "solver_file_name", "solver_source", "solver_path",
            "init_benchmark", "solver_cache_dir"]
@@ -72,7 +72,7 @@ def _write_solver(folder: Path, name: str) -> Path:
 def solver_path(name: str, registry: Registry | None = None) -> Path:
     """Absolute path of a solver file for registry optimizer ``name`` (``gnrev.`` optional for
     built-ins), written on demand into :func:`solver_cache_dir`. Unknown names raise
-    :class:`~gnrev_plugin.plugins.UnknownNameError` listing the registered optimizers."""
+    :class:`~gnrev_plugin.registry.UnknownNameError` listing the registered optimizers."""
     reg = registry if registry is not None else get_registry()
     return _write_solver(solver_cache_dir(), reg.resolve_name("optimizer", name)).resolve()
 

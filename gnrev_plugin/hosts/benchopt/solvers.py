@@ -51,7 +51,7 @@ from benchopt.stopping_criterion import SufficientProgressCriterion
 from gnrev_plugin.build import build_loss, build_model, build_optimizer, loss_targets, resolve_device
 from gnrev_plugin.defaults import RUN_DEFAULTS
 from gnrev_plugin.hosts.benchopt.problem import as_tensor
-from gnrev_plugin.plugins import get_registry
+from gnrev_plugin.registry import get_registry
 from gnrev_plugin.stepping import train_step
 
 __all__ = ["RegistrySolver", "make_solver"]

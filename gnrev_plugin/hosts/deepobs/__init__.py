@@ -10,8 +10,8 @@ DeepOBS (Schneider, Balles & Hennig, ICLR 2019) benchmarks optimizers on *test p
   (registry models built by :func:`gnrev_plugin.build.build_model`), and DeepOBS's own MNIST
   problems on a local IDX folder (:func:`prepare_mnist_data_dir`, :func:`local_mnist_problem`);
 * :mod:`.results`: DeepOBS's folder/JSON layout (writer) and :func:`read_deepobs` (reader);
-* :mod:`.compat`: the only module importing ``deepobs`` (TensorFlow import shim, the DeepOBS
-  internals used, checked against 1.1.2).
+* :mod:`gnrev_plugin.compat.deepobs`: the only module importing ``deepobs`` (TensorFlow import
+  shim, the DeepOBS internals used, checked against 1.1.2), with the other hosts' private APIs.
 
 Importing this package does not import DeepOBS.
 """

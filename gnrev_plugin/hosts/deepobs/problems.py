@@ -51,9 +51,9 @@ from gnrev_plugin.data import (
     pad_to_multiple,
     read_idx,
 )
-from gnrev_plugin.plugins import get_registry
+from gnrev_plugin.registry import get_registry
 
-from . import compat
+from ...compat import deepobs as compat
 
 __all__ = [
     "TEST_PROBLEMS", "TensorDataSet", "RegistryTestProblem", "mnist_revmlp", "fmnist_revmlp",

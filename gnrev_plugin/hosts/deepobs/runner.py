@@ -17,7 +17,7 @@ and a DeepOBS-protocol runner for machines without DeepOBS.
   ``rank_policy="warn"`` (:mod:`gnrev_plugin.defaults`): a rank-deficient batch then takes the
   least-squares step with a warning instead of ending the run.
 * :func:`run_deepobs` runs DeepOBS 1.1.2's own ``deepobs.pytorch.runners.StandardRunner``
-  (imported through :mod:`.compat`) with both.
+  (imported through :mod:`gnrev_plugin.compat.deepobs`) with both.
 * :class:`StandardRunner` is DeepOBS's ``StandardRunner`` protocol without DeepOBS: the same loop,
   evaluation and result files (:mod:`.results`); the test suite checks that both write the same
   JSON.
@@ -44,9 +44,9 @@ from torch import nn
 
 from gnrev_plugin.build import LOSSES, build_optimizer
 from gnrev_plugin.nn.discovery import find_module_owning
-from gnrev_plugin.plugins import Registry, get_registry
+from gnrev_plugin.registry import Registry, get_registry
 
-from . import compat
+from ...compat import deepobs as compat
 from .problems import TEST_PROBLEMS, set_data_dir
 from .results import result_path, write_result
 
