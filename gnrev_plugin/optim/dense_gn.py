@@ -15,23 +15,35 @@ How ``J Jᵀ`` is formed (``jacobian=``):
 * ``"rows"``: ``torch.func.jacrev`` (``vmap`` over the ``nC`` output rows); any module.
 * ``"per_sample"``: ``vmap`` over samples of the single-sample Jacobian; needs a model whose
   samples do not interact (no BatchNorm in training mode).
-* ``"linear"``: structured, never materialising ``J``. For an ``nn.Linear`` layer with inputs
-  ``a_i`` and output-VJPs ``g_{i,c} = ∂F_{ic}/∂z_i``, its block of the Gram is
-  ``(a_iᵀa_j + 1)(g_{i,c}ᵀ g_{j,c'})``, i.e. ``Θ = (A Aᵀ + 1) ⊗ 1_{C×C} ⊙ (G Gᵀ)``. The ``G`` come
-  from one batched backward over the ``C`` output coordinates; ``Δθ = Jᵀ Λ`` is one more backward.
-  Needs every trained parameter to sit in an ``nn.Linear`` with 2-D inputs.
-* ``"auto"`` (default): ``"linear"`` when possible, else ``"per_sample"``, else ``"rows"``.
+* ``"structured"`` (``"linear"`` is its former name): per layer, never materialising that
+  layer's ``J``. ``nn.Linear``, ``nn.Conv2d`` and the affine parameters of LayerNorm / GroupNorm /
+  BatchNorm (eval mode) give their Gram from layer inputs ``a`` and output-VJPs
+  ``g_{i,c} = ∂F_{ic}/∂z_i`` (:mod:`gnrev_plugin.optim.gram`; e.g. ``(A Aᵀ + 1) ⊗ 1_{C×C} ⊙ (G Gᵀ)``
+  for a Linear layer), each by the cheaper of per-sample gradients and the patch Gram, chunked
+  under ``max_memory_mb``; the ``G`` come from one batched backward over the ``C`` output
+  coordinates. The remaining trained parameters take the ``"per_sample"`` Jacobian.
+  ``Δθ = Jᵀ Λ`` is one more backward. ``last_step_info["layers"]`` says what each layer used.
+* ``"auto"`` (default): ``"structured"`` unless a BatchNorm layer is in training mode: it couples
+  the samples, so ``J`` is the batch Jacobian (``"rows"``; ``last_step_info["note"]`` says so).
+
+**Matrix-free** (``solver="cg"``, any module): preconditioned conjugate gradients on ``(J Jᵀ + λI)
+Λ = −α vec ε`` with one JVP and one VJP per iteration (:mod:`gnrev_plugin.optim.cg`), memory ``O(P
++ nC)``, preconditioned by the exact per-sample ``C×C`` blocks (or the diagonal) of ``J Jᵀ`` when
+every trained parameter is in a structured layer (else none). ``last_step_exact`` is true only when
+the true residual ``‖J Δθ + α ε‖ / ‖α ε‖``, recomputed with a separate JVP, is at most ``cg_tol``
+(and ``λ = 0``); ``last_step_info`` has the iterations and that residual. A step that misses it
+raises :class:`~gnrev_plugin.optim.errors.RankDeficiencyError` (``rank_policy="raise"``) or is
+taken with a warning (``"warn"``).
 
 Rank handling follows :class:`ExactGN`: ``rank_policy="raise"`` raises
 :class:`~gnrev_plugin.optim.errors.RankDeficiencyError` when ``J Jᵀ`` is rank-deficient (``nC > P``,
 duplicated samples...), ``"warn"`` takes the least-squares step ``J⁺`` and warns.
 
 **Distributed** (``process_group``, default ``"auto"``: WORLD when ``torch.distributed`` is
-initialised): the batch is the union of the ranks' local batches. The rows of ``J``
-(``jacobian="linear"``: each layer's inputs ``a`` and output-VJPs ``G``) are all-gathered and
-rank ``r`` forms its row block ``J_r Jᵀ`` of the Gram; rank 0 gathers the blocks, factors the
-global ``J Jᵀ`` and broadcasts ``Λ = (J Jᵀ + λI)⁻¹ vec(−α ε)``; then ``Δθ = Σ_r J_rᵀ Λ_r`` is one
-all-reduce (:mod:`gnrev_plugin.optim.distributed`).
+initialised): the batch is the union of the ranks' local batches. Rank ``r`` gathers its rows of
+``J`` (``jacobian="linear"``: each layer's inputs ``a`` and output-VJPs ``G``) on rank 0, which
+forms and factors the global ``J Jᵀ`` and broadcasts ``Λ = (J Jᵀ + λI)⁻¹ vec(−α ε)``; then
+``Δθ = Σ_r J_rᵀ Λ_r`` is one all-reduce (:mod:`gnrev_plugin.optim.distributed`).
 
 **Low-precision parameters** (bfloat16/float16): the Jacobian, the Gram and its solve are
 computed in ``factor_dtype`` (float64 by default, float32 for devices without fast float64) at
@@ -50,6 +62,7 @@ from torch.func import functional_call, jacrev, vmap
 from ..nn.discovery import find_module_owning
 from . import distributed as gdist
 from .capture import OutputCapture, autocast_disabled, suspended
+from .cg import JacobianProducts, block_preconditioner, conjugate_gradient
 from .common import (
     apply_update,
     as_dtype,
@@ -59,13 +72,19 @@ from .common import (
     validate_gn_options,
 )
 from .errors import RankDeficiencyError
+from .gram import LayerFactors, factored_diagonal, factored_gram, factored_sample_blocks
+from .gram.capture import capture_factors, plan_layers
 from .protocols import BATCH_STEP, DISTRIBUTED, GAUSS_NEWTON
 from .solvers import GramSystem, SolverConfig
 from .targets import mean_loss, newton_target
 
 __all__ = ["DenseGN", "find_module_owning", "JACOBIAN_METHODS"]
 
-JACOBIAN_METHODS = ("auto", "linear", "per_sample", "rows")
+JACOBIAN_METHODS = ("auto", "structured", "linear", "per_sample", "rows")
+SOLVERS = ("cholesky", "eigh", "cg")
+CG_PRECONDITIONERS = ("block", "diagonal", "none")
+_COUPLED_NOTE = ("BatchNorm in training mode couples the samples: J is the batch Jacobian "
+                 "(jacobian='rows')")
 _BATCH_COUPLING = (nn.modules.batchnorm._BatchNorm,)
 class DenseGN(torch.optim.Optimizer):
     """Exact Gauss-Newton ``Δθ = −α Jᵀ(JJᵀ + λI)⁻¹ε`` for any module (module docstring).
@@ -77,12 +96,19 @@ class DenseGN(torch.optim.Optimizer):
         loss: ``"mse"`` or ``"cross_entropy"``.
         damping: ``λ`` (``> 0`` selects the damped solve; the step is then not exact).
         solver: ``"cholesky"`` or ``"eigh"`` for the ``nC×nC`` system (``rtol``/``atol``
-            truncation as in :mod:`gnrev_plugin.optim.solvers`).
+            truncation as in :mod:`gnrev_plugin.optim.solvers`), or ``"cg"`` (matrix-free,
+            module docstring).
         ce_target, ce_damping: cross-entropy Newton target (see :class:`ExactGN`).
         jacobian: how ``J Jᵀ`` is formed (module docstring).
         weight_decay: decoupled, ``θ ← (1 − lr·wd)θ + Δθ``.
         rank_policy: ``"raise"`` or ``"warn"``.
         max_jacobian_entries: refuse to materialise a ``J`` larger than this.
+        max_memory_mb: memory bound for the structured Grams' per-sample gradients.
+        cg_tol, cg_max_iter: ``solver="cg"``: relative true-residual tolerance and iteration
+            limit.
+        cg_preconditioner: ``"block"`` (the exact per-sample ``C×C`` blocks of ``J Jᵀ``),
+            ``"diagonal"`` (its exact diagonal) or ``"none"``; both exact ones need every trained
+            parameter in a structured layer and independent samples, else none is used.
         factor_dtype: dtype ``J Jᵀ`` is factored and solved in (default float64; or its name,
             e.g. ``"float32"``); with
             bfloat16/float16 parameters the Jacobian and the Gram are computed in it too
@@ -111,6 +137,10 @@ class DenseGN(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         rank_policy: str = "raise",
         max_jacobian_entries: int = 200_000_000,
+        max_memory_mb: float = 1024.0,
+        cg_tol: float = 1e-6,
+        cg_max_iter: int = 500,
+        cg_preconditioner: str = "block",
         factor_dtype: torch.dtype = torch.float64,
         process_group=gdist.AUTO,
     ) -> None:
@@ -119,16 +149,23 @@ class DenseGN(torch.optim.Optimizer):
             raise ValueError(f"unknown jacobian {jacobian!r}; choose from {JACOBIAN_METHODS}")
         if rank_policy not in ("raise", "warn"):
             raise ValueError(f"rank_policy must be 'raise' or 'warn', got {rank_policy!r}")
-        if solver not in ("cholesky", "eigh"):
-            raise ValueError(f"DenseGN solver must be 'cholesky' or 'eigh', got {solver!r}")
-        method = "damped" if damping else solver
+        if solver not in SOLVERS:
+            raise ValueError(f"DenseGN solver must be one of {SOLVERS}, got {solver!r}")
+        if max_memory_mb <= 0 or cg_tol <= 0 or int(cg_max_iter) < 1:
+            raise ValueError("max_memory_mb and cg_tol must be > 0 and cg_max_iter ≥ 1")
+        if cg_preconditioner not in CG_PRECONDITIONERS:
+            raise ValueError(f"cg_preconditioner must be one of {CG_PRECONDITIONERS}, got "
+                             f"{cg_preconditioner!r}")
+        method = "damped" if damping else ("cholesky" if solver == "cg" else solver)
         factor_dtype = as_dtype(factor_dtype, "factor_dtype")
         SolverConfig(method, rtol, atol, damping, rank_rtol, factor_dtype=factor_dtype)
         defaults = dict(lr=lr, weight_decay=weight_decay, loss=loss, damping=damping,
                         solver=solver, rtol=rtol, atol=atol, rank_rtol=rank_rtol,
                         ce_target=ce_target, ce_damping=ce_damping, jacobian=jacobian,
                         rank_policy=rank_policy, factor_dtype=factor_dtype,
-                        max_jacobian_entries=int(max_jacobian_entries))
+                        max_jacobian_entries=int(max_jacobian_entries),
+                        max_memory_mb=max_memory_mb, cg_tol=cg_tol, cg_max_iter=int(cg_max_iter),
+                        cg_preconditioner=cg_preconditioner)
         super().__init__(params, defaults)
         if len(self.param_groups) != 1:
             raise ValueError("DenseGN takes a single parameter group")
@@ -189,26 +226,20 @@ class DenseGN(torch.optim.Optimizer):
                 raise ValueError("the Gauss-Newton step needs a deterministic forward pass: "
                                  "put the model in eval() mode or remove dropout")
 
-    def _method(self, x: torch.Tensor) -> str:
-        m = self.param_groups[0]["jacobian"]
-        coupled = any(isinstance(mod, _BATCH_COUPLING) and mod.training
-                      for mod in self.model.modules())
-        linear_ok = x.dim() == 2 and all(self._linear_of(n) is not None for n in self.names)
-        if m == "auto":
-            return "linear" if (linear_ok and not coupled) else ("rows" if coupled
-                                                                 else "per_sample")
-        if m in ("linear", "per_sample") and coupled:
-            raise ValueError(f"jacobian={m!r} assumes independent samples, but the model has "
-                             "BatchNorm in training mode; use jacobian='rows'")
-        if m == "linear" and not linear_ok:
-            raise ValueError("jacobian='linear' needs every trained parameter in an nn.Linear "
-                             "with 2-D inputs")
-        return m
+    def _coupled(self) -> bool:
+        return any(isinstance(mod, _BATCH_COUPLING) and mod.training
+                   for mod in self.model.modules())
 
-    def _linear_of(self, name: str) -> nn.Linear | None:
-        mod_name, _, attr = name.rpartition(".")
-        mod = self.model.get_submodule(mod_name) if mod_name else self.model
-        return mod if isinstance(mod, nn.Linear) and attr in ("weight", "bias") else None
+    def _method(self) -> str:
+        """The Jacobian method of this step (``"structured"``, ``"per_sample"`` or ``"rows"``)."""
+        m = self.param_groups[0]["jacobian"]
+        coupled = self._coupled()
+        if m == "auto":
+            return "rows" if coupled else "structured"
+        if m in ("structured", "linear", "per_sample") and coupled:
+            raise ValueError(f"jacobian={m!r} assumes independent samples, but the model has "
+                             "BatchNorm in training mode; use jacobian='rows' or solver='cg'")
+        return "structured" if m == "linear" else m
 
     def _compute_dtype(self) -> torch.dtype | None:
         """``factor_dtype`` when the trained parameters are bfloat16/float16, else ``None`` (the
@@ -237,106 +268,73 @@ class DenseGN(torch.optim.Optimizer):
             return functional_call(self.model, {**base, **trained}, (inp,))
         return f
 
-    def _jacobian_dense(self, x: torch.Tensor, method: str, dtype: torch.dtype | None):
-        """``F``, the rows of ``J`` as ``[J]`` (``nC × P``) and ``λ ↦ Jᵀλ``."""
-        p = self._trained(dtype)
+    def _jacobian_dense(self, x: torch.Tensor, method: str, dtype: torch.dtype | None,
+                        names: list[str] | None = None):
+        """``F``, the rows of ``J`` (for parameters ``names``, default all trained) as ``[J]``
+        (``nC × P``) and ``λ ↦ Jᵀλ``."""
+        names = self.names if names is None else names
+        p = {k: v for k, v in self._trained(dtype).items() if k in names}
         f = self._forward_functional(x, dtype)
         with suspended(), _batch_statistics_only(self.model):
             out = f(p, x)
-            P = sum(q.numel() for q in self.params)
+            P = sum(q.numel() for q in p.values())
             if out.numel() * P > self.max_jacobian_entries:
+                hint = (_COUPLED_NOTE + "; use solver='cg', eval() mode or a smaller batch"
+                        if method == "rows" and self._coupled() else "use a smaller batch")
                 raise ValueError(f"J would have {out.numel()}×{P} entries (> max_jacobian_entries="
-                                 f"{self.max_jacobian_entries}); use a smaller batch or "
-                                 "jacobian='linear'")
+                                 f"{self.max_jacobian_entries}); {hint}")
             if method == "rows":
                 jac = jacrev(lambda q: f(q, x))(p)
             else:
                 jac = vmap(jacrev(lambda q, xi: f(q, xi[None])[0]), in_dims=(None, 0))(p, x)
-        J = torch.cat([jac[n].reshape(out.numel(), -1) for n in self.names], dim=1)
+        J = torch.cat([jac[k].reshape(out.numel(), -1) for k in names], dim=1)
         return out, [J], lambda lam: gdist.unflatten(J.mT @ lam, self.params)
 
-    def _jacobian_linear(self, x: torch.Tensor, dtype: torch.dtype | None):
-        """``F``, each layer's ``[a, G]`` (inputs ``n×in``, output-VJPs ``G`` as ``n×C×out``)
-        and ``λ ↦ Jᵀλ`` (one backward)."""
-        layers: dict[str, nn.Linear] = {}
-        for n in self.names:
-            layers.setdefault(n.rpartition(".")[0], self._linear_of(n))
-        records: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        handles = [mod.register_forward_hook(
-            lambda m, a, z, key=key: records.__setitem__(key, (a[0].detach(), z)))
-            for key, mod in layers.items()]
-        trained = {n: q.requires_grad_() for n, q in self._trained(dtype).items()}
+    def _jacobian_structured(self, x: torch.Tensor, dtype: torch.dtype | None):
+        """``F``, the Gram parts (each structured layer's ``a``, ``g``; then the generic
+        parameters' per-sample ``J`` rows as ``n × C·P_rest``) and ``λ ↦ Jᵀλ``."""
+        self._layers, self._generic = plan_layers(self.model, self.names)
         f = self._forward_functional(x, dtype)
-        try:
-            with torch.enable_grad(), suspended():
-                out = f(trained, x)
-        finally:
-            for h in handles:
-                h.remove()
-        if out.dim() != 2:
-            raise ValueError(f"DenseGN expects outputs of shape (n, C), got {tuple(out.shape)}")
-        n, C = out.shape
-        keys = list(layers)
-        eye = torch.eye(C, dtype=out.dtype, device=out.device)[:, None, :].expand(C, n, C)
-        with torch.enable_grad():
-            grads = torch.autograd.grad(out, [records[k][1] for k in keys], grad_outputs=eye,
-                                        is_grads_batched=True, retain_graph=True)
-        parts = [t for key, G in zip(keys, grads, strict=True)
-                 for t in (records[key][0], G.permute(1, 0, 2))]
-        leaves = list(trained.values())
+        with suspended():
+            out, factors, apply_jt = capture_factors(f, self._trained(dtype), x, self._layers)
+        parts = [t for fa in factors for t in (fa.a, fa.g)]
+        if self._generic:
+            J = self._jacobian_dense(x, "per_sample", dtype, self._generic)[1][0]
+            parts.append(J.reshape(out.shape[0], -1))
+        return out, parts, apply_jt
 
-        def apply_jt(lam: torch.Tensor) -> list[torch.Tensor]:
-            with torch.enable_grad():
-                return list(torch.autograd.grad(out, leaves,
-                                                grad_outputs=lam.reshape(n, C).to(out.dtype)))
-        return out.detach(), parts, apply_jt
-
-    def _linear_flags(self) -> list[tuple[bool, bool]]:
-        """Per layer (in :meth:`_jacobian_linear`'s order): are its weight / bias trained?"""
-        given, seen, flags = set(self.names), [], []
-        for n in self.names:
-            key = n.rpartition(".")[0]
-            if key not in seen:
-                seen.append(key)
-                prefix = f"{key}." if key else ""
-                flags.append((prefix + "weight" in given, prefix + "bias" in given))
-        return flags
-
-    def _gram(self, method: str, parts: list[torch.Tensor], C: int,
-              right: list[torch.Tensor] | None = None) -> torch.Tensor:
-        """``J Jᵀ`` from :meth:`_jacobian_dense`'s or :meth:`_jacobian_linear`'s parts, or with
-        ``right`` (the parts of all rows) the row block ``J_r Jᵀ`` (``n_r C × nC``) of the rows
-        in ``parts``. Linear: ``Θ = Σ_ℓ (a aᵀ + 1) ⊗ 1_{C×C} ⊙ (G Gᵀ)``."""
-        right = parts if right is None else right
-        if method != "linear":
-            P = sum(q.numel() for q in self.params)
-            return parts[0].reshape(-1, P) @ right[0].reshape(-1, P).mT
-        ref = parts[0]
-        n_l, n_r = parts[0].shape[0], right[0].shape[0]
-        K = torch.zeros(n_l * C, n_r * C, dtype=ref.dtype, device=ref.device)
-        for j, (use_w, use_b) in enumerate(self._linear_flags()):
-            a, G = parts[2 * j], parts[2 * j + 1]
-            b, H = right[2 * j], right[2 * j + 1]
-            AA = torch.zeros(n_l, n_r, dtype=ref.dtype, device=ref.device)
-            if use_w:
-                AA = AA + a @ b.mT
-            if use_b:
-                AA = AA + 1.0
-            K += (AA.repeat_interleave(C, 0).repeat_interleave(C, 1)
-                  * (G.reshape(n_l * C, -1) @ H.reshape(n_r * C, -1).mT))
-        return K
+    def _gram(self, method: str, parts: list[torch.Tensor], n: int, C: int
+              ) -> tuple[torch.Tensor, dict[str, str]]:
+        """``J Jᵀ`` (``nC×nC``) from :meth:`_jacobian_dense`'s or :meth:`_jacobian_structured`'s
+        parts (possibly gathered over ranks), and the strategy of each structured layer."""
+        if method != "structured":
+            J = parts[0].reshape(n * C, -1)
+            return J @ J.mT, {}
+        budget = self.param_groups[0]["max_memory_mb"]
+        K = parts[0].new_zeros(n * C, n * C)
+        used = {}
+        for k, layer in enumerate(self._layers):
+            Kl, strategy = factored_gram(LayerFactors(parts[2 * k], parts[2 * k + 1]),
+                                         max_memory_mb=budget)
+            K += Kl
+            used[layer.name or "<model>"] = f"{layer.kind}:{strategy}"
+        if self._generic:
+            J = parts[-1].reshape(n * C, -1)
+            K += J @ J.mT
+            used.update(dict.fromkeys(self._generic, "generic:per_sample"))
+        return K, used
 
     def _local(self, x: torch.Tensor, y: torch.Tensor, label_smoothing: float):
         """The rank-local part of a step: ``(method, F, Gram parts, λ ↦ Jᵀλ, loss, ε)``."""
         group = self.param_groups[0]
         self._check_model()
-        method = self._method(x)
+        method = self._method()
         dtype = self._compute_dtype()
         if dtype is not None:
             x = x.to(dtype) if x.is_floating_point() else x
             y = y.to(dtype) if y.is_floating_point() else y
-        if method == "linear":
-            out, parts, apply_jt = self._jacobian_linear(x, dtype)
+        if method == "structured":
+            out, parts, apply_jt = self._jacobian_structured(x, dtype)
         else:
             out, parts, apply_jt = self._jacobian_dense(x, method, dtype)
         if out.dim() != 2:
@@ -351,10 +349,11 @@ class DenseGN(torch.optim.Optimizer):
                             ce_damping=group["ce_damping"], label_smoothing=label_smoothing)
         return method, out, parts, apply_jt, loss, eps
 
-    def _solve(self, method: str, K: torch.Tensor, eps: torch.Tensor
+    def _solve(self, method: str, gram: tuple[torch.Tensor, dict], eps: torch.Tensor
                ) -> tuple[dict, torch.Tensor]:
         """``Λ = (J Jᵀ + λI)⁻¹ vec(−α ε)`` and the step report."""
         group = self.param_groups[0]
+        K, layers = gram
         config = SolverConfig("damped" if group["damping"] else group["solver"], group["rtol"],
                               group["atol"], group["damping"], group["rank_rtol"],
                               factor_dtype=group["factor_dtype"])
@@ -367,7 +366,10 @@ class DenseGN(torch.optim.Optimizer):
         target = (-group["lr"] * eps).reshape(-1)
         lam = system.solve(target[:, None])[:, 0]
         return {"exact": system.exact, "rank": system.rank, "n_outputs": system.n,
-                "jacobian": method}, lam
+                "jacobian": method, "layers": layers, **self._note()}, lam
+
+    def _note(self) -> dict:
+        return {"note": _COUPLED_NOTE} if self._coupled() else {}
 
     def _finish(self, report: dict, deltas: list[torch.Tensor]) -> None:
         group = self.param_groups[0]
@@ -385,10 +387,15 @@ class DenseGN(torch.optim.Optimizer):
 
     def _step(self, x: torch.Tensor, y: torch.Tensor, label_smoothing: float) -> torch.Tensor:
         comm = self._comm()
+        if self.param_groups[0]["solver"] == "cg":
+            if comm is not None:
+                raise NotImplementedError("DenseGN solver='cg' runs in one process; use "
+                                          "process_group=None or solver='cholesky'")
+            return self._step_cg(x, y, label_smoothing)
         if comm is None:
             method, out, parts, apply_jt, loss, eps = self._local(x, y, label_smoothing)
             n, C = out.shape
-            report, lam = self._solve(method, self._gram(method, parts, C), eps)
+            report, lam = self._solve(method, self._gram(method, parts, n, C), eps)
             self._finish(report, apply_jt(lam.to(out.dtype)))
             return loss
         err = local = None
@@ -400,16 +407,12 @@ class DenseGN(torch.optim.Optimizer):
         total, n = comm.agree(err, 0.0 if local is None else float(local[4]) * n_local, n_local)
         method, out, parts, apply_jt, loss, eps = local
         C = out.shape[1]
-        # row-split Gram: this rank's rows J_r Jᵀ against the all-gathered parts; the root
-        # gathers the row blocks (and ε), factors and solves
-        every = [comm.all_gather_rows(t.reshape(n_local, -1)).reshape(-1, *t.shape[1:])
-                 for t in parts]
-        mine = self._gram(method, parts, C, every)
-        got = comm.gather_rows([mine.reshape(n_local, -1), eps])
+        rows = [t.reshape(n_local, -1) if method != "structured" else t for t in parts]
+        got = comm.gather_rows([*rows, eps])
         outcome = lam = None
         if comm.is_root:
             try:
-                outcome, lam = self._solve(method, got[0].reshape(n * C, n * C), got[1])
+                outcome, lam = self._solve(method, self._gram(method, got[:-1], n, C), got[-1])
             except Exception as e:  # noqa: BLE001 - re-raised on every rank
                 outcome = e
         report, lam = comm.broadcast_result(outcome, lam)
@@ -418,6 +421,73 @@ class DenseGN(torch.optim.Optimizer):
         flat = comm.all_reduce_sum(gdist.flatten(deltas))
         self._finish(report, gdist.unflatten(flat, deltas))
         return torch.as_tensor(total / n, dtype=loss.dtype, device=loss.device)
+
+
+    def _cg_preconditioner(self, x: torch.Tensor, dtype: torch.dtype | None):
+        """``(preconditioner for conjugate_gradient, its name)``: exact per-sample blocks or
+        diagonal of ``J Jᵀ`` when every trained parameter is in a structured layer and the
+        samples are independent, else ``(None, "none")``."""
+        group = self.param_groups[0]
+        kind = group["cg_preconditioner"]
+        layers, generic = plan_layers(self.model, self.names)
+        if kind == "none" or generic or self._coupled():
+            return None, "none"
+        f = self._forward_functional(x, dtype)
+        with suspended():
+            _, factors, _ = capture_factors(f, self._trained(dtype), x, layers)
+        budget, fdt = group["max_memory_mb"], group["factor_dtype"]
+        if kind == "diagonal":
+            diag = sum(factored_diagonal(fa, max_memory_mb=budget) for fa in factors)
+            return diag.to(fdt) + group["damping"], kind
+        blocks = sum(factored_sample_blocks(fa, max_memory_mb=budget) for fa in factors)
+        return block_preconditioner(blocks.to(fdt), group["damping"]), kind
+
+    def _step_cg(self, x: torch.Tensor, y: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+        """Matrix-free step (module docstring): CG on ``(J Jᵀ + λI) Λ = −α vec ε``."""
+        group = self.param_groups[0]
+        self._check_model()
+        dtype = self._compute_dtype()
+        if dtype is not None:
+            x = x.to(dtype) if x.is_floating_point() else x
+            y = y.to(dtype) if y.is_floating_point() else y
+        with suspended(), _batch_statistics_only(self.model):
+            ops = JacobianProducts(self._forward_functional(x, dtype), self._trained(dtype), x)
+            out = ops.output
+            if out.dim() != 2:
+                raise ValueError(f"DenseGN expects outputs of shape (n, C), got "
+                                 f"{tuple(out.shape)}")
+            loss = mean_loss(group["loss"], out, y)
+            check_finite("model output", out)
+            check_finite("loss", loss)
+            eps = newton_target(group["loss"], out, y, ce_target=group["ce_target"],
+                                ce_damping=group["ce_damping"], label_smoothing=label_smoothing)
+            fdt = group["factor_dtype"]
+            b = (-group["lr"] * eps).reshape(-1).to(fdt)
+            pre, pre_name = self._cg_preconditioner(x, dtype)
+            lam = group["damping"]
+            result = conjugate_gradient(lambda v: ops.gram_matvec(v) + lam * v, b,
+                                        preconditioner=pre, tol=group["cg_tol"],
+                                        max_iter=group["cg_max_iter"])
+            delta = ops.vjp(result.solution)
+            true_res = float((ops.jvp(delta).to(fdt) - b).norm() / b.norm().clamp_min(1e-300))
+        exact = group["damping"] == 0 and true_res <= group["cg_tol"]
+        report = {"exact": exact, "n_outputs": b.numel(), "jacobian": "matrix_free",
+                  "cg_iterations": result.iterations, "true_residual": true_res,
+                  "recursive_residual": result.recursive_residual,
+                  "preconditioner": pre_name, **self._note()}
+        if not exact and group["damping"] == 0 and group["rank_policy"] == "raise":
+            raise RankDeficiencyError(
+                f"CG reached a true residual ‖JΔθ + αε‖/‖αε‖ = {true_res:.2e} > cg_tol = "
+                f"{group['cg_tol']:g} after {result.iterations} iterations (rank-deficient J Jᵀ "
+                "or too few iterations); raise cg_max_iter or use rank_policy='warn'")
+        if not exact and group["rank_policy"] == "warn":
+            warnings.warn(f"DenseGN CG step is not exact Gauss-Newton (true residual "
+                          f"{true_res:.2e}, cg_tol {group['cg_tol']:g}, damping "
+                          f"{group['damping']})", RuntimeWarning, stacklevel=caller_stacklevel())
+        apply_update(self, zip(self.params, [delta[n] for n in self.names], strict=True))
+        self.last_step_exact = exact
+        self.last_step_info = report
+        return loss
 
 
 class _batch_statistics_only:  # noqa: N801

@@ -536,7 +536,7 @@ def test_registered_optimizers_on_deepobs_mnist_logreg_with_local_idx_files(toy_
     deepobs = require_deepobs()
     data = dob.prepare_mnist_data_dir(tmp_path / "data", REAL_MNIST)
     problems = dob.register_local_mnist_problems()
-    assert set(problems) == {"mnist_logreg_t10k", "mnist_mlp_t10k"}
+    assert set(problems) == {"mnist_logreg_t10k", "mnist_mlp_t10k", "mnist_2c2d_t10k"}
     assert issubclass(problems["mnist_logreg_t10k"], deepobs.pytorch.testproblems.mnist_logreg)
     results = {}
     with one_thread():
@@ -554,3 +554,60 @@ def test_registered_optimizers_on_deepobs_mnist_logreg_with_local_idx_files(toy_
         # 8000 training images, 2000 held out for validation: 6000 / 32 = 187 steps
         assert len(out["minibatch_train_losses"]) == math.ceil(187 / 10), name
         assert out["test_accuracies"][0] < 0.2 and out["test_accuracies"][1] > 0.8, name
+
+
+def _real_mnist_subset(root: Path, n_train: int, n_test: int) -> Path:
+    """A ``train`` + ``t10k`` IDX folder cut from the real MNIST test split (so DeepOBS's loaders
+    see few images and an epoch is a few steps)."""
+    from gnrev_plugin.data import read_idx  # noqa: PLC0415
+
+    images = read_idx(REAL_MNIST / "t10k-images-idx3-ubyte.gz")
+    labels = read_idx(REAL_MNIST / "t10k-labels-idx1-ubyte.gz")
+    root.mkdir(parents=True, exist_ok=True)
+    for prefix, sl in (("train", slice(0, n_train)), ("t10k", slice(n_train, n_train + n_test))):
+        dob.write_idx(root / f"{prefix}-images-idx3-ubyte.gz", np.asarray(images[sl]))
+        dob.write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", np.asarray(labels[sl]))
+    return root
+
+
+@needs_real_mnist
+@pytest.mark.parametrize("problem", ["mnist_mlp_t10k", "mnist_2c2d_t10k"])
+def test_dense_gn_on_deepobs_mlp_and_2c2d(problem, tmp_path):
+    """DenseGN through DeepOBS's own StandardRunner on DeepOBS's mnist_mlp (P = 1.34 M, all
+    nn.Linear) and mnist_2c2d (P = 3.27 M, Conv2d + Linear): the structured Gram makes both fit
+    (the dense J of a batch would be 320 × P). 4 steps of batch 32 on real MNIST images."""
+    deepobs = require_deepobs()
+    data = dob.prepare_mnist_data_dir(tmp_path / "data", _real_mnist_subset(tmp_path / "src",
+                                                                            256, 64))
+    problems = dob.register_local_mnist_problems(train_eval_size=128)
+    assert issubclass(problems["mnist_2c2d_t10k"], deepobs.pytorch.testproblems.mnist_2c2d)
+    with one_thread():
+        out = dob.run_deepobs("dense_gn", problem, {}, batch_size=32, num_epochs=1,
+                              random_seed=42, output_dir=tmp_path / "res", data_dir=data,
+                              train_log_interval=1)
+    assert out["optimizer_name"] == "gnrev.dense_gn" and out["testproblem"] == problem
+    assert len(out["minibatch_train_losses"]) == 128 // 32
+    assert all(math.isfinite(v) for v in out["minibatch_train_losses"])
+    assert out["train_losses"][1] < out["train_losses"][0]
+
+
+@needs_real_mnist
+@pytest.mark.parametrize("net_name", ["net_mlp", "net_mnist_2c2d"])
+def test_dense_gn_uses_the_structured_gram_on_deepobs_networks(net_name):
+    """Every layer of DeepOBS's networks gets a structured Gram (Flatten before the first
+    Linear no longer matters), and the step on 8 real images is exact."""
+    deepobs = require_deepobs()
+    from gnrev_plugin.data import load_idx_dataset  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    net = getattr(deepobs.pytorch.testproblems.testproblems_modules, net_name)(10)
+    ds = load_idx_dataset(REAL_MNIST, normalization="none")
+    x, y = ds.x_test[:8].reshape(8, 1, 28, 28), ds.y_test[:8]
+    opt = DenseGN(net.parameters(), model=net, lr=0.2, loss="cross_entropy",
+                  max_jacobian_entries=10)          # the generic J would be refused
+    opt.step_on_batch(x, y)
+    kinds = {k: v.split(":")[0] for k, v in opt.last_step_info["layers"].items()}
+    expect = ({"dense1": "linear", "dense2": "linear", "dense3": "linear", "dense4": "linear"}
+              if net_name == "net_mlp" else
+              {"conv1.1": "conv2d", "conv2.1": "conv2d", "dense1": "linear", "dense2": "linear"})
+    assert kinds == expect and opt.last_step_exact

@@ -34,7 +34,7 @@ class ConvNet(nn.Module):
         return self.head(torch.tanh(self.conv(x[:, None, :])).flatten(1)) * self.scale
 
 
-@pytest.mark.parametrize("jacobian", ["auto", "linear", "per_sample", "rows"])
+@pytest.mark.parametrize("jacobian", ["auto", "structured", "linear", "per_sample", "rows"])
 @pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_dense_gn_is_moore_penrose_step(jacobian, loss, seed):
@@ -68,7 +68,7 @@ def test_dense_gn_cross_entropy_newton_targets(ce_target):
     assert rel(flat_params(net) - before, mp) <= TOL
 
 
-@pytest.mark.parametrize("jacobian", ["auto", "per_sample", "rows"])
+@pytest.mark.parametrize("jacobian", ["auto", "structured", "per_sample", "rows"])
 def test_generic_module_and_parameter_subset(jacobian):
     torch.manual_seed(3)
     net = ConvNet().double()
@@ -85,7 +85,11 @@ def test_generic_module_and_parameter_subset(jacobian):
     after = torch.cat([p.detach().reshape(-1) for p in params])
     assert rel(after - before, mp) <= TOL
     assert torch.equal(net.conv.bias, frozen[0]) and torch.equal(net.head.bias, frozen[1])
-    assert opt.last_step_info["jacobian"] == ("per_sample" if jacobian == "auto" else jacobian)
+    assert opt.last_step_info["jacobian"] == ("structured" if jacobian == "auto" else jacobian)
+    if jacobian in ("auto", "structured"):   # Conv1d and the scalar take the generic Jacobian
+        assert opt.last_step_info["layers"] == {"head": "linear:patch_gram",
+                                                "conv.weight": "generic:per_sample",
+                                                "scale": "generic:per_sample"}
 
 
 def test_batchnorm_uses_row_jacobian_and_is_exact():

@@ -25,7 +25,7 @@ class unchanged (network, initialisation, loss, data pipeline) except ``train_ev
 by default: 6,000 training and 2,000 validation images). It is filed under its own name so its
 results are never mistaken for the published full-MNIST baselines. With the full MNIST files
 (``train`` + ``t10k`` pairs) the folder is written unchanged and DeepOBS's unmodified problems
-(``mnist_logreg``, ``mnist_mlp``) run on it.
+(``mnist_logreg``, ``mnist_mlp``, ``mnist_2c2d``) run on it.
 """
 
 from __future__ import annotations
@@ -405,11 +405,11 @@ def prepare_mnist_data_dir(dest: str | Path, source: str | Path | None = None) -
 
 
 #: DeepOBS's MNIST problems that :func:`local_mnist_problem` adapts, with their display names.
-LOCAL_MNIST_PROBLEMS = {"mnist_logreg": "Log. Reg.", "mnist_mlp": "MLP"}
+LOCAL_MNIST_PROBLEMS = {"mnist_logreg": "Log. Reg.", "mnist_mlp": "MLP", "mnist_2c2d": "2c2d"}
 
 
 def local_mnist_problem(name: str = "mnist_logreg", train_eval_size: int = 2000) -> type:
-    """DeepOBS's test problem ``name`` (``mnist_logreg`` or ``mnist_mlp``) with
+    """DeepOBS's test problem ``name`` (``mnist_logreg``, ``mnist_mlp`` or ``mnist_2c2d``) with
     ``train_eval_size`` validation images instead of 10,000, named ``<name>_t10k`` (module
     docstring). Everything else is DeepOBS's own ``set_up``. Needs ``deepobs``."""
     if name not in LOCAL_MNIST_PROBLEMS:
@@ -428,8 +428,8 @@ def local_mnist_problem(name: str = "mnist_logreg", train_eval_size: int = 2000)
 
 
 def register_local_mnist_problems(train_eval_size: int = 2000) -> dict[str, type]:
-    """Register ``mnist_logreg_t10k`` and ``mnist_mlp_t10k`` with DeepOBS (DeepOBS's default batch
-    size and epochs of the originals) and return them by name."""
+    """Register ``mnist_logreg_t10k``, ``mnist_mlp_t10k`` and ``mnist_2c2d_t10k`` with DeepOBS
+    (DeepOBS's default batch size and epochs of the originals) and return them by name."""
     dob = compat.import_deepobs()
     out = {}
     for name, display in LOCAL_MNIST_PROBLEMS.items():
