@@ -18,7 +18,21 @@ __all__ = ["NoisyRegularizer", "WeightNoise"]
 
 
 class NoisyRegularizer(SharpnessOptimizer):
-    """Weight noise and the trace penalties: ``σ²`` per group, ``samples``, a seeded generator."""
+    r"""Weight noise and the trace penalties: ``σ²`` per group, ``samples``, a seeded generator.
+
+    Args:
+        params: Parameters or groups.
+        sigma2: :math:`\sigma^2 \ge 0`.
+        samples: Number :math:`k` of draws per step.
+        base: Base optimizer class.
+        base_kwargs: Its keyword arguments.
+        ablate_nme: Drop :math:`\varphi''` (the NME) from second derivatives.
+        seed: Seed of the optimizer's generator.
+        model: The model (default: found from ``params``).
+        loss: ``"cross_entropy"`` or ``"mse"``.
+        method_options: Further per-group options of the method.
+        **base_options: Options of the base optimizer.
+    """
 
     def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict], sigma2: float = 1e-4, *,
                  samples: int = 1, base: BaseFactory = torch.optim.SGD,
@@ -74,7 +88,11 @@ class WeightNoise(NoisyRegularizer):
     """
 
     def sample_perturbation(self) -> Params:
-        """One draw ``ε ∼ N(0, Σ)``, ``Σ = diag(σ_p² I)``, from the optimizer's generator."""
+        r"""One draw ``ε ∼ N(0, Σ)``, ``Σ = diag(σ_p² I)``, from the optimizer's generator.
+
+        Returns:
+            Parameter name :math:`\to` :math:`\varepsilon_p`.
+        """
         return self._normal_like(self._theta(), self._std())
 
     def _direction(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, Params]:
@@ -97,6 +115,14 @@ class WeightNoise(NoisyRegularizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+        r"""Step on :math:`d = \frac{1}{k}\sum_j \nabla L(\theta + \varepsilon_j)`.
+
+        Args:
+            closure: SAM-style closure (any loss), or ``None`` for the drop-in step.
+
+        Returns:
+            The loss (at :math:`\theta + \varepsilon` with a closure, :math:`L(\theta)` without).
+        """
         if closure is None:
             return super().step()
         if self._option("ablate_nme"):

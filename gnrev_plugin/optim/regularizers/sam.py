@@ -78,6 +78,14 @@ class SAM(_Ascent):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+        r"""Step on :math:`\nabla L(\theta + \rho \hat g)`.
+
+        Args:
+            closure: SAM-style closure, or ``None`` for the drop-in step.
+
+        Returns:
+            The loss at :math:`\theta` before the step.
+        """
         if closure is None:
             return super().step()
         if self._option("ablate_nme"):
