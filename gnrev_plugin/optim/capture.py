@@ -270,9 +270,6 @@ class OutputCapture:
 
     def close(self) -> None:
         """Remove the hooks.
-
-        Returns:
-            ``None``; the capture records nothing afterwards.
         """
         for handle in self._handles:
             handle.remove()

@@ -356,9 +356,6 @@ class ExactGN(torch.optim.Optimizer):
 
     def close(self) -> None:
         """Remove the hooks this optimizer put on the model.
-
-        Returns:
-            ``None``; later steps need :meth:`step_on_batch`.
         """
         self._capture.close()
         self.model.record_activations = False

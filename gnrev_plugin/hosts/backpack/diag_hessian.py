@@ -36,12 +36,19 @@ _ZERO_CURVATURE_ACTIVATIONS = ("relu", "identity")
 
 
 def second_derivative(fn: CouplingFunction, h: Tensor) -> Tensor | None:
-    """``σ''(h)`` of the half-layer's activation, elementwise, by ``torch.func`` (``grad`` of
-    ``grad`` of ``σ`` on every scalar); ``None`` for ``σ'' = 0`` (ReLU, identity).
+    r"""The activation's second derivative :math:`\sigma''(h)`, elementwise, by ``torch.func``.
 
-    Differentiating the forward ``σ`` itself (not its stored ``σ'``) keeps the result the exact
-    second derivative of what the block computes (e.g. softplus's linear branch above its
-    threshold has ``σ'' = 0``).
+    ``grad`` of ``grad`` of :math:`\sigma` on every scalar. Differentiating the forward
+    :math:`\sigma` itself (not its stored :math:`\sigma'`) keeps the result the exact second
+    derivative of what the block computes (e.g. softplus's linear branch above its threshold has
+    :math:`\sigma'' = 0`).
+
+    Args:
+        fn: The half-layer whose activation :math:`\sigma` is differentiated.
+        h: Pre-activations :math:`h = Z C`.
+
+    Returns:
+        :math:`\sigma''(h)`, shaped like ``h``; ``None`` when :math:`\sigma'' = 0` (ReLU, identity).
     """
     act = fn.activation
     if act.is_linear or act.name in _ZERO_CURVATURE_ACTIVATIONS:
@@ -51,14 +58,28 @@ def second_derivative(fn: CouplingFunction, h: Tensor) -> Tensor | None:
 
 
 def residual_factors(fn: CouplingFunction, z: Tensor, grad_u: Tensor) -> list[tuple[Tensor, float]]:
-    """Signed square-root factors of the half-layer's second-derivative term in its input ``Z``.
+    r"""Signed square-root factors of the half-layer's second-derivative term in its input :math:`Z`.
 
-    For ``u = σ(Z C) Wᵀ + b`` and the loss gradient ``γ = ∂L/∂u`` (``[N, d/2]``), the term is,
-    per sample ``n``, ``R_n = Σ_a γ_{n,a} ∇²_Z u_{n,a} = C diag(r_n) Cᵀ`` with
-    ``r_n = σ''(h_n) ⊙ (γ_n W)`` (``h = Z C``, ``γ W = ∂L/∂s``). It is returned as
-    ``[(P, +1), (Q, −1)]`` with ``P[m, n] = √max(r_{n,m}, 0) C[:, m]`` and
-    ``Q[m, n] = √max(−r_{n,m}, 0) C[:, m]`` (``[M, N, d/2]``), so that
-    ``R_n = P[:, n]ᵀ P[:, n] − Q[:, n]ᵀ Q[:, n]``; ``[]`` when ``σ'' = 0``.
+    For :math:`u = \sigma(Z C) W^\top + b` and the loss gradient
+    :math:`\gamma = \partial L / \partial u` (``[N, d/2]``), the term is, per sample :math:`n`,
+
+    .. math::
+
+        R_n = \sum_a \gamma_{n,a} \nabla^2_Z u_{n,a} = C \operatorname{diag}(r_n) C^\top,
+        \qquad r_n = \sigma''(h_n) \odot (\gamma_n W),
+
+    with :math:`h = Z C` and :math:`\gamma W = \partial L / \partial s`. With
+    :math:`P[m, n] = \sqrt{\max(r_{n,m}, 0)}\, C[:, m]` and
+    :math:`Q[m, n] = \sqrt{\max(-r_{n,m}, 0)}\, C[:, m]` (``[M, N, d/2]``),
+    :math:`R_n = P[:, n]^\top P[:, n] - Q[:, n]^\top Q[:, n]`.
+
+    Args:
+        fn: The half-layer (:math:`C`, :math:`W`, :math:`\sigma`).
+        z: Its input :math:`Z`, ``[N, d/2]``.
+        grad_u: :math:`\gamma = \partial L / \partial u`, ``[N, d/2]``.
+
+    Returns:
+        ``[(P, +1), (Q, -1)]``; ``[]`` when :math:`\sigma'' = 0`.
     """
     C = fn.projection
     s2 = second_derivative(fn, z @ C)
@@ -77,15 +98,28 @@ def _dense_per_sample(bp: dict) -> Tensor:
 
 
 def compress(bp: dict) -> dict:
-    """The same per-sample Hessians ``H_n`` with at most twice the feature width ``w`` columns.
+    r"""The same per-sample Hessians :math:`H_n` with at most twice the feature width :math:`w` columns.
 
-    When the lists hold more than ``2w`` columns in all, ``H_n = Σ_i ε_i S_iᵀ S_i`` is formed
-    (``[N, w, w]``) and refactored exactly as ``H_n = L_n L_nᵀ − c_n I``: ``c_n`` is ``1.001``
-    times the Gershgorin bound ``max_i Σ_j |H_{n,ij}|`` on ``−λ_min(H_n)`` (1 for ``H_n = 0``), so
-    ``H_n + c_n I`` is positive definite and ``L_n`` its Cholesky factor. The lists become
-    ``[(L_nᵀ, +1), (√c_n I, −1)]`` (``[w, N, *features]`` each); otherwise ``bp`` is returned
-    unchanged. Rounding: ``O(ε c_n)`` per entry, like an eigendecomposition's ``O(ε‖H_n‖)``, at a
-    fraction of its cost (a batched ``eigh`` is ~50× slower here).
+    When the lists hold more than :math:`2w` columns in all,
+    :math:`H_n = \sum_i \varepsilon_i S_i^\top S_i` is formed (``[N, w, w]``) and refactored
+    exactly as
+
+    .. math::
+
+        H_n = L_n L_n^\top - c_n I, \qquad
+        c_n = 1.001 \max_i \sum_j \lvert H_{n,ij} \rvert \;\ge\; -\lambda_{\min}(H_n)
+
+    (the Gershgorin bound; :math:`c_n = 1` for :math:`H_n = 0`), so :math:`H_n + c_n I` is
+    positive definite and :math:`L_n` its Cholesky factor. Rounding: :math:`O(\epsilon c_n)` per
+    entry, like an eigendecomposition's :math:`O(\epsilon \lVert H_n \rVert)`, at a fraction of its
+    cost (a batched ``eigh`` is ~50× slower here).
+
+    Args:
+        bp: ``{"matrices": [S_i], "signs": [ε_i]}``, each :math:`S_i` ``[K_i, N, *features]``.
+
+    Returns:
+        ``{"matrices": [L_nᵀ, √c_n I], "signs": [+1, -1]}`` (``[w, N, *features]`` each), or
+        ``bp`` unchanged when it has at most :math:`2w` columns.
     """
     mats = bp["matrices"]
     if not mats:

@@ -221,6 +221,12 @@ def register(*extensions: BackpropExtension) -> tuple[BackpropExtension, ...]:
         NotImplementedError: for an extension outside :data:`SUPPORTED_EXTENSIONS` (the
             message names it and lists the supported ones).
         ValueError: for something that is not a BackPACK extension instance.
+
+    Args:
+        *extensions: BackPACK extension instances.
+
+    Returns:
+        The same instances.
     """
     leaf = CouplingLeafExtension()
     for ext in extensions:
@@ -242,6 +248,15 @@ def all_extensions(first_order: bool = True, second_order: bool = True,
     ``with backpack(*all_extensions()):`` computes ``grad_batch``, ``batch_l2``,
     ``sum_grad_squared``, ``variance``, ``diag_ggn_exact``, ``diag_ggn_mc``, ``sqrt_ggn_exact``,
     ``kfac`` and ``kflr`` (plus ``diag_h`` with ``diag_hessian=True``).
+
+    Args:
+        first_order: Include ``BatchGrad``, ``BatchL2Grad``, ``SumGradSquared``, ``Variance``.
+        second_order: Include ``DiagGGNExact``, ``DiagGGNMC``, ``SqrtGGNExact``, ``KFAC``, ``KFLR``.
+        diag_hessian: Include ``DiagHessian``.
+        mc_samples: Monte-Carlo samples of ``DiagGGNMC`` and ``KFAC``.
+
+    Returns:
+        The registered instances.
     """
     exts: list[BackpropExtension] = []
     if first_order:

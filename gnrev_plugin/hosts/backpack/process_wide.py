@@ -98,13 +98,21 @@ def disable() -> None:
 
 
 def is_enabled() -> bool:
-    """Whether :func:`enable` is in effect."""
+    """Whether :func:`enable` is in effect.
+
+    Returns:
+        ``True`` between :func:`enable` and :func:`disable`.
+    """
     return bool(_uninstallers)
 
 
 @contextmanager
 def enabled() -> Iterator[None]:
-    """``with enabled():`` — :func:`enable` for the body, then back to the previous state."""
+    """``with enabled():`` — :func:`enable` for the body, then back to the previous state.
+
+    Yields:
+        ``None``; :func:`enable` is in effect inside the ``with`` body.
+    """
     was = is_enabled()
     enable()
     try:

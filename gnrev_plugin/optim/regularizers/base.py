@@ -318,9 +318,6 @@ class SharpnessOptimizer(torch.optim.Optimizer):
 
     def close(self) -> None:
         """Remove the hook this optimizer put on the model.
-
-        Returns:
-            ``None``.
         """
         self._capture.close()
 
