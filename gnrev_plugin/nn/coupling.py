@@ -24,23 +24,21 @@ __all__ = ["CouplingFunction", "AdditiveCoupling", "BlockActivations"]
 
 
 class BlockActivations(NamedTuple):
-    r"""What one block's forward pass leaves for the exact GN step (all detached).
+    """What one block's forward pass leaves for the exact GN step (all detached).
 
     ``h_f = X2 C_f`` and ``s_f = σ(h_f)`` for the first half-layer, ``h_g = Y1 C_g`` and
     ``s_g = σ(h_g)`` for the second. The per-half-layer design matrices of the GN systems are
     ``A_f = [s_f, 1]`` and ``A_g = [s_g, 1]``. For ReLU, ``h`` is ``s`` itself (same tensor):
     only the sign pattern ``1[h > 0] = 1[s > 0]`` of the pre-activation is ever needed.
-
-    Attributes:
-        h_f: :math:`h_f = X_2 C_f` (for ReLU: :math:`s_f`).
-        s_f: :math:`s_f = \sigma(h_f)`.
-        h_g: :math:`h_g = Y_1 C_g` (for ReLU: :math:`s_g`).
-        s_g: :math:`s_g = \sigma(h_g)`.
     """
 
+    #: :math:`h_f = X_2 C_f` (for ReLU: :math:`s_f`).
     h_f: torch.Tensor
+    #: :math:`s_f = \sigma(h_f)`.
     s_f: torch.Tensor
+    #: :math:`h_g = Y_1 C_g` (for ReLU: :math:`s_g`).
     h_g: torch.Tensor
+    #: :math:`s_g = \sigma(h_g)`.
     s_g: torch.Tensor
 
 
