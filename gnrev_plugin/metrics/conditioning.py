@@ -58,7 +58,7 @@ __all__ = [
 
 # ---------------------------------------------------------------------------- column-space κ
 def default_rtol(dim: int, dtype: torch.dtype) -> float:
-    r"""``dim · eps(dtype)``, the ``torch.linalg.matrix_rank`` rule.
+    r""":math:`n\,\epsilon_{\mathrm{dtype}}`, the ``torch.linalg.matrix_rank`` rule.
 
     Args:
         dim: Matrix dimension :math:`n`.
@@ -115,7 +115,7 @@ def condition_number_from_eigenvalues(eigenvalues: torch.Tensor, rtol: float | N
                                       rtol_sweep: Sequence[float] = tuple(
                                           10.0 ** -e for e in range(2, 16, 2))
                                       ) -> ConditionReport:
-    r"""κ on the column space from the eigenvalues of a PSD matrix (see :class:`ConditionReport`).
+    r""":math:`\kappa` on the column space from the eigenvalues of a PSD matrix (:class:`ConditionReport`).
 
     .. math::
 
@@ -175,7 +175,7 @@ def _loss_hessian_sqrt(loss_fn: nn.Module, z: torch.Tensor, y: torch.Tensor, wei
 
 def gn_gram_matrix(model: nn.Module, loss_fn: nn.Module, data,
                    ntk_method: str = "auto") -> torch.Tensor:
-    r"""``S J Jᵀ S`` (``nC × nC``) whose nonzero spectrum is that of ``G = Jᵀ S² J``.
+    r""":math:`S J J^\top S` (``nC × nC``), whose nonzero spectrum is that of :math:`G = J^\top S^2 J`.
 
     ``S = blockdiag_B (c_B ∇²_z ℓ_B)^{1/2}`` with ``c_B = N_B/N`` (mean) or 1 (sum), matching
     curvlinops' ``GGNLinearOperator`` on the same ``loss_fn`` and batches.
@@ -253,7 +253,8 @@ def gn_condition_number(model: nn.Module, loss_fn: nn.Module, data, rtol: float 
 
 # ---------------------------------------------------------------------------- deep linear nets
 def matrix_condition_number(A: torch.Tensor, sigma_min_index: int | None = None) -> float:
-    r"""``σ_max(A) / σ_j(A)`` with ``j = sigma_min_index`` (1-based; default: the last one).
+    r""":math:`\sigma_{\max}(A) / \sigma_j(A)` with :math:`j` = ``sigma_min_index`` (1-based; default: the
+    last).
 
     Returns ``inf`` when ``A`` has fewer than ``j`` singular values or ``σ_j = 0``.
 
@@ -273,7 +274,8 @@ def matrix_condition_number(A: torch.Tensor, sigma_min_index: int | None = None)
 
 def deep_linear_partial_products(Ws: Sequence[torch.Tensor]
                                  ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    r"""``([W_{<l}]_l, [W_{>l}]_l)`` for ``l = 1..L`` (``W_{<1} = I_d``, ``W_{>L} = I_k``).
+    r"""The partial products :math:`W_{<l}` and :math:`W_{>l}`, :math:`l = 1, \dots, L`
+    (:math:`W_{<1} = I_d`, :math:`W_{>L} = I_k`).
 
     Args:
         Ws: Weights :math:`W_1, \dots, W_L` of :math:`F = W_L \cdots W_1 x`.
@@ -301,7 +303,7 @@ def deep_linear_partial_products(Ws: Sequence[torch.Tensor]
 
 
 def deep_linear_jacobian_factor(Ws: Sequence[torch.Tensor]) -> torch.Tensor:
-    r"""``U = [W_{<l}ᵀ ⊗ W_{>l}]_l ∈ R^{dk × P}`` (column-major ``vec``), ``J(x) = (xᵀ ⊗ I_k) U``.
+    r"""The Jacobian factor :math:`U = [W_{<l}^\top \otimes W_{>l}]_l`, :math:`J(x) = (x^\top \otimes I_k) U`.
 
     Args:
         Ws: Weights :math:`W_1, \dots, W_L`.
@@ -314,7 +316,7 @@ def deep_linear_jacobian_factor(Ws: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def spectrum_lemma_matrix(Ws: Sequence[torch.Tensor]) -> torch.Tensor:
-    r"""``M = Σ_l (W_{<l}ᵀ W_{<l}) ⊗ (W_{>l} W_{>l}ᵀ)`` (``dk × dk``).
+    r"""The spectrum-lemma matrix :math:`M = \sum_l (W_{<l}^\top W_{<l}) \otimes (W_{>l} W_{>l}^\top)`.
 
     Args:
         Ws: Weights :math:`W_1, \dots, W_L`.
@@ -333,7 +335,8 @@ def _psd_sqrt(S: torch.Tensor) -> torch.Tensor:
 
 def deep_linear_gn_spectrum(Ws: Sequence[torch.Tensor], Sigma: torch.Tensor | None = None
                             ) -> torch.Tensor:
-    r"""``eig((Σ^{1/2} ⊗ I_k) M (Σ^{1/2} ⊗ I_k))`` descending (``Σ = I`` when ``None``).
+    r"""The deep linear net's GN spectrum,
+    :math:`\operatorname{eig}((\Sigma^{1/2} \otimes I_k) M (\Sigma^{1/2} \otimes I_k))`.
 
     Args:
         Ws: Weights :math:`W_1, \dots, W_L`.
@@ -352,7 +355,7 @@ def deep_linear_gn_spectrum(Ws: Sequence[torch.Tensor], Sigma: torch.Tensor | No
 
 
 def deep_linear_gn_rank(widths: Sequence[int], k: int, r: int) -> int:
-    r"""``q(r + k − q)`` with ``q = min(r, k, m_1, …, m_{L−1})`` (``widths`` = hidden ``m_l``).
+    r"""The deep linear net's GN rank :math:`q(r + k - q)`, :math:`q = \min(r, k, m_1, \dots, m_{L-1})`.
 
     Args:
         widths: Hidden widths :math:`m_1, \dots, m_{L-1}`.
@@ -377,7 +380,7 @@ def _sigma_or_zero(s: torch.Tensor, j: int, shape: Sequence[int]) -> float:
 
 def deep_linear_condition_bounds(Ws: Sequence[torch.Tensor], Sigma: torch.Tensor | None = None
                                  ) -> dict:
-    r"""The convex-combination and loose upper bounds on ``κ(G)`` for a deep linear net.
+    r"""The convex-combination and loose upper bounds on :math:`\kappa(G)` for a deep linear net.
 
     Returns ``{"convex", "loose", "gammas", "kappa_sigma", "terms"}``; bounds are ``inf`` when
     every ``σ²_min(W_{<l})σ²_min(W_{>l})`` vanishes (resp. any, for the loose bound). A ``σ_min``
@@ -411,7 +414,7 @@ def deep_linear_condition_bounds(Ws: Sequence[torch.Tensor], Sigma: torch.Tensor
 
 
 def whitened_two_layer_condition_number(W1: torch.Tensor, W2: torch.Tensor) -> float:
-    r"""``(σ²_max(W₁) + σ²_max(W₂)) / (σ²_d(W₁) + σ²_k(W₂))`` for ``F = W₂W₁x``, ``Σ = I``.
+    r""":math:`\kappa(G)` of the whitened (:math:`\Sigma = I`) two-layer linear net :math:`F = W_2 W_1 x`.
 
     .. math::
 
@@ -434,7 +437,7 @@ def whitened_two_layer_condition_number(W1: torch.Tensor, W2: torch.Tensor) -> f
 
 def residual_weights(Ws: Sequence[torch.Tensor], beta: float,
                      residual_layers: Sequence[int] | None = None) -> list[torch.Tensor]:
-    r"""``W_l + βI`` for the residual layers (0-based; default: the square hidden-to-hidden
+    r""":math:`W_l + \beta I` for the residual layers (0-based; default: the square hidden-to-hidden
     layers ``2..L−1`` in 1-based numbering), other layers unchanged.
 
     Args:
@@ -460,7 +463,8 @@ def residual_weights(Ws: Sequence[torch.Tensor], beta: float,
 
 
 def residual_layer_condition_number(W: torch.Tensor, beta: float) -> float:
-    r"""``(σ_max + β)/(σ_min + β)``: ``κ(W + βI)`` when ``W``'s singular vectors align (e.g. ``W``
+    r""":math:`(\sigma_{\max} + \beta)/(\sigma_{\min} + \beta)`: :math:`\kappa(W + \beta I)` when :math:`W`'s
+    singular vectors align (e.g. :math:`W`
     symmetric PSD).
 
     Args:
@@ -475,7 +479,8 @@ def residual_layer_condition_number(W: torch.Tensor, beta: float) -> float:
 
 
 def residual_layer_condition_bound(W: torch.Tensor, beta: float) -> float:
-    r"""``(β + σ_max)/(β − σ_max)`` ≥ ``κ(W + βI)`` for any ``W`` once ``β > σ_max(W)``.
+    r"""The bound :math:`(\beta + \sigma_{\max})/(\beta - \sigma_{\max}) \ge \kappa(W + \beta I)`, any
+    :math:`W`, :math:`\beta > \sigma_{\max}`.
 
     Args:
         W: Square weight :math:`W`.
@@ -494,7 +499,8 @@ def residual_layer_condition_bound(W: torch.Tensor, beta: float) -> float:
 
 
 def two_layer_relu_gram(W: torch.Tensor, V: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
-    r"""``JJᵀ`` of ``F(x) = W relu(Vx)`` w.r.t. ``(V, W)``, sample-major ``(nk × nk)``:
+    r""":math:`J J^\top` of :math:`F(x) = W \operatorname{relu}(V x)` w.r.t. :math:`(V, W)`, sample-major
+    ``(nk × nk)``:
     ``(JJᵀ)_{ij} = ⟨φ_i, φ_j⟩ I_k + ⟨x_i, x_j⟩ W D_i D_j Wᵀ``.
 
     .. math::

@@ -46,7 +46,8 @@ __all__ = [
 
 # ---------------------------------------------------------------------------------- builders
 def trace_over_outputs(K: torch.Tensor, num_outputs: int) -> torch.Tensor:
-    r"""``Θ^tr_{ii'} = Σ_c Θ_{(i,c),(i',c)}`` from a sample-major ``(nC, nC)`` kernel.
+    r"""The output-traced kernel :math:`\Theta^{\mathrm{tr}}` of a sample-major ``(nC, nC)`` kernel
+    :math:`\Theta`.
 
     .. math::
 
@@ -84,7 +85,7 @@ def _ntk_func(model: nn.Module, X: torch.Tensor, params: list[torch.Tensor],
 
 def ntk_operator(model: nn.Module, X: torch.Tensor,
                  params: Sequence[torch.Tensor] | None = None, batch_size: int | None = None):
-    r"""The matrix-free empirical NTK ``J @ Jᵀ`` (curvlinops; shape ``(nC, nC)``, sample-major).
+    r"""The matrix-free empirical NTK :math:`\Theta = J J^\top` (curvlinops; ``(nC, nC)``, sample-major).
 
     Args:
         model: The network.
@@ -238,7 +239,7 @@ def empirical_ntk(model: nn.Module, X: torch.Tensor, method: str = "auto",
 
 # ---------------------------------------------------------------------------------- comparisons
 def center_kernel(K: torch.Tensor) -> torch.Tensor:
-    r"""``H K H`` with ``H = I − 11ᵀ/m``.
+    r"""The centred kernel :math:`H K H`, :math:`H = I - \mathbf{1}\mathbf{1}^\top / m`.
 
     Args:
         K: Square kernel.
@@ -250,7 +251,7 @@ def center_kernel(K: torch.Tensor) -> torch.Tensor:
 
 
 def kernel_alignment(K1: torch.Tensor, K2: torch.Tensor, centered: bool = False) -> float:
-    r"""``⟨K₁, K₂⟩_F / (‖K₁‖_F ‖K₂‖_F)`` (after ``K ↦ HKH`` when ``centered``).
+    r"""The kernel alignment :math:`A(K_1, K_2)` (after :math:`K \mapsto HKH` when ``centered``).
 
     .. math::
 
@@ -372,7 +373,8 @@ def _kernel_probe(model: nn.Module, X: torch.Tensor, v: torch.Tensor, output_fn,
 def random_probe_similarity(model_a: nn.Module, model_b: nn.Module, X: torch.Tensor,
                             num_probes: int = 100, mode: str = "kernel",
                             output_fn: Callable | None = None, seed: int = 0) -> float:
-    r"""The reference code's NTK similarity: ``cos(K_a v̄, K_b v̄)``, ``v̄ = (1/S) Σ_s v_s``.
+    r"""The reference code's NTK similarity :math:`\cos(K_a \bar v, K_b \bar v)`,
+    :math:`\bar v = \frac{1}{S} \sum_s v_s`.
 
     ``v_s ~ N(0, I)`` in output space (the same draws for both models, ``S = num_probes``);
     ``K v = J (Jᵀ v)`` is one VJP followed by one JVP. Since ``K`` is linear,

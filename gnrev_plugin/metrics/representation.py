@@ -37,7 +37,7 @@ def _as_matrix(X: torch.Tensor) -> torch.Tensor:
 
 
 def linear_kernel(X: torch.Tensor) -> torch.Tensor:
-    r"""``K = X Xᵀ`` (samples flattened).
+    r"""The linear kernel :math:`K = X X^\top` (samples flattened).
 
     Args:
         X: Representations ``(n, ...)``.
@@ -51,7 +51,8 @@ def linear_kernel(X: torch.Tensor) -> torch.Tensor:
 
 def rbf_kernel(X: torch.Tensor, sigma: float | None = None, median_factor: float = 1.0
                ) -> torch.Tensor:
-    r"""``K_ij = exp(−‖x_i − x_j‖² / (2σ²))``; ``σ = median_factor · median_{i≠j} ‖x_i − x_j‖`` by
+    r"""The RBF kernel; :math:`\sigma` = ``median_factor``
+    :math:`\cdot \operatorname{median}_{i \neq j} \lVert x_i - x_j \rVert` by
     default (the heuristic of Kornblith et al. 2019).
 
     Args:
@@ -78,7 +79,7 @@ def rbf_kernel(X: torch.Tensor, sigma: float | None = None, median_factor: float
 
 
 def hsic(K: torch.Tensor, L: torch.Tensor, unbiased: bool = False) -> torch.Tensor:
-    r"""``HSIC(K, L)``: biased ``tr(KHLH)/(n−1)²`` or the unbiased estimator (needs ``n ≥ 4``).
+    r""":math:`\mathrm{HSIC}(K, L)`: biased, or the unbiased estimator (needs :math:`n \ge 4`).
 
     Args:
         K: Gram matrix ``(n, n)``.
@@ -108,7 +109,7 @@ def hsic(K: torch.Tensor, L: torch.Tensor, unbiased: bool = False) -> torch.Tens
 
 
 def cka(K: torch.Tensor, L: torch.Tensor, unbiased: bool = False) -> float:
-    r"""``HSIC(K, L) / √(HSIC(K, K) HSIC(L, L))`` from two Gram matrices.
+    r""":math:`\mathrm{CKA}` from two Gram matrices.
 
     .. math::
 
@@ -133,7 +134,8 @@ def cka(K: torch.Tensor, L: torch.Tensor, unbiased: bool = False) -> float:
 
 
 def linear_cka(X: torch.Tensor, Y: torch.Tensor, unbiased: bool = False) -> float:
-    r"""Linear CKA of representations ``X (n×p)`` and ``Y (n×q)``; in ``[0, 1]`` when biased.
+    r"""Linear :math:`\mathrm{CKA}` of representations :math:`X` (``n×p``) and :math:`Y` (``n×q``); in
+    :math:`[0, 1]` when biased.
 
     Computed in feature space, ``‖Yᶜᵀ Xᶜ‖_F² / (‖Xᶜᵀ Xᶜ‖_F ‖Yᶜᵀ Yᶜ‖_F)`` with column-centred
     ``Xᶜ, Yᶜ``, when ``n`` exceeds the widths (same value as the Gram form).

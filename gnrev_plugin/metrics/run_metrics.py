@@ -60,7 +60,7 @@ def _ntk(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
 
 def ntk_similarity_to_init(model: nn.Module, *, inputs: torch.Tensor, initial_model: nn.Module,
                            **_) -> float:
-    r"""``A(Θ₀, Θ_t)``, the Frobenius cosine of the probe batch's NTKs at init and now.
+    r""":math:`A(\Theta_0, \Theta_t)`, the Frobenius cosine of the probe batch's NTKs at init and now.
 
     Args:
         model: The model now, :math:`\theta_t`.
@@ -100,7 +100,7 @@ def cka_to_init(model: nn.Module, *, inputs: torch.Tensor, initial_model: nn.Mod
 
 
 def weight_cosine_to_init(model: nn.Module, *, initial_model: nn.Module, **_) -> float:
-    r"""``cos(vec θ₀, vec θ_t)`` over all parameters.
+    r""":math:`\cos(\operatorname{vec}\theta_0, \operatorname{vec}\theta_t)` over all parameters.
 
     Args:
         model: The model now.
@@ -113,7 +113,7 @@ def weight_cosine_to_init(model: nn.Module, *, initial_model: nn.Module, **_) ->
 
 
 def weight_norm_ratio_to_init(model: nn.Module, *, initial_model: nn.Module, **_) -> float:
-    r"""``‖θ_t‖ / ‖θ₀‖`` over all parameters.
+    r""":math:`\lVert\theta_t\rVert / \lVert\theta_0\rVert` over all parameters.
 
     Args:
         model: The model now.
@@ -128,7 +128,7 @@ def weight_norm_ratio_to_init(model: nn.Module, *, initial_model: nn.Module, **_
 def gn_condition_number_on_batch(model: nn.Module, *, inputs: torch.Tensor,
                                  targets: torch.Tensor, loss_fn: nn.Module, **_
                                  ) -> dict[str, float]:
-    r"""``κ(G)`` of the probe batch (Gram side) with the rank it was computed on.
+    r""":math:`\kappa(G)` of the probe batch (Gram side) with the rank it was computed on.
 
     Args:
         model: The model.
@@ -145,7 +145,8 @@ def gn_condition_number_on_batch(model: nn.Module, *, inputs: torch.Tensor,
 
 def nme_trace(model: nn.Module, *, inputs: torch.Tensor, targets: torch.Tensor,
               loss_fn: nn.Module, **_) -> float:
-    r"""``tr(NME) = tr(H − G)`` of the probe batch (exact or Hutch++, see the module docstring).
+    r""":math:`\operatorname{tr}(\mathrm{NME}) = \operatorname{tr}(H - G)` of the probe batch (exact or
+    Hutch++).
 
     Args:
         model: The model.

@@ -57,7 +57,8 @@ def _pairs(a, b):
 
 
 def weight_cosine_similarity(init, current) -> dict[str, float]:
-    r"""``cos(vec W₀, vec W_t)`` per tensor and ``"__all__"`` for the concatenation.
+    r""":math:`\cos(\operatorname{vec} W_0, \operatorname{vec} W_t)` per tensor and ``"__all__"`` for the
+    concatenation.
 
     ``init``/``current``: modules, name→tensor mappings, or equal-length tensor sequences.
     A zero tensor (e.g. a zero-initialised bias) gives ``nan``.
@@ -86,7 +87,8 @@ def weight_cosine_similarity(init, current) -> dict[str, float]:
 
 
 def weight_norm_ratio(init, current, inverse: bool = False) -> dict[str, float]:
-    r"""``‖W_t‖_F / ‖W₀‖_F`` per tensor and for the concatenation (``inverse``: ``‖W₀‖/‖W_t‖``).
+    r""":math:`\lVert W_t \rVert_F / \lVert W_0 \rVert_F` per tensor and for the concatenation (or its
+    inverse).
 
     Args:
         init: Weights :math:`W_0`.
