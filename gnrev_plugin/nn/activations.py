@@ -37,7 +37,7 @@ class Activation:
         return self.fn(h)
 
     def mul_derivative_(self, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        r"""In place ``t ← σ'(h) ⊙ t`` (ReLU: a masked fill, identity: nothing).
+        r"""In place :math:`t \leftarrow \sigma'(h) \odot t` (ReLU: a masked fill, identity: nothing).
 
         Args:
             h: Pre-activation :math:`h` (for ReLU also accepted: :math:`s = \sigma(h)`).

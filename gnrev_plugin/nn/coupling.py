@@ -43,7 +43,7 @@ class BlockActivations(NamedTuple):
 
 
 class CouplingFunction(nn.Module):
-    """The half-layer map ``Z ↦ σ(Z C) Wᵀ + b`` with a fixed random projection ``C``.
+    r"""The half-layer map :math:`Z \mapsto \sigma(Z C) W^\top + b` with a fixed random projection :math:`C`.
 
     Args:
         in_features: width of ``Z`` (``d/2``).
@@ -96,7 +96,7 @@ class CouplingFunction(nn.Module):
         return self.linear.bias
 
     def features(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        r"""Return the pre-activation ``h = Z C`` and the features ``s = σ(h)``.
+        r"""Return the pre-activation :math:`h = Z C` and the features :math:`s = \sigma(h)`.
 
         For ReLU the activation is applied in place and ``h`` is returned as ``s`` itself:
         ``σ'(h) = 1[h > 0] = 1[s > 0]``, so nothing downstream needs the pre-activation, and the
@@ -126,7 +126,8 @@ class CouplingFunction(nn.Module):
         return self.linear(self.features(z)[1])
 
     def jvp_input(self, h: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Input Jacobian-vector product ``J_f(Z)[V] = (σ'(Z C) ⊙ (V C)) Wᵀ`` at ``h = Z C``.
+        r"""Input Jacobian-vector product :math:`J_f(Z)[V] = (\sigma'(Z C) \odot (V C)) W^\top` at
+        :math:`h = Z C`.
 
         Args:
             h: Pre-activation :math:`h = Z C` (for ReLU: :math:`s`).
@@ -218,7 +219,7 @@ class AdditiveCoupling(nn.Module):
         return torch.cat([y1, y2], dim=-1)
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        """Exact inverse: ``X2 = Y2 − g(Y1)``, ``X1 = Y1 − f(X2)``.
+        r"""Exact inverse: :math:`X_2 = Y_2 - g(Y_1)`, :math:`X_1 = Y_1 - f(X_2)`.
 
         Args:
             y: Block output :math:`Y`, ``(n, d)``.

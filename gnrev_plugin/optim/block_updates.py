@@ -20,7 +20,8 @@ __all__ = ["BlockUpdate", "BlockReport", "RightInverseResult", "check_accuracy",
 
 
 class BlockUpdate:
-    r"""``(ΔW_f, Δb_f, ΔW_g, Δb_g)`` of one block, in the layout of its ``nn.Linear`` parameters.
+    r""":math:`(\Delta W_f, \Delta b_f, \Delta W_g, \Delta b_g)` of one block, laid out like its
+    ``nn.Linear`` s.
 
     Attributes:
         f: Solution of the first half-layer system (:math:`\Delta W_f`, :math:`\Delta b_f`).

@@ -126,7 +126,8 @@ def check_all_finite(named: dict[str, torch.Tensor]) -> None:
 @torch.no_grad()
 def apply_update(optimizer: torch.optim.Optimizer,
                  pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    r"""``θ ← (1 − lr·wd) θ + Δθ`` (decoupled weight decay) for each ``(θ, Δθ)``, counting steps.
+    r""":math:`\theta \leftarrow (1 - \alpha\lambda_{\mathrm{wd}})\,\theta + \Delta\theta` (decoupled weight
+    decay), counting steps.
 
     All ``Δθ`` are checked finite first (one host synchronisation), so a non-finite update
     changes nothing. A ``Δθ`` in a wider dtype than ``θ`` (low-precision parameters) is added in

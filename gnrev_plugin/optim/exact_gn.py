@@ -103,7 +103,8 @@ def exact_gn_direction(
     rank_policy: str = "raise",
     **solver_options,
 ) -> list[torch.Tensor]:
-    r"""``Δθ`` with ``J Δθ = target`` for an output-space ``target`` shaped like ``model(x)``.
+    r""":math:`\Delta\theta` with :math:`J \Delta\theta = \text{target}` for an output-space target shaped
+    like ``model(x)``.
 
     Returns one tensor per entry of ``model.parameters()`` (same order and shapes). This is the
     function-space primitive behind :class:`ExactGN` (which uses ``target = −α ε``).
@@ -249,7 +250,7 @@ class ExactGN(torch.optim.Optimizer):
 
     @property
     def verify(self) -> bool:
-        """Whether each step recomputes ``J Δθ`` (the param group's ``verify``).
+        r"""Whether each step recomputes :math:`J \Delta\theta` (the param group's ``verify``).
 
         Returns:
             The ``verify`` flag of the (single) param group.

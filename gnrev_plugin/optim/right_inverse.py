@@ -181,7 +181,8 @@ def right_inverse(
     inputs: torch.Tensor | None = None,
     cache: dict | None = None,
 ) -> RightInverseResult:
-    r"""Compute ``Δθ`` with ``J Δθ = target`` for the participating ``blocks`` (module docstring).
+    r"""Compute :math:`\Delta\theta` with :math:`J \Delta\theta = \text{target}` for the participating
+    ``blocks``.
 
     .. math::
 

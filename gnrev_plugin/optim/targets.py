@@ -83,7 +83,7 @@ def newton_target(
     ce_damping: float = 1e-3,
     label_smoothing: float = 0.0,
 ) -> torch.Tensor:
-    r"""Return ``ε`` (shape of ``output``) for ``loss`` ∈ :data:`LOSSES`, see the module docstring.
+    r"""Return :math:`\varepsilon` (shape of ``output``) for ``loss`` in :data:`LOSSES` (module docstring).
 
     Args:
         loss: ``"cross_entropy"`` or ``"mse"``.

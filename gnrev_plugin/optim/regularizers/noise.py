@@ -69,7 +69,8 @@ class NoisyRegularizer(SharpnessOptimizer):
 
 
 class WeightNoise(NoisyRegularizer):
-    r"""Training with Gaussian weight noise: ``d = (1/k) Σ_j ∇L(θ + ε_j)``, ``ε_j ∼ N(0, σ²I)``.
+    r"""Gaussian weight noise: :math:`d = \frac{1}{k}\sum_j \nabla L(\theta + \varepsilon_j)`,
+    :math:`\varepsilon_j \sim \mathcal{N}(0, \sigma^2 I)`.
 
     The objective is ``E_ε L(θ+ε) = L + (σ²/2) tr H + O(σ⁴)`` (Bishop's expansion, which keeps
     the NME). ``sigma2`` is the variance ``σ²`` (the noise's standard deviation is ``√σ²``).
@@ -88,7 +89,8 @@ class WeightNoise(NoisyRegularizer):
     """
 
     def sample_perturbation(self) -> Params:
-        r"""One draw ``ε ∼ N(0, Σ)``, ``Σ = diag(σ_p² I)``, from the optimizer's generator.
+        r"""One draw :math:`\varepsilon \sim \mathcal{N}(0, \Sigma)`,
+        :math:`\Sigma = \operatorname{diag}(\sigma_p^2 I)`, from the optimizer's generator.
 
         Returns:
             Parameter name :math:`\to` :math:`\varepsilon_p`.

@@ -120,7 +120,8 @@ class SAM(_Ascent):
 
 
 class PSAM(_Ascent):
-    r"""Penalty SAM, the gradient-norm penalty ``L + ρ‖∇L‖``: ``d = ∇L + ρ H ĝ``.
+    r"""Penalty SAM, the gradient-norm penalty :math:`L + \rho\lVert\nabla L\rVert`:
+    :math:`d = \nabla L + \rho H \hat g`.
 
     The first-order Taylor expansion of SAM's ``∇L(θ + ρĝ)``; ``H ĝ`` is one Hessian-vector
     product (``torch.func.jvp`` of ``torch.func.grad``), so the NME enters:

@@ -23,7 +23,8 @@ PROBES = ("gaussian", "rademacher")
 
 
 class HessianTracePenalty(NoisyRegularizer):
-    r"""The Hessian-trace penalty ``L + (σ²/2) tr H`` with Hutchinson's estimator.
+    r"""The Hessian-trace penalty :math:`L + \frac{\sigma^2}{2} \operatorname{tr} H` with Hutchinson's
+    estimator.
 
     ``d = ∇_θ[L(θ) + ½ (1/k) Σ_i v_iᵀ H(θ) v_i]`` with ``v_i = σ z_i`` held fixed, ``z_i ∼ N(0, I)``
     (``probes="gaussian"``, the paper's) or Rademacher; ``E_z zᵀHz = tr H``, so
@@ -125,7 +126,7 @@ class HessianTracePenalty(NoisyRegularizer):
 
 
 class GNTracePenalty(NoisyRegularizer):
-    r"""The Gauss-Newton-trace penalty ``L + (σ²/2) tr G`` with sampled labels.
+    r"""The Gauss-Newton-trace penalty :math:`L + \frac{\sigma^2}{2} \operatorname{tr} G` with sampled labels.
 
     ``d = ∇_θ[L(θ) + ½ (1/k) Σ_j (1/B) Σ_n ‖Σ^{1/2} ∇_θ ℓ(z_n(θ), ŷ_{n,j})‖²]``, ``Σ = σ² I``, with the
     labels ``ŷ`` drawn at ``θ`` and held fixed: ``ŷ ∼ Cat(softmax z_n)`` for cross-entropy,

@@ -90,7 +90,8 @@ class SolverConfig:
 
 
 def default_rank_rtol(n: int, dtype: torch.dtype) -> float:
-    r"""``max(n, 100) · eps(dtype)``: relative floor for Gram eigenvalues and Cholesky pivots.
+    r""":math:`\max(n, 100)\,\epsilon_{\mathrm{dtype}}`: relative floor for Gram eigenvalues and Cholesky
+    pivots.
 
     Eigenvalues of a Gram formed in floating point carry errors of order ``eps · μ_max`` (times a
     modest constant), so smaller ones are noise; an exactly singular Gram gives pivots of a few

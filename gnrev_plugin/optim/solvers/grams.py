@@ -8,7 +8,8 @@ __all__ = ["gram_with_ones", "primal_gram_with_ones"]
 
 
 def gram_with_ones(S: torch.Tensor, block_rows: int = 256) -> torch.Tensor:
-    r"""``K = S Sᵀ + 1 1ᵀ`` (the dual Gram of ``B = [S, 1]``), exactly symmetric.
+    r""":math:`K = S S^\top + \mathbf{1}\mathbf{1}^\top` (the dual Gram of :math:`B = [S, \mathbf{1}]`),
+    exactly symmetric.
 
     For ``n ≥ 2·block_rows`` only the lower block triangle is multiplied (row block ``i`` against
     rows ``0..i`` in one product) and mirrored: about ``(b+1)/(2b)`` of the FLOPs of ``S Sᵀ`` for

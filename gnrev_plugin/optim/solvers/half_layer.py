@@ -183,7 +183,7 @@ class HalfLayerSystem:
     # -- solving ------------------------------------------------------------------------------
     def solve(self, E: torch.Tensor | None = None, *,
               factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> HalfLayerSolution:
-        """Minimum-norm (or truncated / damped) solution of ``A Δ = E`` for ``E`` (``n×k``).
+        r"""Minimum-norm (or truncated / damped) solution of :math:`A \Delta = E` for :math:`E` (``n×k``).
 
         ``factors = (Z, R)`` gives the target as ``E = Z R`` with a thin ``Z`` (``n×c``, e.g. a
         target pulled back through the readout, ``c = C``): the solution is linear in ``E``, so
