@@ -258,6 +258,12 @@ def find_revmlp_owning(params: Iterable[torch.Tensor]) -> RevMLP:
     This is how :class:`~gnrev_plugin.optim.ExactGN` works with runners that hand an optimizer
     only ``model.parameters()``.
 
+    Args:
+        params: Tensors that must all belong to one RevMLP.
+
+    Returns:
+        The owning RevMLP.
+
     Raises:
         ValueError: if no live RevMLP owns all of them (or more than one does).
     """

@@ -245,20 +245,7 @@ class HessianDecomposition:
         for the same matrix, cross-checked in ``surrogate_check``. Each estimator draws its
         probes from its own seed of the sequence started by ``seed`` (in a forked RNG state).
 
-        Args:
-            top_k: Number of top eigenvalues.
-            trace_estimator: ``"hutchinson"``, ``"hutchpp"`` or ``"xtrace"``.
-            num_matvecs: Products per trace estimate.
-            per_block: Also summarise each block.
-            block_num_matvecs: Products per block trace estimate.
-            spectral_density: Also compute Lanczos spectral densities.
-            density_ncv: Lanczos vectors for the densities.
-            eigsh_tol: ARPACK tolerance.
-            eigsh_maxiter: ARPACK iteration limit.
-            lambda_min: Also compute :math:`\lambda_{\min}(H)`.
-            frobenius: Also estimate :math:`\lVert A \rVert_F`.
-            nme_operator: ``"difference"`` (:math:`H - G`) or ``"surrogate"``.
-            seed: Seed of everything random.
+        The arguments are :meth:`summary`'s (documented there).
 
         Returns:
             The :class:`HessianSummary` with ``mode="estimated"``.
