@@ -61,8 +61,7 @@ def default_rtol(dim: int, dtype: torch.dtype) -> float:
     r""":math:`n\,\epsilon_{\mathrm{dtype}}`, the ``torch.linalg.matrix_rank`` rule.
 
     Args:
-        dim: Matrix dimension :math:`n`.
-        dtype: Floating-point type whose machine epsilon is used.
+        dim, dtype: Matrix dimension :math:`n` and the type whose :math:`\epsilon` is used.
 
     Returns:
         The relative tolerance :math:`n\,\epsilon_{\mathrm{dtype}}`.
@@ -101,8 +100,7 @@ class ConditionReport:
         """The report as a plain dict (every field except the eigenvalues).
 
         Returns:
-            ``{"kappa", "rank", "lambda_max", "lambda_min_nonzero", "rtol", "side", "gap",
-            "rank_sensitivity", "rtol_sensitivity"}``.
+            The dataclass fields other than ``eigenvalues``, by name.
         """
         return dict(kappa=self.kappa, rank=self.rank, lambda_max=self.lambda_max,
                     lambda_min_nonzero=self.lambda_min_nonzero, rtol=self.rtol, side=self.side,
@@ -117,16 +115,11 @@ def condition_number_from_eigenvalues(eigenvalues: torch.Tensor, rtol: float | N
                                       ) -> ConditionReport:
     r""":math:`\kappa` on the column space from the eigenvalues of a PSD matrix (:class:`ConditionReport`).
 
-    .. math::
-
-        \kappa = \lambda_1 / \lambda_r, \qquad r = \#\{i : \lambda_i > \mathrm{rtol}\cdot\lambda_1\}.
-
     Args:
         eigenvalues: Eigenvalues of a PSD matrix, any order and shape.
         rtol: Relative rank tolerance; default :func:`default_rtol` of the number of eigenvalues.
         side: Label stored in the report (``"parameter"``, ``"gram"`` or ``"matrix"``).
-        rank_window: Ranks :math:`r \pm` ``rank_window`` reported in ``rank_sensitivity``.
-        rtol_sweep: Tolerances reported in ``rtol_sensitivity``.
+        rank_window, rtol_sweep: Ranks :math:`r \pm` ``rank_window`` and tolerances for the sensitivities.
 
     Returns:
         The :class:`ConditionReport`.
@@ -177,12 +170,8 @@ def gn_gram_matrix(model: nn.Module, loss_fn: nn.Module, data,
                    ntk_method: str = "auto") -> torch.Tensor:
     r""":math:`S J J^\top S` (``nC × nC``), whose nonzero spectrum is that of :math:`G = J^\top S^2 J`.
 
-    ``S = blockdiag_B (c_B ∇²_z ℓ_B)^{1/2}`` with ``c_B = N_B/N`` (mean) or 1 (sum), matching
-    curvlinops' ``GGNLinearOperator`` on the same ``loss_fn`` and batches.
-
-    .. math::
-
-        G = J^\top S^2 J, \qquad S J J^\top S \in \mathbb{R}^{nC \times nC}.
+    :math:`S = \operatorname{blockdiag}_B (c_B \nabla^2_z \ell_B)^{1/2}` with :math:`c_B = N_B/N` (mean)
+    or 1 (sum), matching curvlinops' ``GGNLinearOperator`` on the same ``loss_fn`` and batches.
 
     Args:
         model: The network :math:`f_\theta`.
@@ -256,14 +245,12 @@ def matrix_condition_number(A: torch.Tensor, sigma_min_index: int | None = None)
     r""":math:`\sigma_{\max}(A) / \sigma_j(A)` with :math:`j` = ``sigma_min_index`` (1-based; default: the
     last).
 
-    Returns ``inf`` when ``A`` has fewer than ``j`` singular values or ``σ_j = 0``.
-
     Args:
         A: Any matrix.
         sigma_min_index: 1-based index :math:`j` of the smallest singular value used.
 
     Returns:
-        :math:`\sigma_{\max}(A) / \sigma_j(A)`, or ``inf``.
+        The ratio; ``inf`` when :math:`A` has fewer than :math:`j` singular values or :math:`\sigma_j = 0`.
     """
     s = torch.linalg.svdvals(A.double())
     j = s.numel() if sigma_min_index is None else sigma_min_index
@@ -339,8 +326,7 @@ def deep_linear_gn_spectrum(Ws: Sequence[torch.Tensor], Sigma: torch.Tensor | No
     :math:`\operatorname{eig}((\Sigma^{1/2} \otimes I_k) M (\Sigma^{1/2} \otimes I_k))`.
 
     Args:
-        Ws: Weights :math:`W_1, \dots, W_L`.
-        Sigma: Input second moment :math:`\Sigma` (``(d, d)``); ``None`` for :math:`I`.
+        Ws, Sigma: Weights :math:`W_1, \dots, W_L`; input second moment :math:`\Sigma` (``None``: :math:`I`).
 
     Returns:
         The eigenvalues of :math:`(\Sigma^{1/2} \otimes I_k) M (\Sigma^{1/2} \otimes I_k)`, descending.
@@ -358,9 +344,7 @@ def deep_linear_gn_rank(widths: Sequence[int], k: int, r: int) -> int:
     r"""The deep linear net's GN rank :math:`q(r + k - q)`, :math:`q = \min(r, k, m_1, \dots, m_{L-1})`.
 
     Args:
-        widths: Hidden widths :math:`m_1, \dots, m_{L-1}`.
-        k: Output dimension.
-        r: Rank of the input second moment.
+        widths, k, r: Hidden widths :math:`m_1, \dots, m_{L-1}`, output dimension, rank of :math:`\Sigma`.
 
     Returns:
         :math:`q(r + k - q)`, :math:`q = \min(r, k, m_1, \dots, m_{L-1})`.
@@ -387,8 +371,7 @@ def deep_linear_condition_bounds(Ws: Sequence[torch.Tensor], Sigma: torch.Tensor
     at rounding level (``≤ max(shape)·eps·σ_max``, a product behind a bottleneck) counts as 0.
 
     Args:
-        Ws: Weights :math:`W_1, \dots, W_L`.
-        Sigma: Input second moment :math:`\Sigma`; ``None`` for :math:`I`.
+        Ws, Sigma: Weights :math:`W_1, \dots, W_L`; input second moment :math:`\Sigma` (``None``: :math:`I`).
 
     Returns:
         ``{"convex", "loose", "gammas", "kappa_sigma", "terms"}`` (bounds on :math:`\kappa(G)`).
@@ -416,16 +399,11 @@ def deep_linear_condition_bounds(Ws: Sequence[torch.Tensor], Sigma: torch.Tensor
 def whitened_two_layer_condition_number(W1: torch.Tensor, W2: torch.Tensor) -> float:
     r""":math:`\kappa(G)` of the whitened (:math:`\Sigma = I`) two-layer linear net :math:`F = W_2 W_1 x`.
 
-    .. math::
-
-        \kappa(G) = \frac{\sigma^2_{\max}(W_1) + \sigma^2_{\max}(W_2)}{\sigma^2_d(W_1) + \sigma^2_k(W_2)}.
-
     Args:
-        W1: First-layer weight :math:`W_1`.
-        W2: Second-layer weight :math:`W_2`.
+        W1, W2: The layer weights :math:`W_1`, :math:`W_2`.
 
     Returns:
-        The ratio above.
+        :math:`(\sigma^2_{\max}(W_1) + \sigma^2_{\max}(W_2)) / (\sigma^2_d(W_1) + \sigma^2_k(W_2))`.
     """
     d, k = W1.shape[1], W2.shape[0]
     s1, s2 = torch.linalg.svdvals(W1.double()), torch.linalg.svdvals(W2.double())
@@ -441,8 +419,7 @@ def residual_weights(Ws: Sequence[torch.Tensor], beta: float,
     layers ``2..L−1`` in 1-based numbering), other layers unchanged.
 
     Args:
-        Ws: Weights :math:`W_1, \dots, W_L`.
-        beta: Residual scale :math:`\beta`.
+        Ws, beta: Weights :math:`W_1, \dots, W_L` and residual scale :math:`\beta`.
         residual_layers: 0-based indices of the layers that get :math:`+\beta I`.
 
     Returns:
@@ -468,8 +445,7 @@ def residual_layer_condition_number(W: torch.Tensor, beta: float) -> float:
     symmetric PSD).
 
     Args:
-        W: Square weight :math:`W`.
-        beta: Residual scale :math:`\beta`.
+        W, beta: Square weight :math:`W` and residual scale :math:`\beta`.
 
     Returns:
         :math:`(\sigma_{\max} + \beta)/(\sigma_{\min} + \beta)`.
@@ -483,8 +459,7 @@ def residual_layer_condition_bound(W: torch.Tensor, beta: float) -> float:
     :math:`W`, :math:`\beta > \sigma_{\max}`.
 
     Args:
-        W: Square weight :math:`W`.
-        beta: Residual scale :math:`\beta > \sigma_{\max}(W)`.
+        W, beta: Square weight :math:`W` and residual scale :math:`\beta > \sigma_{\max}(W)`.
 
     Returns:
         :math:`(\beta + \sigma_{\max})/(\beta - \sigma_{\max}) \ge \kappa(W + \beta I)`.
@@ -501,7 +476,6 @@ def residual_layer_condition_bound(W: torch.Tensor, beta: float) -> float:
 def two_layer_relu_gram(W: torch.Tensor, V: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
     r""":math:`J J^\top` of :math:`F(x) = W \operatorname{relu}(V x)` w.r.t. :math:`(V, W)`, sample-major
     ``(nk × nk)``:
-    ``(JJᵀ)_{ij} = ⟨φ_i, φ_j⟩ I_k + ⟨x_i, x_j⟩ W D_i D_j Wᵀ``.
 
     .. math::
 
@@ -509,9 +483,7 @@ def two_layer_relu_gram(W: torch.Tensor, V: torch.Tensor, X: torch.Tensor) -> to
         + \langle x_i, x_j \rangle\, W D_i D_j W^\top.
 
     Args:
-        W: Readout weight ``(k, m)``.
-        V: Hidden weight ``(m, d)``.
-        X: Inputs ``(n, d)``.
+        W, V, X: Readout weight ``(k, m)``, hidden weight ``(m, d)``, inputs ``(n, d)``.
 
     Returns:
         The ``(nk, nk)`` Gram matrix :math:`J J^\top`.
