@@ -95,5 +95,9 @@ RUN_DEFAULTS: dict = dict(
 
 
 def run_defaults() -> dict:
-    """A deep copy of :data:`RUN_DEFAULTS`."""
+    """A deep copy of :data:`RUN_DEFAULTS`.
+
+    Returns:
+        A fresh dict, safe to mutate.
+    """
     return copy.deepcopy(RUN_DEFAULTS)

@@ -44,12 +44,26 @@ _WRAPPED = "__gnrev_wrapped__"
 
 def module_extensions(extension: Any) -> dict:
     """The ``{module class: ModuleExtension}`` table of a BackPACK extension instance (empty if
-    the attribute is missing, e.g. after a BackPACK release renamed it)."""
+    the attribute is missing, e.g. after a BackPACK release renamed it).
+
+    Args:
+        extension: A BackPACK extension instance.
+
+    Returns:
+        The table (the instance's own dict, not a copy).
+    """
     return getattr(extension, _TABLE, {})
 
 
 def fail_mode(extension: Any) -> str:
-    """What the extension does for a module class it has no rule for (``"ERROR"`` if unknown)."""
+    """What the extension does for a module class it has no rule for (``"ERROR"`` if unknown).
+
+    Args:
+        extension: A BackPACK extension instance.
+
+    Returns:
+        ``"ERROR"``, ``"WARNING"`` or ``"SILENT"``.
+    """
     return getattr(extension, "_fail_mode", "ERROR")
 
 
@@ -64,7 +78,11 @@ def opt_out_of_extend(module: Any) -> None:
 
 
 def installed_version() -> str | None:
-    """The installed ``backpack-for-pytorch`` version (``None`` if not installed)."""
+    """The installed ``backpack-for-pytorch`` version (``None`` if not installed).
+
+    Returns:
+        The version string, or ``None``.
+    """
     try:
         return metadata.version("backpack-for-pytorch")
     except metadata.PackageNotFoundError:

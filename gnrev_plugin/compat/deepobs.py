@@ -76,6 +76,9 @@ def import_deepobs() -> types.ModuleType:
     Raises:
         ModuleNotFoundError: DeepOBS is not installed (the message says how to install it); any
             other missing module is DeepOBS's own dependency and propagates unchanged.
+
+    Returns:
+        The ``deepobs`` module.
     """
     if "deepobs.pytorch" in sys.modules:
         return sys.modules["deepobs"]
@@ -117,7 +120,15 @@ def register_test_problem(name: str, cls: type, *, batch_size: int, num_epochs: 
                           display_name: str) -> None:
     """Make ``cls`` DeepOBS's test problem ``name`` (item 4): its runners accept
     ``testproblem=name``, fall back to ``batch_size``/``num_epochs``, and ``deepobs.analyzer``
-    shows ``display_name`` for the part of ``name`` after the data set."""
+    shows ``display_name`` for the part of ``name`` after the data set.
+
+    Args:
+        name: Test-problem name (``"<dataset>_<model>"``).
+        cls: The test-problem class.
+        batch_size: Default batch size.
+        num_epochs: Default number of epochs.
+        display_name: Name shown by ``deepobs.analyzer``.
+    """
     dob = import_deepobs()
     dataset, _, problem = name.partition("_")
     if not problem or dataset not in dob.config.DATA_SET_NAMING:
@@ -132,7 +143,12 @@ def register_test_problem(name: str, cls: type, *, batch_size: int, num_epochs: 
 @contextlib.contextmanager
 def mnist_train_eval_size(problem_cls: type, train_eval_size: int) -> Iterator[None]:
     """Within the context, ``problem_cls.set_up`` (a DeepOBS MNIST problem) builds its data set
-    with ``train_eval_size`` (item 5)."""
+    with ``train_eval_size`` (item 5).
+
+    Args:
+        problem_cls: A DeepOBS MNIST test-problem class.
+        train_eval_size: Size of the train-eval set.
+    """
     module = sys.modules[problem_cls.__module__]
     original = module.mnist
     module.mnist = functools.partial(original, train_eval_size=int(train_eval_size))
@@ -153,7 +169,11 @@ def _deepobs_installed() -> bool:
 def default_device() -> str:
     """DeepOBS's default device (item 6): ``deepobs.pytorch.config.get_default_device()`` when
     DeepOBS is installed, else the value :func:`set_default_device` kept, else DeepOBS's initial
-    rule (``"cuda"`` if ``torch.cuda.is_available()`` else ``"cpu"``)."""
+    rule (``"cuda"`` if ``torch.cuda.is_available()`` else ``"cpu"``).
+
+    Returns:
+        The device name.
+    """
     if _deepobs_installed():
         return str(import_deepobs().pytorch.config.get_default_device())
     if _DEVICE_WITHOUT_DEEPOBS is not None:
@@ -165,7 +185,11 @@ def default_device() -> str:
 
 def set_default_device(device: str) -> None:
     """Set DeepOBS's default device (``deepobs.pytorch.config.set_default_device``; item 6): the
-    device of every test problem set up afterwards, DeepOBS's and gnrev's."""
+    device of every test problem set up afterwards, DeepOBS's and gnrev's.
+
+    Args:
+        device: A device name (``"cpu"``, ``"cuda"``, ...).
+    """
     global _DEVICE_WITHOUT_DEEPOBS
     if _deepobs_installed():
         import_deepobs().pytorch.config.set_default_device(str(device))

@@ -36,12 +36,23 @@ DisableTorchFunctionSubclass = torch._C.DisableTorchFunctionSubclass
 
 
 def functorch_transforms_active() -> bool:
-    """``True`` inside ``torch.func`` transforms (``vmap``, ``grad``, ``jacrev``, ...)."""
+    """``True`` inside ``torch.func`` transforms (``vmap``, ``grad``, ``jacrev``, ...).
+
+    Returns:
+        Whether a ``torch.func`` transform is active.
+    """
     return bool(torch._C._are_functorch_transforms_active())
 
 
 def is_functorch_wrapped_tensor(t: torch.Tensor) -> bool:
-    """``True`` for the wrapper tensors functorch passes through a transformed function."""
+    """``True`` for the wrapper tensors functorch passes through a transformed function.
+
+    Args:
+        t: A tensor.
+
+    Returns:
+        Whether ``t`` is a functorch wrapper.
+    """
     return bool(torch._C._functorch.is_functorch_wrapped_tensor(t))
 
 
@@ -50,6 +61,9 @@ def compiled_module_type() -> type | None:
 
     Instances wrap the compiled module as ``._orig_mod``; their own ``__call__`` (and forward hooks)
     run eagerly, the wrapped module's ``__call__`` runs inside the compiled region.
+
+    Returns:
+        The ``OptimizedModule`` class, or ``None``.
     """
     eval_frame = sys.modules.get("torch._dynamo.eval_frame")
     return None if eval_frame is None else getattr(eval_frame, "OptimizedModule", None)

@@ -56,7 +56,14 @@ __all__ = ["GNStepExactness", "NMETrace", "NTKSimilarityToInit", "CKAToInit",
 
 
 def undefined(reason: str) -> dict:
-    """The value a gnrev quantity logs where it is undefined: ``{"defined": False, "reason"}``."""
+    """The value a gnrev quantity logs where it is undefined: ``{"defined": False, "reason"}``.
+
+    Args:
+        reason: Why the value is undefined.
+
+    Returns:
+        ``{"defined": False, "reason": reason}``.
+    """
     return {"defined": False, "reason": reason}
 
 
@@ -101,6 +108,10 @@ class GNStepExactness(_GnrevQuantity):
 
     Undefined (``{"defined": False, "reason"}``) when the optimizer is not ExactGN or took no new
     step since the last report.
+
+    Args:
+        track_schedule: Cockpit's ``track_schedule`` (iterations to track).
+        verbose: Cockpit's ``verbose``.
     """
 
     def __init__(self, track_schedule: Callable[[int], bool] | None = None,
@@ -109,9 +120,27 @@ class GNStepExactness(_GnrevQuantity):
         self._last_seen: int | None = None
 
     def should_compute(self, global_step: int) -> bool:
+        """Whether iteration ``global_step`` reports the step of iteration ``global_step − 1``.
+
+        Args:
+            global_step: Cockpit's iteration counter.
+
+        Returns:
+            ``True`` if iteration ``global_step − 1`` is tracked.
+        """
         return global_step >= 1 and self._track_schedule(global_step - 1)
 
     def compute(self, global_step: int, params, batch_loss) -> tuple[int, dict]:
+        """The value for the step taken at iteration ``global_step − 1``.
+
+        Args:
+            global_step: Cockpit's iteration counter.
+            params: Cockpit's parameters (unused).
+            batch_loss: Cockpit's batch loss (unused).
+
+        Returns:
+            ``(global_step − 1, value)``; the value is :func:`undefined` where there is no ExactGN step.
+        """
         step = global_step - 1
         try:
             opt = get_optimizer(global_step)
@@ -130,7 +159,15 @@ class GNStepExactness(_GnrevQuantity):
 
     @staticmethod
     def summarise(exact: bool, info: dict) -> dict:
-        """The logged value from ExactGN's ``last_step_exact`` and ``last_step_info``."""
+        """The logged value from ExactGN's ``last_step_exact`` and ``last_step_info``.
+
+        Args:
+            exact: ``last_step_exact``.
+            info: ``last_step_info``.
+
+        Returns:
+            The logged dict (see the class docstring).
+        """
         blocks = info["blocks"]
         shares = [b for b in blocks if b["role"] == "exact share"]
         residuals = [r for b in shares for r in (b["residual_f"], b["residual_g"]) if r is not None]
@@ -167,6 +204,16 @@ class NMETrace(_GnrevQuantity):
     ``info["targets"]`` (pass them to ``cockpit(step, info={...})``): exact (dense ``H − G``)
     up to 1500 parameters, Hutch++ with 90 matrix-vector products (seeded, global RNG untouched)
     beyond.
+
+    Args:
+        track_schedule: Cockpit's ``track_schedule``.
+        verbose: Cockpit's ``verbose``.
+        method: ``"backpack"`` or ``"curvlinops"``.
+        model: The RevMLP (``method="curvlinops"`` only).
+        loss_fn: The un-extended loss (``method="curvlinops"`` only).
+
+    Raises:
+        ValueError: For an unknown ``method``, or ``"curvlinops"`` without ``model`` and ``loss_fn``.
     """
 
     METHODS = ("backpack", "curvlinops")
@@ -183,6 +230,14 @@ class NMETrace(_GnrevQuantity):
         self.method, self.model, self.loss_fn = method, model, loss_fn
 
     def extensions(self, global_step: int) -> list:
+        """The BackPACK extensions Cockpit must run for this quantity.
+
+        Args:
+            global_step: Cockpit's iteration counter.
+
+        Returns:
+            ``[DiagHessian(), DiagGGNExact()]`` on tracked iterations with ``method="backpack"``, else ``[]``.
+        """
         if self.method == "backpack" and self.should_compute(global_step):
             return [DiagHessian(), DiagGGNExact()]
         return []
@@ -197,7 +252,14 @@ class NMETrace(_GnrevQuantity):
 
 def plain_copy(model: RevMLP) -> RevMLP:
     """A RevMLP with ``model``'s configuration, parameters and buffers but none of its hooks
-    (BackPACK's, ExactGN's output capture): what curvlinops and ``torch.func`` may trace."""
+    (BackPACK's, ExactGN's output capture): what curvlinops and ``torch.func`` may trace.
+
+    Args:
+        model: The (possibly extended or hooked) RevMLP.
+
+    Returns:
+        A fresh, hook-free RevMLP.
+    """
     return copy_revmlp(model)
 
 
@@ -224,10 +286,22 @@ class NTKSimilarityToInit(_ProbeQuantity):
     """``A(Θ₀, Θ_t) = ⟨Θ₀, Θ_t⟩_F / (‖Θ₀‖_F ‖Θ_t‖_F)`` with ``Θ = J Jᵀ`` (``nC × nC``) the
     empirical NTK of the logits on the probe batch, by :func:`gnrev_plugin.metrics.revmlp_ntk`
     (structured: ``Θ = Σ_l (A_l A_lᵀ ⊗ 1) ⊙ (Γ_l Γ_lᵀ)`` over half-layers, no Jacobian formed).
-    ``Θ₀`` is taken when the quantity is constructed. 1 means the kernel has not moved."""
+    ``Θ₀`` is taken when the quantity is constructed. 1 means the kernel has not moved.
+
+    Args:
+        model: The RevMLP.
+        probe_inputs: The fixed probe batch.
+        track_schedule: Cockpit's ``track_schedule``.
+        verbose: Cockpit's ``verbose``.
+    """
 
     @torch.no_grad()
     def evaluate(self) -> Tensor:
+        r"""The probe batch's NTK now.
+
+        Returns:
+            :math:`\Theta_t = J J^\top`, ``(nC, nC)``, float64.
+        """
         return revmlp_ntk(self.model, self.probe_inputs).double()
 
     def _compute(self, global_step: int, params, batch_loss) -> float:
@@ -237,10 +311,22 @@ class NTKSimilarityToInit(_ProbeQuantity):
 class CKAToInit(_ProbeQuantity):
     """Linear CKA between the last block's output ``X^(L)`` on the probe batch at init and now,
     ``‖Y_cᵀ X_c‖_F² / (‖X_cᵀ X_c‖_F ‖Y_cᵀ Y_c‖_F)`` with column-centred ``X_c, Y_c``
-    (:func:`gnrev_plugin.metrics.linear_cka`)."""
+    (:func:`gnrev_plugin.metrics.linear_cka`).
+
+    Args:
+        model: The RevMLP.
+        probe_inputs: The fixed probe batch.
+        track_schedule: Cockpit's ``track_schedule``.
+        verbose: Cockpit's ``verbose``.
+    """
 
     @torch.no_grad()
     def evaluate(self) -> Tensor:
+        """The last block's output on the probe batch now.
+
+        Returns:
+            :math:`X^{(L)}`, ``(n, d)``, float64.
+        """
         reps = revmlp_representations(self.model, self.probe_inputs, per="block")
         return reps[f"blocks.{self.model.num_blocks - 1}"].double()
 
@@ -257,7 +343,18 @@ def gnrev_quantities(model: RevMLP, probe_inputs: Tensor,
                      nme_method: str = "backpack", loss_fn: nn.Module | None = None
                      ) -> list[_GnrevQuantity]:
     """All four gnrev quantities for ``model``, to add to a Cockpit configuration:
-    ``Cockpit(params, quantities=configuration("full") + gnrev_quantities(model, X_probe))``."""
+    ``Cockpit(params, quantities=configuration("full") + gnrev_quantities(model, X_probe))``.
+
+    Args:
+        model: The RevMLP Cockpit tracks.
+        probe_inputs: The fixed probe batch :math:`X` of the NTK and CKA quantities.
+        track_schedule: Cockpit's ``track_schedule`` for all four.
+        nme_method: ``"backpack"`` or ``"curvlinops"`` (see :class:`NMETrace`).
+        loss_fn: The un-extended loss, needed by ``nme_method="curvlinops"``.
+
+    Returns:
+        ``[GNStepExactness, NMETrace, NTKSimilarityToInit, CKAToInit]`` instances.
+    """
     return [GNStepExactness(track_schedule),
             NMETrace(track_schedule, method=nme_method, model=model, loss_fn=loss_fn),
             NTKSimilarityToInit(model, probe_inputs, track_schedule),
@@ -285,7 +382,17 @@ def plot(cockpit: Cockpit, path: str | None = None, title: str | None = None,
     """Cockpit's own dashboard (``CockpitPlotter``) with a column of gnrev instruments to its
     right: ``tr(NME)`` next to Cockpit's ``HessTrace``, the GN step's a-posteriori residual,
     and the NTK similarity and last-block CKA to init. Returns the figure; saves it to ``path``
-    if given. Needs no display (Agg backend)."""
+    if given. Needs no display (Agg backend).
+
+    Args:
+        cockpit: The Cockpit that tracked the run.
+        path: File to save the figure to, or ``None``.
+        title: Figure title.
+        dpi: Resolution.
+
+    Returns:
+        The matplotlib figure.
+    """
     import matplotlib.pyplot as plt
 
     plotter = CockpitPlotter()

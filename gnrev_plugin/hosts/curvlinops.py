@@ -55,6 +55,21 @@ class NMELinearOperator(SurrogateNMELinearOperator):
     ``(model_func, loss_func, params, data, progressbar=False, check_deterministic=True,
     num_data=None, batch_size_fn=None)``. Mean-reduced losses are renormalised over batches
     exactly like curvlinops' own operators, so ``NME == Hessian − GGN`` over multi-batch data.
+
+    .. math::
+
+        \mathrm{NME} = H - G = c \sum_n \sum_k \frac{\partial \ell(F_n, y_n)}{\partial F_{nk}}
+        \nabla^2_\theta F_{nk}(\theta), \qquad G = J^\top (\nabla^2_F L) J.
+
+    Args:
+        model_func: The network.
+        loss_func: Loss module with reduction ``"mean"`` or ``"sum"``.
+        params: Parameters :math:`\theta`.
+        data: Iterable of ``(X, y)`` batches.
+        progressbar: Show a progress bar.
+        check_deterministic: Check that the data and model are deterministic.
+        num_data: Number of samples (counted if ``None``).
+        batch_size_fn: Batch size of a data item.
     """
 
     def _adjoint(self) -> NMELinearOperator:
@@ -111,10 +126,20 @@ class NTKLinearOperator(PyTorchLinearOperator):
 
     @property
     def device(self) -> torch.device:
+        """The operator's device.
+
+        Returns:
+            The device of :math:`J`.
+        """
         return self._J.device
 
     @property
     def dtype(self) -> torch.dtype:
+        """The operator's dtype.
+
+        Returns:
+            The dtype of :math:`J`.
+        """
         return self._J.dtype
 
 
@@ -187,7 +212,11 @@ class GaussNewtonStepOperator(PyTorchLinearOperator):
         return [torch.stack([col[i] for col in cols], dim=-1) for i in range(len(self._out_shape))]
 
     def dense(self) -> Tensor:
-        """``R`` as a dense ``(P, N·C)`` matrix (``N·C`` products, cached)."""
+        """``R`` as a dense ``(P, N·C)`` matrix (``N·C`` products, cached).
+
+        Returns:
+            :math:`R`, ``(P, NC)``.
+        """
         if self._dense is None:
             self._dense = to_dense(self)
         return self._dense
@@ -201,8 +230,18 @@ class GaussNewtonStepOperator(PyTorchLinearOperator):
 
     @property
     def device(self) -> torch.device:
+        """The operator's device.
+
+        Returns:
+            The device of the model's parameters.
+        """
         return self._device
 
     @property
     def dtype(self) -> torch.dtype:
+        """The operator's dtype.
+
+        Returns:
+            The dtype of the model's parameters.
+        """
         return self._dtype

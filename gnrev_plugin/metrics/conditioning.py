@@ -58,7 +58,14 @@ __all__ = [
 
 # ---------------------------------------------------------------------------- column-space κ
 def default_rtol(dim: int, dtype: torch.dtype) -> float:
-    """``dim · eps(dtype)``, the ``torch.linalg.matrix_rank`` rule."""
+    r""":math:`n\,\epsilon_{\mathrm{dtype}}`, the ``torch.linalg.matrix_rank`` rule.
+
+    Args:
+        dim, dtype: Matrix dimension :math:`n` and the type whose :math:`\epsilon` is used.
+
+    Returns:
+        The relative tolerance :math:`n\,\epsilon_{\mathrm{dtype}}`.
+    """
     return dim * torch.finfo(dtype).eps
 
 
@@ -90,6 +97,11 @@ class ConditionReport:
     rtol_sensitivity: list[dict] = field(default_factory=list, repr=False)
 
     def as_dict(self) -> dict:
+        """The report as a plain dict (every field except the eigenvalues).
+
+        Returns:
+            The dataclass fields other than ``eigenvalues``, by name.
+        """
         return dict(kappa=self.kappa, rank=self.rank, lambda_max=self.lambda_max,
                     lambda_min_nonzero=self.lambda_min_nonzero, rtol=self.rtol, side=self.side,
                     gap=self.gap, rank_sensitivity=self.rank_sensitivity,
@@ -101,7 +113,20 @@ def condition_number_from_eigenvalues(eigenvalues: torch.Tensor, rtol: float | N
                                       rtol_sweep: Sequence[float] = tuple(
                                           10.0 ** -e for e in range(2, 16, 2))
                                       ) -> ConditionReport:
-    """κ on the column space from the eigenvalues of a PSD matrix (see :class:`ConditionReport`)."""
+    r""":math:`\kappa` on the column space from the eigenvalues of a PSD matrix (:class:`ConditionReport`).
+
+    Args:
+        eigenvalues: Eigenvalues of a PSD matrix, any order and shape.
+        rtol: Relative rank tolerance; default :func:`default_rtol` of the number of eigenvalues.
+        side: Label stored in the report (``"parameter"``, ``"gram"`` or ``"matrix"``).
+        rank_window, rtol_sweep: Ranks :math:`r \pm` ``rank_window`` and tolerances for the sensitivities.
+
+    Returns:
+        The :class:`ConditionReport`.
+
+    Raises:
+        ValueError: If no eigenvalue is positive (:math:`\kappa` undefined).
+    """
     ev = torch.as_tensor(eigenvalues, device="cpu").detach().double().flatten().sort(descending=True).values
     if ev.numel() == 0 or not ev[0] > 0:
         raise ValueError("the matrix has no positive eigenvalue; κ is undefined")
@@ -143,10 +168,22 @@ def _loss_hessian_sqrt(loss_fn: nn.Module, z: torch.Tensor, y: torch.Tensor, wei
 
 def gn_gram_matrix(model: nn.Module, loss_fn: nn.Module, data,
                    ntk_method: str = "auto") -> torch.Tensor:
-    r"""``S J Jᵀ S`` (``nC × nC``) whose nonzero spectrum is that of ``G = Jᵀ S² J``.
+    r""":math:`S J J^\top S` (``nC × nC``), whose nonzero spectrum is that of :math:`G = J^\top S^2 J`.
 
-    ``S = blockdiag_B (c_B ∇²_z ℓ_B)^{1/2}`` with ``c_B = N_B/N`` (mean) or 1 (sum), matching
-    curvlinops' ``GGNLinearOperator`` on the same ``loss_fn`` and batches.
+    :math:`S = \operatorname{blockdiag}_B (c_B \nabla^2_z \ell_B)^{1/2}` with :math:`c_B = N_B/N` (mean)
+    or 1 (sum), matching curvlinops' ``GGNLinearOperator`` on the same ``loss_fn`` and batches.
+
+    Args:
+        model: The network :math:`f_\theta`.
+        loss_fn: Loss module with reduction ``"mean"`` or ``"sum"``.
+        data: ``(X, y)`` or an iterable of ``(X, y)`` batches.
+        ntk_method: How :math:`J J^\top` is formed (see :func:`~gnrev_plugin.metrics.ntk.empirical_ntk`).
+
+    Returns:
+        The sample-major ``(nC, nC)`` matrix :math:`S J J^\top S`.
+
+    Raises:
+        ValueError: If ``loss_fn``'s reduction is neither ``"mean"`` nor ``"sum"``.
     """
     batches = as_batches(data)
     red = getattr(loss_fn, "reduction", None)
@@ -205,9 +242,15 @@ def gn_condition_number(model: nn.Module, loss_fn: nn.Module, data, rtol: float 
 
 # ---------------------------------------------------------------------------- deep linear nets
 def matrix_condition_number(A: torch.Tensor, sigma_min_index: int | None = None) -> float:
-    """``σ_max(A) / σ_j(A)`` with ``j = sigma_min_index`` (1-based; default: the last one).
+    r""":math:`\sigma_{\max}(A) / \sigma_j(A)` with :math:`j` = ``sigma_min_index`` (1-based; default: the
+    last).
 
-    Returns ``inf`` when ``A`` has fewer than ``j`` singular values or ``σ_j = 0``.
+    Args:
+        A: Any matrix.
+        sigma_min_index: 1-based index :math:`j` of the smallest singular value used.
+
+    Returns:
+        The ratio; ``inf`` when :math:`A` has fewer than :math:`j` singular values or :math:`\sigma_j = 0`.
     """
     s = torch.linalg.svdvals(A.double())
     j = s.numel() if sigma_min_index is None else sigma_min_index
@@ -218,7 +261,18 @@ def matrix_condition_number(A: torch.Tensor, sigma_min_index: int | None = None)
 
 def deep_linear_partial_products(Ws: Sequence[torch.Tensor]
                                  ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """``([W_{<l}]_l, [W_{>l}]_l)`` for ``l = 1..L`` (``W_{<1} = I_d``, ``W_{>L} = I_k``)."""
+    r"""The partial products :math:`W_{<l}` and :math:`W_{>l}`, :math:`l = 1, \dots, L`
+    (:math:`W_{<1} = I_d`, :math:`W_{>L} = I_k`).
+
+    Args:
+        Ws: Weights :math:`W_1, \dots, W_L` of :math:`F = W_L \cdots W_1 x`.
+
+    Returns:
+        ``(left, right)`` with ``left[l] =`` :math:`W_{<l}` and ``right[l] =`` :math:`W_{>l}`.
+
+    Raises:
+        ValueError: If ``Ws`` is empty or two consecutive shapes do not chain.
+    """
     if not Ws:
         raise ValueError("need at least one weight matrix")
     for a, b in zip(Ws[:-1], Ws[1:], strict=True):
@@ -236,13 +290,27 @@ def deep_linear_partial_products(Ws: Sequence[torch.Tensor]
 
 
 def deep_linear_jacobian_factor(Ws: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``U = [W_{<l}ᵀ ⊗ W_{>l}]_l ∈ R^{dk × P}`` (column-major ``vec``), ``J(x) = (xᵀ ⊗ I_k) U``."""
+    r"""The Jacobian factor :math:`U = [W_{<l}^\top \otimes W_{>l}]_l`, :math:`J(x) = (x^\top \otimes I_k) U`.
+
+    Args:
+        Ws: Weights :math:`W_1, \dots, W_L`.
+
+    Returns:
+        :math:`U = [W_{<l}^\top \otimes W_{>l}]_l \in \mathbb{R}^{dk \times P}`.
+    """
     before, after = deep_linear_partial_products(Ws)
     return torch.cat([torch.kron(b.T.contiguous(), a) for b, a in zip(before, after, strict=True)], dim=1)
 
 
 def spectrum_lemma_matrix(Ws: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``M = Σ_l (W_{<l}ᵀ W_{<l}) ⊗ (W_{>l} W_{>l}ᵀ)`` (``dk × dk``)."""
+    r"""The spectrum-lemma matrix :math:`M = \sum_l (W_{<l}^\top W_{<l}) \otimes (W_{>l} W_{>l}^\top)`.
+
+    Args:
+        Ws: Weights :math:`W_1, \dots, W_L`.
+
+    Returns:
+        :math:`M = \sum_l (W_{<l}^\top W_{<l}) \otimes (W_{>l} W_{>l}^\top)`, ``(dk, dk)``.
+    """
     before, after = deep_linear_partial_products(Ws)
     return sum(torch.kron(b.T @ b, a @ a.T) for b, a in zip(before, after, strict=True))
 
@@ -254,7 +322,15 @@ def _psd_sqrt(S: torch.Tensor) -> torch.Tensor:
 
 def deep_linear_gn_spectrum(Ws: Sequence[torch.Tensor], Sigma: torch.Tensor | None = None
                             ) -> torch.Tensor:
-    """``eig((Σ^{1/2} ⊗ I_k) M (Σ^{1/2} ⊗ I_k))`` descending (``Σ = I`` when ``None``)."""
+    r"""The deep linear net's GN spectrum,
+    :math:`\operatorname{eig}((\Sigma^{1/2} \otimes I_k) M (\Sigma^{1/2} \otimes I_k))`.
+
+    Args:
+        Ws, Sigma: Weights :math:`W_1, \dots, W_L`; input second moment :math:`\Sigma` (``None``: :math:`I`).
+
+    Returns:
+        The eigenvalues of :math:`(\Sigma^{1/2} \otimes I_k) M (\Sigma^{1/2} \otimes I_k)`, descending.
+    """
     M = spectrum_lemma_matrix(Ws)
     k = Ws[-1].shape[0]
     if Sigma is not None:
@@ -265,7 +341,14 @@ def deep_linear_gn_spectrum(Ws: Sequence[torch.Tensor], Sigma: torch.Tensor | No
 
 
 def deep_linear_gn_rank(widths: Sequence[int], k: int, r: int) -> int:
-    """``q(r + k − q)`` with ``q = min(r, k, m_1, …, m_{L−1})`` (``widths`` = hidden ``m_l``)."""
+    r"""The deep linear net's GN rank :math:`q(r + k - q)`, :math:`q = \min(r, k, m_1, \dots, m_{L-1})`.
+
+    Args:
+        widths, k, r: Hidden widths :math:`m_1, \dots, m_{L-1}`, output dimension, rank of :math:`\Sigma`.
+
+    Returns:
+        :math:`q(r + k - q)`, :math:`q = \min(r, k, m_1, \dots, m_{L-1})`.
+    """
     q = min([r, k, *widths])
     return q * (r + k - q)
 
@@ -281,11 +364,17 @@ def _sigma_or_zero(s: torch.Tensor, j: int, shape: Sequence[int]) -> float:
 
 def deep_linear_condition_bounds(Ws: Sequence[torch.Tensor], Sigma: torch.Tensor | None = None
                                  ) -> dict:
-    """The convex-combination and loose upper bounds on ``κ(G)`` for a deep linear net.
+    r"""The convex-combination and loose upper bounds on :math:`\kappa(G)` for a deep linear net.
 
     Returns ``{"convex", "loose", "gammas", "kappa_sigma", "terms"}``; bounds are ``inf`` when
     every ``σ²_min(W_{<l})σ²_min(W_{>l})`` vanishes (resp. any, for the loose bound). A ``σ_min``
     at rounding level (``≤ max(shape)·eps·σ_max``, a product behind a bottleneck) counts as 0.
+
+    Args:
+        Ws, Sigma: Weights :math:`W_1, \dots, W_L`; input second moment :math:`\Sigma` (``None``: :math:`I`).
+
+    Returns:
+        ``{"convex", "loose", "gammas", "kappa_sigma", "terms"}`` (bounds on :math:`\kappa(G)`).
     """
     before, after = deep_linear_partial_products(Ws)
     d, k = Ws[0].shape[1], Ws[-1].shape[0]
@@ -308,7 +397,14 @@ def deep_linear_condition_bounds(Ws: Sequence[torch.Tensor], Sigma: torch.Tensor
 
 
 def whitened_two_layer_condition_number(W1: torch.Tensor, W2: torch.Tensor) -> float:
-    """``(σ²_max(W₁) + σ²_max(W₂)) / (σ²_d(W₁) + σ²_k(W₂))`` for ``F = W₂W₁x``, ``Σ = I``."""
+    r""":math:`\kappa(G)` of the whitened (:math:`\Sigma = I`) two-layer linear net :math:`F = W_2 W_1 x`.
+
+    Args:
+        W1, W2: The layer weights :math:`W_1`, :math:`W_2`.
+
+    Returns:
+        :math:`(\sigma^2_{\max}(W_1) + \sigma^2_{\max}(W_2)) / (\sigma^2_d(W_1) + \sigma^2_k(W_2))`.
+    """
     d, k = W1.shape[1], W2.shape[0]
     s1, s2 = torch.linalg.svdvals(W1.double()), torch.linalg.svdvals(W2.double())
     lo1 = s1[d - 1].item() if s1.numel() >= d else 0.0
@@ -319,8 +415,19 @@ def whitened_two_layer_condition_number(W1: torch.Tensor, W2: torch.Tensor) -> f
 
 def residual_weights(Ws: Sequence[torch.Tensor], beta: float,
                      residual_layers: Sequence[int] | None = None) -> list[torch.Tensor]:
-    """``W_l + βI`` for the residual layers (0-based; default: the square hidden-to-hidden
-    layers ``2..L−1`` in 1-based numbering), other layers unchanged."""
+    r""":math:`W_l + \beta I` for the residual layers (0-based; default: the square hidden-to-hidden
+    layers ``2..L−1`` in 1-based numbering), other layers unchanged.
+
+    Args:
+        Ws, beta: Weights :math:`W_1, \dots, W_L` and residual scale :math:`\beta`.
+        residual_layers: 0-based indices of the layers that get :math:`+\beta I`.
+
+    Returns:
+        The new list of weights.
+
+    Raises:
+        ValueError: If a residual layer is not square.
+    """
     L = len(Ws)
     layers = range(1, L - 1) if residual_layers is None else residual_layers
     out = list(Ws)
@@ -333,14 +440,33 @@ def residual_weights(Ws: Sequence[torch.Tensor], beta: float,
 
 
 def residual_layer_condition_number(W: torch.Tensor, beta: float) -> float:
-    """``(σ_max + β)/(σ_min + β)``: ``κ(W + βI)`` when ``W``'s singular vectors align (e.g. ``W``
-    symmetric PSD)."""
+    r""":math:`(\sigma_{\max} + \beta)/(\sigma_{\min} + \beta)`: :math:`\kappa(W + \beta I)` when :math:`W`'s
+    singular vectors align (e.g. :math:`W`
+    symmetric PSD).
+
+    Args:
+        W, beta: Square weight :math:`W` and residual scale :math:`\beta`.
+
+    Returns:
+        :math:`(\sigma_{\max} + \beta)/(\sigma_{\min} + \beta)`.
+    """
     s = torch.linalg.svdvals(W.double())
     return ((s[0] + beta) / (s[-1] + beta)).item()
 
 
 def residual_layer_condition_bound(W: torch.Tensor, beta: float) -> float:
-    """``(β + σ_max)/(β − σ_max)`` ≥ ``κ(W + βI)`` for any ``W`` once ``β > σ_max(W)``."""
+    r"""The bound :math:`(\beta + \sigma_{\max})/(\beta - \sigma_{\max}) \ge \kappa(W + \beta I)`, any
+    :math:`W`, :math:`\beta > \sigma_{\max}`.
+
+    Args:
+        W, beta: Square weight :math:`W` and residual scale :math:`\beta > \sigma_{\max}(W)`.
+
+    Returns:
+        :math:`(\beta + \sigma_{\max})/(\beta - \sigma_{\max}) \ge \kappa(W + \beta I)`.
+
+    Raises:
+        ValueError: If :math:`\beta \le \sigma_{\max}(W)`.
+    """
     smax = torch.linalg.svdvals(W.double())[0].item()
     if not beta > smax:
         raise ValueError(f"the assumption-free bound needs β > σ_max(W) = {smax:.4g}")
@@ -348,8 +474,20 @@ def residual_layer_condition_bound(W: torch.Tensor, beta: float) -> float:
 
 
 def two_layer_relu_gram(W: torch.Tensor, V: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
-    """``JJᵀ`` of ``F(x) = W relu(Vx)`` w.r.t. ``(V, W)``, sample-major ``(nk × nk)``:
-    ``(JJᵀ)_{ij} = ⟨φ_i, φ_j⟩ I_k + ⟨x_i, x_j⟩ W D_i D_j Wᵀ``."""
+    r""":math:`J J^\top` of :math:`F(x) = W \operatorname{relu}(V x)` w.r.t. :math:`(V, W)`, sample-major
+    ``(nk × nk)``:
+
+    .. math::
+
+        (J J^\top)_{ij} = \langle \phi_i, \phi_j \rangle I_k
+        + \langle x_i, x_j \rangle\, W D_i D_j W^\top.
+
+    Args:
+        W, V, X: Readout weight ``(k, m)``, hidden weight ``(m, d)``, inputs ``(n, d)``.
+
+    Returns:
+        The ``(nk, nk)`` Gram matrix :math:`J J^\top`.
+    """
     X, W, V = X.double(), W.double(), V.double()
     H = X @ V.T                                   # (n, m)
     phi, D = torch.relu(H), (H > 0).double()

@@ -46,7 +46,20 @@ __all__ = [
 
 # ---------------------------------------------------------------------------------- builders
 def trace_over_outputs(K: torch.Tensor, num_outputs: int) -> torch.Tensor:
-    """``Θ^tr_{ii'} = Σ_c Θ_{(i,c),(i',c)}`` from a sample-major ``(nC, nC)`` kernel."""
+    r"""The output-traced kernel :math:`\Theta^{\mathrm{tr}}` of a sample-major ``(nC, nC)`` kernel
+    :math:`\Theta`.
+
+    .. math::
+
+        \Theta^{\mathrm{tr}}_{ii'} = \sum_c \Theta_{(i,c),(i',c)}.
+
+    Args:
+        K: Sample-major ``(nC, nC)`` kernel :math:`\Theta`.
+        num_outputs: :math:`C`.
+
+    Returns:
+        The ``(n, n)`` kernel :math:`\Theta^{\mathrm{tr}}`.
+    """
     n = K.shape[0] // num_outputs
     return K.view(n, num_outputs, n, num_outputs).diagonal(dim1=1, dim2=3).sum(-1)
 
@@ -72,7 +85,17 @@ def _ntk_func(model: nn.Module, X: torch.Tensor, params: list[torch.Tensor],
 
 def ntk_operator(model: nn.Module, X: torch.Tensor,
                  params: Sequence[torch.Tensor] | None = None, batch_size: int | None = None):
-    """The matrix-free empirical NTK ``J @ Jᵀ`` (curvlinops; shape ``(nC, nC)``, sample-major)."""
+    r"""The matrix-free empirical NTK :math:`\Theta = J J^\top` (curvlinops; ``(nC, nC)``, sample-major).
+
+    Args:
+        model: The network.
+        X: Inputs (one batch).
+        params: Parameters :math:`\theta` of :math:`J = \partial f / \partial \theta`; default all trainable.
+        batch_size: Split ``X`` into batches of this size for the operator's data.
+
+    Returns:
+        The curvlinops operator :math:`\Theta = J J^\top`.
+    """
     from curvlinops import JacobianLinearOperator, TransposedJacobianLinearOperator
 
     params = select_params(model, params)
@@ -216,12 +239,35 @@ def empirical_ntk(model: nn.Module, X: torch.Tensor, method: str = "auto",
 
 # ---------------------------------------------------------------------------------- comparisons
 def center_kernel(K: torch.Tensor) -> torch.Tensor:
-    """``H K H`` with ``H = I − 11ᵀ/m``."""
+    r"""The centred kernel :math:`H K H`, :math:`H = I - \mathbf{1}\mathbf{1}^\top / m`.
+
+    Args:
+        K: Square kernel.
+
+    Returns:
+        :math:`H K H`, :math:`H = I - \mathbf{1}\mathbf{1}^\top / m`.
+    """
     return K - K.mean(0, keepdim=True) - K.mean(1, keepdim=True) + K.mean()
 
 
 def kernel_alignment(K1: torch.Tensor, K2: torch.Tensor, centered: bool = False) -> float:
-    """``⟨K₁, K₂⟩_F / (‖K₁‖_F ‖K₂‖_F)`` (after ``K ↦ HKH`` when ``centered``)."""
+    r"""The kernel alignment :math:`A(K_1, K_2)` (after :math:`K \mapsto HKH` when ``centered``).
+
+    .. math::
+
+        A(K_1, K_2) = \frac{\langle K_1, K_2 \rangle_F}{\lVert K_1 \rVert_F \lVert K_2 \rVert_F}.
+
+    Args:
+        K1: First kernel.
+        K2: Second kernel (same shape).
+        centered: Centre both kernels first.
+
+    Returns:
+        :math:`A(K_1, K_2)`.
+
+    Raises:
+        ValueError: For non-square or unequal shapes, or a zero kernel.
+    """
     if K1.shape != K2.shape or K1.dim() != 2:
         raise ValueError(f"kernels must be square matrices of equal shape, got "
                          f"{tuple(K1.shape)} and {tuple(K2.shape)}")
@@ -239,10 +285,22 @@ ntk_similarity = kernel_alignment
 
 def ntk_velocity(K_prev: torch.Tensor, K_next: torch.Tensor, dt: float = 1.0,
                  distance: str = "cosine") -> float:
-    """Rate of change of the NTK between checkpoints (Fort et al. 2020, "kernel velocity").
+    r"""Rate of change of the NTK between checkpoints (Fort et al. 2020, "kernel velocity").
 
     ``distance="cosine"``: ``(1 − A(K_prev, K_next)) / dt`` with the uncentred alignment ``A``;
     ``distance="relative"``: ``‖K_next − K_prev‖_F / (‖K_prev‖_F dt)``.
+
+    Args:
+        K_prev: Kernel :math:`\Theta_t`.
+        K_next: Kernel :math:`\Theta_{t + \Delta t}`.
+        dt: Time between the checkpoints :math:`\Delta t > 0`.
+        distance: ``"cosine"`` or ``"relative"``.
+
+    Returns:
+        The velocity.
+
+    Raises:
+        ValueError: For ``dt <= 0`` or an unknown ``distance``.
     """
     if dt <= 0:
         raise ValueError("dt must be positive")
@@ -259,6 +317,18 @@ def kernel_target_alignment(K: torch.Tensor, Y: torch.Tensor, num_classes: int |
 
     ``Y`` is ``(n, C)`` targets or ``(n,)`` class indices (one-hot encoded). For an ``n × n``
     kernel ``T = Y Yᵀ``; for a sample-major ``(nC, nC)`` kernel ``T = vec(Y) vec(Y)ᵀ``.
+
+    Args:
+        K: ``(n, n)`` or sample-major ``(nC, nC)`` kernel.
+        Y: Targets ``(n, C)`` or class indices ``(n,)``.
+        num_classes: :math:`C` for class indices (default: ``max(Y) + 1``).
+        centered: Use the centred alignment.
+
+    Returns:
+        :math:`A(K, T)`.
+
+    Raises:
+        ValueError: If the kernel size matches neither :math:`n` nor :math:`nC`.
     """
     if Y.dim() == 1:
         C = num_classes or int(Y.max()) + 1
@@ -303,7 +373,8 @@ def _kernel_probe(model: nn.Module, X: torch.Tensor, v: torch.Tensor, output_fn,
 def random_probe_similarity(model_a: nn.Module, model_b: nn.Module, X: torch.Tensor,
                             num_probes: int = 100, mode: str = "kernel",
                             output_fn: Callable | None = None, seed: int = 0) -> float:
-    r"""The reference code's NTK similarity: ``cos(K_a v̄, K_b v̄)``, ``v̄ = (1/S) Σ_s v_s``.
+    r"""The reference code's NTK similarity :math:`\cos(K_a \bar v, K_b \bar v)`,
+    :math:`\bar v = \frac{1}{S} \sum_s v_s`.
 
     ``v_s ~ N(0, I)`` in output space (the same draws for both models, ``S = num_probes``);
     ``K v = J (Jᵀ v)`` is one VJP followed by one JVP. Since ``K`` is linear,
@@ -311,6 +382,21 @@ def random_probe_similarity(model_a: nn.Module, model_b: nn.Module, X: torch.Ten
     ``J_aᵀ v̄`` and ``J_bᵀ v̄`` (parameter space; the models must have equal parameter shapes).
     ``output_fn(model, X)`` selects the output (default ``model(X)``; the reference code uses
     the RevMLP features ``X^(L)``: ``lambda m, x: m.features(x)``).
+
+    Args:
+        model_a: First model.
+        model_b: Second model.
+        X: Inputs.
+        num_probes: :math:`S`.
+        mode: ``"kernel"`` or ``"jacobian"``.
+        output_fn: ``output_fn(model, X)`` selecting the output.
+        seed: Seed of the probes.
+
+    Returns:
+        :math:`\cos(K_a \bar v, K_b \bar v)` (or of :math:`J_a^\top \bar v`, :math:`J_b^\top \bar v`).
+
+    Raises:
+        ValueError: For an unknown ``mode`` or vectors of different shapes.
     """
     if mode not in ("kernel", "jacobian"):
         raise ValueError("mode must be 'kernel' or 'jacobian'")

@@ -37,15 +37,35 @@ def _as_matrix(X: torch.Tensor) -> torch.Tensor:
 
 
 def linear_kernel(X: torch.Tensor) -> torch.Tensor:
-    """``K = X Xᵀ`` (samples flattened)."""
+    r"""The linear kernel :math:`K = X X^\top` (samples flattened).
+
+    Args:
+        X: Representations ``(n, ...)``.
+
+    Returns:
+        :math:`K = X X^\top`, ``(n, n)``.
+    """
     X = _as_matrix(X)
     return X @ X.T
 
 
 def rbf_kernel(X: torch.Tensor, sigma: float | None = None, median_factor: float = 1.0
                ) -> torch.Tensor:
-    """``K_ij = exp(−‖x_i − x_j‖² / (2σ²))``; ``σ = median_factor · median_{i≠j} ‖x_i − x_j‖`` by
-    default (the heuristic of Kornblith et al. 2019)."""
+    r"""The RBF kernel; :math:`\sigma` = ``median_factor``
+    :math:`\cdot \operatorname{median}_{i \neq j} \lVert x_i - x_j \rVert` by
+    default (the heuristic of Kornblith et al. 2019).
+
+    Args:
+        X: Representations ``(n, ...)``.
+        sigma: Bandwidth :math:`\sigma`; default the median heuristic.
+        median_factor: Factor on the median distance.
+
+    Returns:
+        :math:`K_{ij} = \exp(-\lVert x_i - x_j \rVert^2 / (2\sigma^2))`.
+
+    Raises:
+        ValueError: If all representations coincide (zero bandwidth).
+    """
     X = _as_matrix(X)
     d2 = torch.cdist(X, X).pow(2)
     if sigma is None:
@@ -59,7 +79,19 @@ def rbf_kernel(X: torch.Tensor, sigma: float | None = None, median_factor: float
 
 
 def hsic(K: torch.Tensor, L: torch.Tensor, unbiased: bool = False) -> torch.Tensor:
-    """``HSIC(K, L)``: biased ``tr(KHLH)/(n−1)²`` or the unbiased estimator (needs ``n ≥ 4``)."""
+    r""":math:`\mathrm{HSIC}(K, L)`: biased, or the unbiased estimator (needs :math:`n \ge 4`).
+
+    Args:
+        K: Gram matrix ``(n, n)``.
+        L: Gram matrix ``(n, n)``.
+        unbiased: Use the unbiased estimator.
+
+    Returns:
+        :math:`\mathrm{HSIC}(K, L)`, biased :math:`\operatorname{tr}(KHLH)/(n-1)^2`.
+
+    Raises:
+        ValueError: For mismatched shapes, or :math:`n < 4` with ``unbiased``.
+    """
     n = K.shape[0]
     if K.shape != (n, n) or L.shape != (n, n):
         raise ValueError("K and L must be square Gram matrices of the same size")
@@ -77,7 +109,23 @@ def hsic(K: torch.Tensor, L: torch.Tensor, unbiased: bool = False) -> torch.Tens
 
 
 def cka(K: torch.Tensor, L: torch.Tensor, unbiased: bool = False) -> float:
-    """``HSIC(K, L) / √(HSIC(K, K) HSIC(L, L))`` from two Gram matrices."""
+    r""":math:`\mathrm{CKA}` from two Gram matrices.
+
+    .. math::
+
+        \mathrm{CKA}(K, L) = \frac{\mathrm{HSIC}(K, L)}{\sqrt{\mathrm{HSIC}(K, K)\,\mathrm{HSIC}(L, L)}}.
+
+    Args:
+        K: Gram matrix ``(n, n)``.
+        L: Gram matrix ``(n, n)``.
+        unbiased: Use the unbiased HSIC.
+
+    Returns:
+        :math:`\mathrm{CKA}(K, L)`.
+
+    Raises:
+        ValueError: If a representation is constant across samples.
+    """
     kl, kk, ll = hsic(K, L, unbiased), hsic(K, K, unbiased), hsic(L, L, unbiased)
     den = (kk * ll).sqrt()
     if not den > 0:
@@ -86,10 +134,22 @@ def cka(K: torch.Tensor, L: torch.Tensor, unbiased: bool = False) -> float:
 
 
 def linear_cka(X: torch.Tensor, Y: torch.Tensor, unbiased: bool = False) -> float:
-    """Linear CKA of representations ``X (n×p)`` and ``Y (n×q)``; in ``[0, 1]`` when biased.
+    r"""Linear :math:`\mathrm{CKA}` of representations :math:`X` (``n×p``) and :math:`Y` (``n×q``); in
+    :math:`[0, 1]` when biased.
 
     Computed in feature space, ``‖Yᶜᵀ Xᶜ‖_F² / (‖Xᶜᵀ Xᶜ‖_F ‖Yᶜᵀ Yᶜ‖_F)`` with column-centred
     ``Xᶜ, Yᶜ``, when ``n`` exceeds the widths (same value as the Gram form).
+
+    Args:
+        X: Representation ``(n, p)`` (or ``(n, ...)``, flattened).
+        Y: Representation ``(n, q)``.
+        unbiased: Use the unbiased HSIC.
+
+    Returns:
+        Linear :math:`\mathrm{CKA}(X X^\top, Y Y^\top)`.
+
+    Raises:
+        ValueError: For different sample counts or a constant representation.
     """
     X, Y = _as_matrix(X), _as_matrix(Y)
     if X.shape[0] != Y.shape[0]:
@@ -107,7 +167,18 @@ def linear_cka(X: torch.Tensor, Y: torch.Tensor, unbiased: bool = False) -> floa
 
 def rbf_cka(X: torch.Tensor, Y: torch.Tensor, sigma: float | None = None,
             median_factor: float = 1.0, unbiased: bool = False) -> float:
-    """RBF-kernel CKA (bandwidth per representation by the median heuristic unless ``sigma``)."""
+    r"""RBF-kernel CKA (bandwidth per representation by the median heuristic unless ``sigma``).
+
+    Args:
+        X: Representation ``(n, ...)``.
+        Y: Representation ``(n, ...)``.
+        sigma: Bandwidth :math:`\sigma` for both; default the median heuristic per representation.
+        median_factor: Factor on the median distance.
+        unbiased: Use the unbiased HSIC.
+
+    Returns:
+        RBF-kernel :math:`\mathrm{CKA}`.
+    """
     return cka(rbf_kernel(X, sigma, median_factor), rbf_kernel(Y, sigma, median_factor), unbiased)
 
 
@@ -144,10 +215,21 @@ def capture_representations(model: nn.Module, X: torch.Tensor,
 @torch.no_grad()
 def revmlp_representations(model, X: torch.Tensor, per: str = "half_layer"
                            ) -> dict[str, torch.Tensor]:
-    """RevMLP representations ``[X1, X2]`` after each coupling half-layer or each block.
+    r"""RevMLP representations ``[X1, X2]`` after each coupling half-layer or each block.
 
     ``per="half_layer"``: ``blocks.l.f`` → ``[Y1, X2]`` and ``blocks.l.g`` → ``[Y1, Y2]``;
     ``per="block"``: ``blocks.l`` → ``X^(l)``. Entry ``"input"`` is the flattened input.
+
+    Args:
+        model: A :class:`~gnrev_plugin.nn.RevMLP`.
+        X: Inputs.
+        per: ``"half_layer"`` or ``"block"``.
+
+    Returns:
+        Name :math:`\to` ``(n, d)`` representation.
+
+    Raises:
+        ValueError: For an unknown ``per``.
     """
     if per not in ("half_layer", "block"):
         raise ValueError("per must be 'half_layer' or 'block'")
@@ -166,7 +248,20 @@ def revmlp_representations(model, X: torch.Tensor, per: str = "half_layer"
 
 def cka_by_layer(reps_a: dict[str, torch.Tensor], reps_b: dict[str, torch.Tensor],
                  kernel: str = "linear", unbiased: bool = False) -> dict[str, float]:
-    """CKA between matching entries of two representation dicts (e.g. init vs trained)."""
+    r"""CKA between matching entries of two representation dicts (e.g. init vs trained).
+
+    Args:
+        reps_a: Name :math:`\to` representation.
+        reps_b: Name :math:`\to` representation (the common names are compared).
+        kernel: ``"linear"`` or ``"rbf"``.
+        unbiased: Use the unbiased HSIC.
+
+    Returns:
+        Name :math:`\to` :math:`\mathrm{CKA}`.
+
+    Raises:
+        ValueError: For an unknown ``kernel``.
+    """
     fn = {"linear": linear_cka, "rbf": rbf_cka}.get(kernel)
     if fn is None:
         raise ValueError("kernel must be 'linear' or 'rbf'")

@@ -60,7 +60,16 @@ def _ntk(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
 
 def ntk_similarity_to_init(model: nn.Module, *, inputs: torch.Tensor, initial_model: nn.Module,
                            **_) -> float:
-    """``A(Θ₀, Θ_t)``, the Frobenius cosine of the probe batch's NTKs at init and now."""
+    r""":math:`A(\Theta_0, \Theta_t)`, the Frobenius cosine of the probe batch's NTKs at init and now.
+
+    Args:
+        model: The model now, :math:`\theta_t`.
+        inputs: The probe batch.
+        initial_model: The model at init, :math:`\theta_0`.
+
+    Returns:
+        :math:`A(\Theta_0, \Theta_t)`.
+    """
     K0 = _cached(initial_model, "ntk", inputs, lambda: _ntk(initial_model, inputs))
     return float(ntk_similarity(K0, _ntk(model, inputs)))
 
@@ -76,32 +85,78 @@ def _representations(model: nn.Module, inputs: torch.Tensor) -> dict[str, torch.
 
 def cka_to_init(model: nn.Module, *, inputs: torch.Tensor, initial_model: nn.Module,
                 **_) -> dict[str, float]:
-    """Linear CKA to init per half-layer (RevMLP) or per leaf module (other models)."""
+    r"""Linear CKA to init per half-layer (RevMLP) or per leaf module (other models).
+
+    Args:
+        model: The model now.
+        inputs: The probe batch.
+        initial_model: The model at init.
+
+    Returns:
+        Representation name :math:`\to` linear :math:`\mathrm{CKA}`.
+    """
     reps0 = _cached(initial_model, "reps", inputs, lambda: _representations(initial_model, inputs))
     return cka_by_layer(reps0, _representations(model, inputs))
 
 
 def weight_cosine_to_init(model: nn.Module, *, initial_model: nn.Module, **_) -> float:
-    """``cos(vec θ₀, vec θ_t)`` over all parameters."""
+    r""":math:`\cos(\operatorname{vec}\theta_0, \operatorname{vec}\theta_t)` over all parameters.
+
+    Args:
+        model: The model now.
+        initial_model: The model at init.
+
+    Returns:
+        :math:`\cos(\operatorname{vec}\theta_0, \operatorname{vec}\theta_t)`.
+    """
     return weight_cosine_similarity(initial_model, model)["__all__"]
 
 
 def weight_norm_ratio_to_init(model: nn.Module, *, initial_model: nn.Module, **_) -> float:
-    """``‖θ_t‖ / ‖θ₀‖`` over all parameters."""
+    r""":math:`\lVert\theta_t\rVert / \lVert\theta_0\rVert` over all parameters.
+
+    Args:
+        model: The model now.
+        initial_model: The model at init.
+
+    Returns:
+        :math:`\lVert\theta_t\rVert / \lVert\theta_0\rVert`.
+    """
     return weight_norm_ratio(initial_model, model)["__all__"]
 
 
 def gn_condition_number_on_batch(model: nn.Module, *, inputs: torch.Tensor,
                                  targets: torch.Tensor, loss_fn: nn.Module, **_
                                  ) -> dict[str, float]:
-    """``κ(G)`` of the probe batch (Gram side) with the rank it was computed on."""
+    r""":math:`\kappa(G)` of the probe batch (Gram side) with the rank it was computed on.
+
+    Args:
+        model: The model.
+        inputs: The probe batch.
+        targets: Its targets.
+        loss_fn: The training loss.
+
+    Returns:
+        ``{"kappa":`` :math:`\kappa(G)`, ``"rank":`` :math:`r` ``}``.
+    """
     rep = gn_condition_number(model, loss_fn, (inputs, targets), side="gram")
     return {"kappa": float(rep.kappa), "rank": float(rep.rank)}
 
 
 def nme_trace(model: nn.Module, *, inputs: torch.Tensor, targets: torch.Tensor,
               loss_fn: nn.Module, **_) -> float:
-    """``tr(NME) = tr(H − G)`` of the probe batch (exact or Hutch++, see the module docstring)."""
+    r""":math:`\operatorname{tr}(\mathrm{NME}) = \operatorname{tr}(H - G)` of the probe batch (exact or
+    Hutch++).
+
+    Args:
+        model: The model.
+        inputs: The probe batch.
+        targets: Its targets.
+        loss_fn: The training loss.
+
+    Returns:
+        :math:`\operatorname{tr}(H - G)` (``nan`` if the estimate is not finite).
+    """
     dec = decompose(model, loss_fn, (inputs, targets))
     if dec.num_params <= EXACT_TRACE_MAX_PARAMS:
         return float(torch.trace(dense_matrix(dec.nme)))

@@ -27,7 +27,14 @@ __all__ = ["snapshot_parameters", "weight_cosine_similarity", "weight_norm_ratio
 
 
 def snapshot_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Detached copies of ``model.named_parameters()`` (e.g. at initialisation)."""
+    r"""Detached copies of ``model.named_parameters()`` (e.g. at initialisation).
+
+    Args:
+        model: Any module.
+
+    Returns:
+        Name :math:`\to` detached clone.
+    """
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
@@ -50,10 +57,21 @@ def _pairs(a, b):
 
 
 def weight_cosine_similarity(init, current) -> dict[str, float]:
-    """``cos(vec W₀, vec W_t)`` per tensor and ``"__all__"`` for the concatenation.
+    r""":math:`\cos(\operatorname{vec} W_0, \operatorname{vec} W_t)` per tensor and ``"__all__"`` for the
+    concatenation.
 
     ``init``/``current``: modules, name→tensor mappings, or equal-length tensor sequences.
     A zero tensor (e.g. a zero-initialised bias) gives ``nan``.
+
+    Args:
+        init: Weights :math:`W_0`.
+        current: Weights :math:`W_t`.
+
+    Returns:
+        Name :math:`\to` :math:`\cos(\operatorname{vec} W_0, \operatorname{vec} W_t)`, plus ``"__all__"``.
+
+    Raises:
+        ValueError: If names or shapes differ.
     """
     da, db = _pairs(init, current)
     out = {}
@@ -69,7 +87,20 @@ def weight_cosine_similarity(init, current) -> dict[str, float]:
 
 
 def weight_norm_ratio(init, current, inverse: bool = False) -> dict[str, float]:
-    """``‖W_t‖_F / ‖W₀‖_F`` per tensor and for the concatenation (``inverse``: ``‖W₀‖/‖W_t‖``)."""
+    r""":math:`\lVert W_t \rVert_F / \lVert W_0 \rVert_F` per tensor and for the concatenation (or its
+    inverse).
+
+    Args:
+        init: Weights :math:`W_0`.
+        current: Weights :math:`W_t`.
+        inverse: Return :math:`\lVert W_0 \rVert_F / \lVert W_t \rVert_F` instead.
+
+    Returns:
+        Name :math:`\to` ratio, plus ``"__all__"``.
+
+    Raises:
+        ValueError: If names or shapes differ.
+    """
     da, db = _pairs(init, current)
     out = {}
     for k in list(da) + ["__all__"]:
@@ -110,23 +141,54 @@ def percentage_loss_change(model: nn.Module, loss_fn: Callable, X: torch.Tensor,
 @dataclass
 class LossChangeTracker:
     """Running mean of the per-batch percentage loss change over an epoch (as logged in the
-    reference code: "Percentage loss change per batch")."""
+    reference code: "Percentage loss change per batch").
+
+    Attributes:
+        values: The recorded percentage changes, in order.
+    """
 
     values: list[float] = field(default_factory=list)
 
     def update(self, model: nn.Module, loss_fn: Callable, X: torch.Tensor, y: torch.Tensor,
                step: Callable[[], object]) -> dict[str, float]:
+        """Take one step and record its percentage loss change on ``(X, y)``.
+
+        Args:
+            model: The model.
+            loss_fn: ``loss_fn(model(X), y)``.
+            X: Batch inputs.
+            y: Batch targets.
+            step: Callable that performs the optimizer step.
+
+        Returns:
+            The record of :func:`percentage_loss_change`.
+        """
         rec = percentage_loss_change(model, loss_fn, X, y, step)
         self.values.append(rec["percent_change"])
         return rec
 
     def extend(self, values: Iterable[float]) -> None:
+        """Append already computed percentage changes.
+
+        Args:
+            values: Percentage changes.
+        """
         self.values.extend(values)
 
     def mean(self) -> float:
+        """Mean of the recorded changes.
+
+        Returns:
+            The mean over the non-``nan`` values (``nan`` if none).
+        """
         vals = [v for v in self.values if not math.isnan(v)]
         return sum(vals) / len(vals) if vals else math.nan
 
     def reset(self) -> list[float]:
+        """Start a new epoch.
+
+        Returns:
+            The values recorded so far.
+        """
         vals, self.values = self.values, []
         return vals

@@ -37,7 +37,15 @@ class Activation:
         return self.fn(h)
 
     def mul_derivative_(self, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """In place ``t ← σ'(h) ⊙ t`` (ReLU: a masked fill, identity: nothing)."""
+        r"""In place :math:`t \leftarrow \sigma'(h) \odot t` (ReLU: a masked fill, identity: nothing).
+
+        Args:
+            h: Pre-activation :math:`h` (for ReLU also accepted: :math:`s = \sigma(h)`).
+            t: Tensor overwritten with :math:`\sigma'(h) \odot t`.
+
+        Returns:
+            ``t``.
+        """
         if self.name == "relu":
             return t.masked_fill_(h <= 0, 0.0)
         if self.is_linear:
@@ -86,6 +94,12 @@ def get_activation(activation: str | Activation) -> Activation:
 
     Raises:
         ValueError: for an unknown name; the message lists the known ones.
+
+    Args:
+        activation: A registry name or an :class:`Activation`.
+
+    Returns:
+        The :class:`Activation`.
     """
     if isinstance(activation, Activation):
         return activation

@@ -32,14 +32,18 @@ class BlockActivations(NamedTuple):
     only the sign pattern ``1[h > 0] = 1[s > 0]`` of the pre-activation is ever needed.
     """
 
+    #: :math:`h_f = X_2 C_f` (for ReLU: :math:`s_f`).
     h_f: torch.Tensor
+    #: :math:`s_f = \sigma(h_f)`.
     s_f: torch.Tensor
+    #: :math:`h_g = Y_1 C_g` (for ReLU: :math:`s_g`).
     h_g: torch.Tensor
+    #: :math:`s_g = \sigma(h_g)`.
     s_g: torch.Tensor
 
 
 class CouplingFunction(nn.Module):
-    """The half-layer map ``Z ↦ σ(Z C) Wᵀ + b`` with a fixed random projection ``C``.
+    r"""The half-layer map :math:`Z \mapsto \sigma(Z C) W^\top + b` with a fixed random projection :math:`C`.
 
     Args:
         in_features: width of ``Z`` (``d/2``).
@@ -75,20 +79,34 @@ class CouplingFunction(nn.Module):
 
     @property
     def weight(self) -> nn.Parameter:
-        """``W`` (``out_features × M``)."""
+        """``W`` (``out_features × M``).
+
+        Returns:
+            :math:`W`.
+        """
         return self.linear.weight
 
     @property
     def bias(self) -> nn.Parameter:
-        """``b`` (``out_features``)."""
+        """``b`` (``out_features``).
+
+        Returns:
+            :math:`b`.
+        """
         return self.linear.bias
 
     def features(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return the pre-activation ``h = Z C`` and the features ``s = σ(h)``.
+        r"""Return the pre-activation :math:`h = Z C` and the features :math:`s = \sigma(h)`.
 
         For ReLU the activation is applied in place and ``h`` is returned as ``s`` itself:
         ``σ'(h) = 1[h > 0] = 1[s > 0]``, so nothing downstream needs the pre-activation, and the
         step saves one ``n×M`` buffer per half-layer.
+
+        Args:
+            z: Input :math:`Z`, ``(n, d/2)``.
+
+        Returns:
+            ``(h, s)`` with :math:`h = Z C`, :math:`s = \sigma(h)`, each ``(n, M)``.
         """
         h = z @ self.projection
         if self.activation.name == "relu":
@@ -97,10 +115,27 @@ class CouplingFunction(nn.Module):
         return h, self.activation(h)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        r"""The half-layer map :math:`Z \mapsto \sigma(Z C) W^\top + b`.
+
+        Args:
+            z: Input :math:`Z`, ``(n, d/2)``.
+
+        Returns:
+            ``(n, out_features)``.
+        """
         return self.linear(self.features(z)[1])
 
     def jvp_input(self, h: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Input Jacobian-vector product ``J_f(Z)[V] = (σ'(Z C) ⊙ (V C)) Wᵀ`` at ``h = Z C``."""
+        r"""Input Jacobian-vector product :math:`J_f(Z)[V] = (\sigma'(Z C) \odot (V C)) W^\top` at
+        :math:`h = Z C`.
+
+        Args:
+            h: Pre-activation :math:`h = Z C` (for ReLU: :math:`s`).
+            v: Tangent :math:`V`, ``(n, d/2)``.
+
+        Returns:
+            :math:`J_f(Z)[V]`, ``(n, out_features)``.
+        """
         t = self.activation.mul_derivative_(h, v @ self.projection)
         return t @ self.linear.weight.T
 
@@ -140,12 +175,27 @@ class AdditiveCoupling(nn.Module):
             opt_out_of_extend(part)
 
     def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Split features into halves :math:`X = [X_1, X_2]`.
+
+        Args:
+            x: ``(n, d)``.
+
+        Returns:
+            ``(X1, X2)``, each ``(n, d/2)``.
+        """
         return x[..., : self.half], x[..., self.half :]
 
     def forward_with_activations(
         self, x: torch.Tensor
     ) -> tuple[torch.Tensor, BlockActivations]:
-        """Forward pass that also returns the :class:`BlockActivations` (detached)."""
+        """Forward pass that also returns the :class:`BlockActivations` (detached).
+
+        Args:
+            x: Block input :math:`X`, ``(n, d)``.
+
+        Returns:
+            ``(Y, acts)`` with :math:`Y = [Y_1, Y_2]`.
+        """
         x1, x2 = self.split(x)
         h_f, s_f = self.f.features(x2)
         y1 = x1 + self.f.linear(s_f)
@@ -155,29 +205,59 @@ class AdditiveCoupling(nn.Module):
         return torch.cat([y1, y2], dim=-1), acts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The block :math:`Y_1 = X_1 + f(X_2)`, :math:`Y_2 = X_2 + g(Y_1)`.
+
+        Args:
+            x: Block input :math:`X`, ``(n, d)``.
+
+        Returns:
+            :math:`Y = [Y_1, Y_2]`, ``(n, d)``.
+        """
         x1, x2 = self.split(x)
         y1 = x1 + self.f(x2)
         y2 = x2 + self.g(y1)
         return torch.cat([y1, y2], dim=-1)
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        """Exact inverse: ``X2 = Y2 − g(Y1)``, ``X1 = Y1 − f(X2)``."""
+        r"""Exact inverse: :math:`X_2 = Y_2 - g(Y_1)`, :math:`X_1 = Y_1 - f(X_2)`.
+
+        Args:
+            y: Block output :math:`Y`, ``(n, d)``.
+
+        Returns:
+            :math:`X` with ``forward(X) == y`` up to rounding.
+        """
         y1, y2 = self.split(y)
         x2 = y2 - self.g(y1)
         x1 = y1 - self.f(x2)
         return torch.cat([x1, x2], dim=-1)
 
     def jvp_input(self, acts: BlockActivations, v: torch.Tensor) -> torch.Tensor:
-        """Push an input tangent forward: ``δY1 = δX1 + J_f[δX2]``, ``δY2 = δX2 + J_g[δY1]``."""
+        r"""Push an input tangent forward: ``δY1 = δX1 + J_f[δX2]``, ``δY2 = δX2 + J_g[δY1]``.
+
+        Args:
+            acts: The block's :class:`BlockActivations` at :math:`X`.
+            v: Input tangent :math:`\delta X`, ``(n, d)``.
+
+        Returns:
+            Output tangent :math:`\delta Y = J_X \delta X`.
+        """
         v1, v2 = self.split(v)
         d1 = v1 + self.f.jvp_input(acts.h_f, v2)
         d2 = v2 + self.g.jvp_input(acts.h_g, d1)
         return torch.cat([d1, d2], dim=-1)
 
     def inverse_jvp_input(self, acts: BlockActivations, t: torch.Tensor) -> torch.Tensor:
-        """Pull an output tangent back through the inverse Jacobian of the block.
+        r"""Pull an output tangent back through the inverse Jacobian of the block.
 
         ``δX2 = T2 − J_g(Y1)[T1]``, ``δX1 = T1 − J_f(X2)[δX2]``; then ``jvp_input(δX) = T``.
+
+        Args:
+            acts: The block's :class:`BlockActivations` at :math:`X`.
+            t: Output tangent :math:`T`, ``(n, d)``.
+
+        Returns:
+            :math:`\delta X = J_X^{-1} T`.
         """
         t1, t2 = self.split(t)
         d2 = t2 - self.g.jvp_input(acts.h_g, t1)

@@ -56,37 +56,86 @@ def _check_beta(beta: float) -> float:
 
 
 def beta_gelu(x: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
-    """``φ_β(x) = x Φ(βx)``."""
+    r"""``φ_β(x) = x Φ(βx)``.
+
+    Args:
+        x: Input.
+        beta: :math:`\beta > 0`.
+
+    Returns:
+        :math:`\varphi_\beta(x) = x\,\Phi(\beta x)`.
+    """
     return x * _cdf(_check_beta(beta) * x)
 
 
 def beta_gelu_derivative(x: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
-    """``φ_β'(x) = Φ(βx) + βx ϕ(βx)``."""
+    r"""``φ_β'(x) = Φ(βx) + βx ϕ(βx)``.
+
+    Args:
+        x: Input.
+        beta: :math:`\beta > 0`.
+
+    Returns:
+        :math:`\varphi_\beta'(x) = \Phi(\beta x) + \beta x\, \phi(\beta x)`.
+    """
     bx = _check_beta(beta) * x
     return _cdf(bx) + bx * _pdf(bx)
 
 
 def beta_gelu_second_derivative(x: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
-    """``φ_β''(x) = β (2 − β²x²) ϕ(βx)``."""
+    r"""``φ_β''(x) = β (2 − β²x²) ϕ(βx)``.
+
+    Args:
+        x: Input.
+        beta: :math:`\beta > 0`.
+
+    Returns:
+        :math:`\varphi_\beta''(x) = \beta (2 - \beta^2 x^2)\, \phi(\beta x)`.
+    """
     beta = _check_beta(beta)
     bx = beta * x
     return beta * (2.0 - bx * bx) * _pdf(bx)
 
 
 class BetaGELU(nn.Module):
-    """``φ_β(x) = x Φ(βx)`` as a module (``β = 1`` equals ``nn.GELU()``)."""
+    r"""``φ_β(x) = x Φ(βx)`` as a module (``β = 1`` equals ``nn.GELU()``).
+
+    Args:
+        beta: :math:`\beta > 0`.
+    """
 
     def __init__(self, beta: float = 1.0) -> None:
         super().__init__()
         self.beta = _check_beta(beta)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r"""Apply the activation.
+
+        Args:
+            x: Input.
+
+        Returns:
+            :math:`\varphi_\beta(x)`.
+        """
         return beta_gelu(x, self.beta)
 
     def derivative(self, x: torch.Tensor) -> torch.Tensor:
+        r"""The first derivative.
+
+        Args:
+            x: Input.
+
+        Returns:
+            :math:`\varphi_\beta'(x)`.
+        """
         return beta_gelu_derivative(x, self.beta)
 
     def extra_repr(self) -> str:
+        """Module repr.
+
+        Returns:
+            ``"beta=..."``.
+        """
         return f"beta={self.beta}"
 
 
@@ -104,6 +153,14 @@ class NMEAblatedActivation(nn.Module):
         self.fn, self.derivative = fn, derivative
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r"""Value and first derivative of :math:`\varphi`, no second derivative.
+
+        Args:
+            x: Input :math:`x`.
+
+        Returns:
+            :math:`\varphi(x_0) + \varphi'(x_0)(x - x_0)` with :math:`x_0 = \operatorname{stopgrad}(x)`.
+        """
         x0 = x.detach()
         return self.fn(x0) + self.derivative(x0) * (x - x0)
 
@@ -116,7 +173,11 @@ class AblatedGELU(NMEAblatedActivation):
 
 
 class AblatedBetaGELU(NMEAblatedActivation):
-    """β-GELU with its second derivative removed from double-backward."""
+    r"""β-GELU with its second derivative removed from double-backward.
+
+    Args:
+        beta: :math:`\beta > 0`.
+    """
 
     def __init__(self, beta: float = 1.0) -> None:
         beta = _check_beta(beta)
@@ -132,10 +193,14 @@ class AblatedTanh(NMEAblatedActivation):
 
 
 class SyntheticNMEReLU(nn.Module):
-    """ReLU value and step derivative plus a surrogate curvature ``s(x₀)`` (default ``φ_β''``).
+    r"""ReLU value and step derivative plus a surrogate curvature ``s(x₀)`` (default ``φ_β''``).
 
     ``y = relu(x₀) + 1[x₀ > 0](x − x₀) + ½ s(x₀)(x − x₀)²``; at ``x = x₀`` the value and first
     derivative are ReLU's and the second derivative is ``s(x₀)``.
+
+    Args:
+        beta: :math:`\beta` of the default curvature :math:`\varphi_\beta''`.
+        curvature: :math:`s`, a function of :math:`x_0`; default :math:`\varphi_\beta''`.
     """
 
     def __init__(self, beta: float = 4.0,
@@ -145,11 +210,28 @@ class SyntheticNMEReLU(nn.Module):
         self.curvature = curvature or (lambda x: beta_gelu_second_derivative(x, self.beta))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the surrogate.
+
+        Args:
+            x: Input :math:`x`.
+
+        Returns:
+            :math:`y` (see the class docstring).
+        """
         x0 = x.detach()
         dx = x - x0
         return torch.relu(x0) + (x0 > 0).to(x.dtype) * dx + 0.5 * self.curvature(x0) * dx * dx
 
 
 def active_second_derivative_fraction(h: torch.Tensor, beta: float, tol: float = 1e-3) -> float:
-    """Fraction of entries with ``|φ_β''(h)| > tol`` (the sparsity of the activation NME)."""
+    r"""Fraction of entries with ``|φ_β''(h)| > tol`` (the sparsity of the activation NME).
+
+    Args:
+        h: Pre-activations.
+        beta: :math:`\beta`.
+        tol: Threshold on :math:`\lvert \varphi_\beta''(h) \rvert`.
+
+    Returns:
+        The fraction in :math:`[0, 1]`.
+    """
     return (beta_gelu_second_derivative(h, beta).abs() > tol).double().mean().item()

@@ -42,7 +42,14 @@ __all__ = ["find_module_owning", "unwrap_compiled", "compiled_wrappers_of"]
 
 def unwrap_compiled(module: nn.Module) -> nn.Module:
     """The eager module behind ``torch.compile`` wrappers: ``module._orig_mod`` (repeatedly) for an
-    ``OptimizedModule``, ``module`` itself otherwise."""
+    ``OptimizedModule``, ``module`` itself otherwise.
+
+    Args:
+        module: Any module.
+
+    Returns:
+        The eager module.
+    """
     cls = compiled_module_type()
     while cls is not None and isinstance(module, cls):
         module = compiled_original(module)
@@ -53,7 +60,15 @@ def compiled_wrappers_of(module: nn.Module, *, scan: bool = False) -> list[nn.Mo
     """The ``torch.compile`` wrappers (``OptimizedModule``) whose ``_orig_mod`` is ``module``
     (directly or through further wrappers), among the live ones the last discovery scan
     (:func:`find_module_owning`) saw, or, with ``scan=True``, among all live ones (a heap scan).
-    ``[]`` while Dynamo is not imported."""
+    ``[]`` while Dynamo is not imported.
+
+    Args:
+        module: The eager module.
+        scan: Scan the heap for all live wrappers.
+
+    Returns:
+        The wrappers.
+    """
     cls = compiled_module_type()
     if cls is None:
         return []
@@ -84,7 +99,19 @@ def find_module_owning(params: Iterable[torch.Tensor], cls: type[nn.Module] = nn
                        what: str = "module") -> nn.Module:
     """The outermost smallest live ``cls`` instance whose parameters include all of ``params``
     (see the module docstring; never a ``torch.compile`` wrapper, see :func:`unwrap_compiled`).
-    ``what`` names the model kind in the error message."""
+    ``what`` names the model kind in the error message.
+
+    Args:
+        params: Tensors that must all belong to the module.
+        cls: Module class to look for.
+        what: Name of the model kind in error messages.
+
+    Returns:
+        The owning module.
+
+    Raises:
+        ValueError: If no live module owns all of ``params``, or more than one outermost does.
+    """
     ids = {id(p) for p in params}
     compiled = compiled_module_type()
     if compiled is None:

@@ -23,7 +23,17 @@ __all__ = ["MLP", "make_activation"]
 
 
 def make_activation(name: str) -> nn.Module:
-    """The ``nn.Module`` for an activation name (see the module docstring)."""
+    """The ``nn.Module`` for an activation name (see the module docstring).
+
+    Args:
+        name: Activation name.
+
+    Returns:
+        A fresh module.
+
+    Raises:
+        ValueError: For an unknown name.
+    """
     simple = {"linear": nn.Identity, "relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh,
               "ablated_gelu": AblatedGELU, "ablated_tanh": AblatedTanh}
     if name in simple:

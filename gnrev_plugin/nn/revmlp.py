@@ -123,7 +123,14 @@ class RevMLP(nn.Module):
     def features_with_activations(
         self, x: torch.Tensor
     ) -> tuple[torch.Tensor, list[BlockActivations]]:
-        """``X^(L)`` and every block's :class:`BlockActivations`."""
+        """``X^(L)`` and every block's :class:`BlockActivations`.
+
+        Args:
+            x: Input batch, ``(n, d)`` or ``(n, *image)``.
+
+        Returns:
+            ``(X^(L), [acts_1, ..., acts_L])``.
+        """
         z = self.flatten_input(x)
         acts = []
         for block in self.blocks:
@@ -132,13 +139,32 @@ class RevMLP(nn.Module):
         return z, acts
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """``X^(L)``, the output of the last block (before the readout)."""
+        """``X^(L)``, the output of the last block (before the readout).
+
+        Args:
+            x: Input batch, ``(n, d)`` or ``(n, *image)``.
+
+        Returns:
+            :math:`X^{(L)}`, ``(n, d)``.
+        """
         z = self.flatten_input(x)
         for block in self.blocks:
             z = block(z)
         return z
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits :math:`F = X^{(L)} U`.
+
+        Args:
+            x: Input batch, ``(n, d)`` or ``(n, *image)``.
+
+        Returns:
+            :math:`F`, ``(n, C)``.
+
+        Raises:
+            TypeError: If ``x`` is not a tensor.
+            ValueError: For an empty, non-floating or wrongly shaped batch.
+        """
         if self.record_activations:
             z, acts = self.features_with_activations(x)
             self.last_activations = acts
@@ -150,6 +176,15 @@ class RevMLP(nn.Module):
         """Exact inverse of :meth:`features`: ``inverse(features(X)) == X`` (flattened).
 
         The readout ``U`` maps ``d → C < d`` and is not invertible, so ``z`` must be ``X^(L)``.
+
+        Args:
+            z: :math:`X^{(L)}`, ``(n, d)``.
+
+        Returns:
+            :math:`X`, ``(n, d)``.
+
+        Raises:
+            ValueError: If ``z`` is not ``(n, d)``.
         """
         if z.dim() != 2 or z.shape[1] != self.in_features:
             raise ValueError(f"inverse expects X^(L) of shape (n, {self.in_features}); got "
@@ -159,6 +194,11 @@ class RevMLP(nn.Module):
         return z
 
     def extra_repr(self) -> str:
+        """Module repr.
+
+        Returns:
+            :math:`d`, :math:`M`, :math:`L`, :math:`C` and ``linear_first_block``.
+        """
         return (f"d={self.in_features}, M={self.hidden}, L={self.num_blocks}, "
                 f"C={self.num_classes}, linear_first_block={self.linear_first_block}")
 
@@ -176,7 +216,18 @@ PRESETS: dict[str, dict] = {
 
 
 def revmlp_from_preset(name: str, **overrides) -> RevMLP:
-    """Instantiate ``RevMLP(**PRESETS[name] | overrides)``."""
+    """Instantiate ``RevMLP(**PRESETS[name] | overrides)``.
+
+    Args:
+        name: A key of :data:`PRESETS`.
+        **overrides: Constructor arguments that replace the preset's.
+
+    Returns:
+        The model.
+
+    Raises:
+        ValueError: For an unknown preset.
+    """
     if name not in PRESETS:
         raise ValueError(f"unknown RevMLP preset {name!r}; known: {sorted(PRESETS)}")
     return RevMLP(**{**PRESETS[name], **overrides})
@@ -185,7 +236,17 @@ def revmlp_from_preset(name: str, **overrides) -> RevMLP:
 def revmlp_preset_factory(*, in_features: int, num_classes: int, preset: str,
                           **overrides) -> RevMLP:
     """The registry's ``gnrev.revmlp_preset`` model factory: ``PRESETS[preset]`` (width ``M``,
-    depth ``L``, activation, init) on the dataset's ``in_features`` and ``num_classes``."""
+    depth ``L``, activation, init) on the dataset's ``in_features`` and ``num_classes``.
+
+    Args:
+        in_features: :math:`d`.
+        num_classes: :math:`C`.
+        preset: A key of :data:`PRESETS`.
+        **overrides: Constructor arguments that replace the preset's.
+
+    Returns:
+        The model.
+    """
     return revmlp_from_preset(preset, **{**overrides, "in_features": in_features,
                                          "num_classes": num_classes})
 
@@ -196,6 +257,12 @@ def find_revmlp_owning(params: Iterable[torch.Tensor]) -> RevMLP:
 
     This is how :class:`~gnrev_plugin.optim.ExactGN` works with runners that hand an optimizer
     only ``model.parameters()``.
+
+    Args:
+        params: Tensors that must all belong to one RevMLP.
+
+    Returns:
+        The owning RevMLP.
 
     Raises:
         ValueError: if no live RevMLP owns all of them (or more than one does).

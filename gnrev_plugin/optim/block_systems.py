@@ -73,12 +73,19 @@ class _HalfJac:
 
 
 class LinearBlockActivations:
-    """A linear block's activations (``σ`` = identity in both halves) from the cheap forward
+    r"""A linear block's activations (``σ`` = identity in both halves) from the cheap forward
     ``Y1 = X1 + X2 P_f + b_f``, ``Y2 = X2 + Y1 P_g + b_g`` with ``P = C Wᵀ`` (``(d/2)×(d/2)``).
 
     Its GN systems factor through ``[X2 L_C, 1]`` and ``[Y1 L_C, 1]`` and its input JVPs are
     ``V P``, so the ``n×M`` features ``h = s = X C`` are formed only on demand (verification, the
     ``svd`` solver, a projection without full row rank).
+
+    Args:
+        block: The linear coupling block.
+        x2: :math:`X_2`, ``(n, d/2)``.
+        y1: :math:`Y_1`, ``(n, d/2)``.
+        P_f: :math:`P_f = C_f W_f^\top`.
+        P_g: :math:`P_g = C_g W_g^\top`.
     """
 
     def __init__(self, block: AdditiveCoupling, x2: torch.Tensor, y1: torch.Tensor,
@@ -88,12 +95,22 @@ class LinearBlockActivations:
 
     @property
     def h_f(self) -> torch.Tensor:
+        """The first half-layer's features, formed on first use.
+
+        Returns:
+            :math:`h_f = s_f = X_2 C_f`, ``(n, M)``.
+        """
         if self._h_f is None:
             self._h_f = self.x2 @ self.block.f.projection
         return self._h_f
 
     @property
     def h_g(self) -> torch.Tensor:
+        """The second half-layer's features, formed on first use.
+
+        Returns:
+            :math:`h_g = s_g = Y_1 C_g`, ``(n, M)``.
+        """
         if self._h_g is None:
             self._h_g = self.y1 @ self.block.g.projection
         return self._h_g
@@ -167,6 +184,16 @@ class BlockSystems:
     step, and the systems factor through ``[X L_C, 1]``; otherwise the block's own features and
     ``(σ' ⊙ (V C)) Wᵀ``. ``factor`` builds each half-layer system (``factor_half_layer``, or the
     row-split one of :func:`~gnrev_plugin.optim.distributed_solve.row_split_factory`).
+
+    Args:
+        model: The RevMLP.
+        idx: Index :math:`l` of the block.
+        acts: The block's :class:`~gnrev_plugin.nn.coupling.BlockActivations` or
+            :class:`LinearBlockActivations`.
+        config: How the systems are solved.
+        inputs: The block input :math:`X` (for a linear block), or ``None``.
+        cache: Per-step cache of projection factors, or ``None``.
+        factor: Builds each half-layer system (``factor_half_layer``, or the row-split one).
     """
 
     def __init__(self, model: RevMLP, idx: int, acts, config: SolverConfig,
@@ -206,17 +233,34 @@ class BlockSystems:
 
     @property
     def full_rank(self) -> bool:
+        r"""Whether both half-layer systems have full row rank.
+
+        Returns:
+            ``True`` if :math:`J_l J_l^\top` restricted to the block is invertible.
+        """
         return self.f.full_rank and self.g.full_rank
 
     def jvp_input(self, v: torch.Tensor) -> torch.Tensor:
-        """``δY1 = δX1 + J_f[δX2]``, ``δY2 = δX2 + J_g[δY1]``."""
+        r"""``δY1 = δX1 + J_f[δX2]``, ``δY2 = δX2 + J_g[δY1]``.
+
+        Args:
+            v: Input tangent :math:`\delta X`, ``(n, d)``.
+
+        Returns:
+            Output tangent :math:`\delta Y`, ``(n, d)``.
+        """
         v1, v2 = self.block.split(v)
         d1 = v1 + self.jvp_f(v2)
         return torch.cat([d1, v2 + self.jvp_g(d1)], dim=-1)
 
 
 class FrozenBlockJacobian:
-    """Input-Jacobian products of a block that takes no part in the step (frozen)."""
+    """Input-Jacobian products of a block that takes no part in the step (frozen).
+
+    Args:
+        block: The frozen block.
+        acts: Its activations at the current input.
+    """
 
     def __init__(self, block: AdditiveCoupling, acts) -> None:
         self.block, self.acts = block, acts
@@ -228,6 +272,14 @@ class FrozenBlockJacobian:
             self.jvp_g = _HalfJac(block.g, acts.h_g)
 
     def jvp_input(self, v):
+        r"""Push an input tangent through the frozen block.
+
+        Args:
+            v: Input tangent :math:`\delta X`, ``(n, d)``.
+
+        Returns:
+            Output tangent :math:`\delta Y = J_X \delta X`.
+        """
         v1, v2 = self.block.split(v)
         d1 = v1 + self.jvp_f(v2)
         return torch.cat([d1, v2 + self.jvp_g(d1)], dim=-1)

@@ -20,7 +20,14 @@ __all__ = ["BlockUpdate", "BlockReport", "RightInverseResult", "check_accuracy",
 
 
 class BlockUpdate:
-    """``(ΔW_f, Δb_f, ΔW_g, Δb_g)`` of one block, in the layout of its ``nn.Linear`` parameters."""
+    r""":math:`(\Delta W_f, \Delta b_f, \Delta W_g, \Delta b_g)` of one block, laid out like its
+    ``nn.Linear`` s.
+
+    Attributes:
+        f: Solution of the first half-layer system (:math:`\Delta W_f`, :math:`\Delta b_f`).
+        g: Solution of the second half-layer system (:math:`\Delta W_g`, :math:`\Delta b_g`).
+        m: The missing-Jacobian term :math:`m = J_g[A_f \Delta_f]`, or ``None``.
+    """
 
     f: HalfLayerSolution
     g: HalfLayerSolution
@@ -28,6 +35,11 @@ class BlockUpdate:
     m: torch.Tensor | None = None
 
     def tensors(self) -> list[torch.Tensor]:
+        """The update as parameter-shaped tensors.
+
+        Returns:
+            ``[ΔW_f, Δb_f, ΔW_g, Δb_g]``.
+        """
         return [self.f.weight, self.f.bias, self.g.weight, self.g.bias]
 
 
@@ -44,6 +56,20 @@ class BlockReport:
     solve (for a least-squares system, the part of its target outside the range of ``A``).
     ``accurate``: every system of an exact share met ``residual_rtol`` (``refined``: after one
     float64 refinement step); ``False`` for a full-rank block demoted to least squares.
+
+    Attributes:
+        block: Block index :math:`l`.
+        n: Number of samples.
+        rank_f: Rank of the first half-layer system.
+        rank_g: Rank of the second half-layer system.
+        full_rank: Both systems have full row rank.
+        role: ``"exact share"`` or ``"least squares"``.
+        kind_f: How the first system was solved.
+        kind_g: How the second system was solved.
+        residual_f: Relative residual of the first solve.
+        residual_g: Relative residual of the second solve.
+        accurate: Every exact-share system met ``residual_rtol``.
+        refined: Iterative refinement was used.
     """
 
     block: int
@@ -64,6 +90,16 @@ class BlockReport:
 
 
 class RightInverseResult:
+    r"""The result of :func:`~gnrev_plugin.optim.right_inverse.right_inverse`.
+
+    Attributes:
+        updates: Block index :math:`\to` :class:`BlockUpdate`.
+        exact: Whether :math:`J \Delta\theta = \text{target}` holds (to ``residual_rtol``).
+        blocks: One :class:`BlockReport` per non-frozen block.
+        relative_residual: :math:`\lVert J\Delta\theta - t \rVert / \lVert t \rVert` for the
+            target :math:`t`, if verified.
+        residual_rtol: The accuracy the solves had to meet.
+    """
     updates: dict[int, BlockUpdate]
     exact: bool
     blocks: list[BlockReport] = field(default_factory=list)
@@ -71,6 +107,11 @@ class RightInverseResult:
     residual_rtol: float | None = None
 
     def report(self) -> dict:
+        """The result as a plain dict (without the update tensors).
+
+        Returns:
+            ``{"exact", "relative_residual", "residual_rtol", "blocks": [...]}``.
+        """
         return {"exact": self.exact, "blocks": [asdict(b) for b in self.blocks],
                 "relative_residual": self.relative_residual,
                 "residual_rtol": self.residual_rtol}

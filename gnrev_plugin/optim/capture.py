@@ -84,7 +84,13 @@ _LOSS_FUNCTIONS = {F.mse_loss: "mse", F.cross_entropy: "cross_entropy"}
 
 @dataclass
 class LossCall:
-    """One recorded loss call on the model output: its kind, target ``Y`` and keyword options."""
+    """One recorded loss call on the model output: its kind, target ``Y`` and keyword options.
+
+    Attributes:
+        kind: ``"cross_entropy"`` or ``"mse"``.
+        target: The target :math:`Y` the loss was called with.
+        options: The loss's keyword options (e.g. ``label_smoothing``).
+    """
 
     kind: str
     target: torch.Tensor
@@ -93,7 +99,14 @@ class LossCall:
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
     """The dtype of the :func:`torch.autocast` region enabled for ``device_type`` here, or
-    ``None`` outside autocast."""
+    ``None`` outside autocast.
+
+    Args:
+        device_type: ``"cpu"``, ``"cuda"``, ...
+
+    Returns:
+        The autocast dtype, or ``None``.
+    """
     if not torch.is_autocast_enabled(device_type):
         return None
     return torch.get_autocast_dtype(device_type)
@@ -102,7 +115,11 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
 class autocast_disabled:  # noqa: N801 - used as a context manager like torch.no_grad
     """Within this context :func:`torch.autocast` is off for CPU and for the device type of
     ``module``'s parameters, so a Gauss-Newton step called inside an autocast region still builds
-    and solves its systems in their stated dtypes (not in the autocast dtype)."""
+    and solves its systems in their stated dtypes (not in the autocast dtype).
+
+    Args:
+        module: The model whose parameters' device type is covered.
+    """
 
     def __init__(self, module: nn.Module) -> None:
         first = next(iter(module.parameters()), None)
@@ -152,7 +169,11 @@ class CapturedBatch:
 
     @property
     def inputs(self) -> torch.Tensor:
-        """The model input ``X`` (detached; under autocast in the parameter dtype)."""
+        """The model input ``X`` (detached; under autocast in the parameter dtype).
+
+        Returns:
+            :math:`X`.
+        """
         return self._inputs
 
     def _resolve(self) -> None:
@@ -162,13 +183,21 @@ class CapturedBatch:
 
     @property
     def output(self) -> torch.Tensor:
-        """``F`` in the parameter dtype (recomputed without autocast if it ran under it)."""
+        """``F`` in the parameter dtype (recomputed without autocast if it ran under it).
+
+        Returns:
+            :math:`F`.
+        """
         self._resolve()
         return self._output
 
     @property
     def extra(self) -> object:
-        """What ``extra(module)`` returned after the (re)computed forward pass."""
+        """What ``extra(module)`` returned after the (re)computed forward pass.
+
+        Returns:
+            The extra forward data (e.g. the RevMLP's block activations).
+        """
         self._resolve()
         return self._extra
 
@@ -240,7 +269,8 @@ class OutputCapture:
         return {**self.__dict__, "_eager_record": None}
 
     def close(self) -> None:
-        """Remove the hooks."""
+        """Remove the hooks.
+        """
         for handle in self._handles:
             handle.remove()
         self._handles = []
@@ -317,6 +347,12 @@ class OutputCapture:
                 forward/backward was captured, the loss is not the expected kind,
                 several different losses were applied, or the gradient at the output is not the
                 recorded loss's.
+
+        Args:
+            expected_kind: The loss the optimizer was configured with.
+
+        Returns:
+            ``(batch, loss_call)``.
         """
         batch, self.batch = self.batch, None
         amp = None if batch is None else autocast_dtype(batch.captured_output.device.type)

@@ -8,7 +8,8 @@ class GNError(RuntimeError):
 
 
 class RankDeficiencyError(GNError):
-    """The linear systems of the step are rank-deficient, so ``J Δθ = target`` cannot hold exactly."""
+    r"""The step's linear systems are rank-deficient, so :math:`J \Delta\theta = \text{target}` cannot hold
+    exactly."""
 
 
 class NonFiniteError(GNError, FloatingPointError):

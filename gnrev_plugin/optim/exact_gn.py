@@ -105,11 +105,27 @@ def exact_gn_direction(
     rank_policy: str = "raise",
     **solver_options,
 ) -> list[torch.Tensor]:
-    """``Δθ`` with ``J Δθ = target`` for an output-space ``target`` shaped like ``model(x)``.
+    r""":math:`\Delta\theta` with :math:`J \Delta\theta = \text{target}` for an output-space target shaped
+    like ``model(x)``.
 
     Returns one tensor per entry of ``model.parameters()`` (same order and shapes). This is the
     function-space primitive behind :class:`ExactGN` (which uses ``target = −α ε``).
     ``solver_options`` are the other fields of :class:`~gnrev_plugin.optim.solvers.SolverConfig`.
+
+    Args:
+        model: The RevMLP.
+        x: Input batch.
+        target: Output-space target, shaped like ``model(x)``.
+        solver: One of :data:`~gnrev_plugin.optim.solvers.SOLVERS`.
+        rank_policy: One of ``RANK_POLICIES`` (``"raise"``, ``"strict"``, ``"warn"``; see the
+            module docstring).
+        **solver_options: Further :class:`~gnrev_plugin.optim.solvers.SolverConfig` fields.
+
+    Returns:
+        :math:`\Delta\theta` with :math:`J \Delta\theta = \text{target}`, one tensor per parameter.
+
+    Raises:
+        RankDeficiencyError: If the systems are rank-deficient as ``rank_policy`` forbids.
     """
     with torch.no_grad():
         z, acts = model.features_with_activations(x)
@@ -236,7 +252,11 @@ class ExactGN(torch.optim.Optimizer):
 
     @property
     def verify(self) -> bool:
-        """Whether each step recomputes ``J Δθ`` (the param group's ``verify``)."""
+        r"""Whether each step recomputes :math:`J \Delta\theta` (the param group's ``verify``).
+
+        Returns:
+            The ``verify`` flag of the (single) param group.
+        """
         return self.param_groups[0]["verify"]
 
     @verify.setter
@@ -250,6 +270,12 @@ class ExactGN(torch.optim.Optimizer):
 
         ``closure`` (optional, torch.optim style) re-runs ``zero_grad``, forward, loss and
         ``backward`` and returns the loss.
+
+        Args:
+            closure: Re-runs forward, loss and backward; returns the loss.
+
+        Returns:
+            The closure's loss, or ``None`` without a closure.
         """
         loss = None
         if closure is not None:
@@ -286,7 +312,7 @@ class ExactGN(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step_on_batch(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Explicit fast path: forward without autograd, then the GN step; no parameter backward.
+        r"""Explicit fast path: forward without autograd, then the GN step; no parameter backward.
 
         A linear block is evaluated as ``Y1 = X1 + X2 (C_f W_fᵀ) + b_f`` (two ``(d/2)²M`` products
         instead of four ``n(d/2)M`` ones; its ``n×M`` features are never needed), so with a linear
@@ -299,6 +325,13 @@ class ExactGN(torch.optim.Optimizer):
                 indices out of range; :class:`NonFiniteError`: non-finite inputs, targets, loss
                 or Newton target, or inputs so large that the Grams overflow. All before any work;
                 the parameters are unchanged.
+
+        Args:
+            x: Input batch.
+            y: Targets (class indices or values, as the loss takes them).
+
+        Returns:
+            The mean loss :math:`L(\theta)` before the step.
         """
         with autocast_disabled(self.model):
             return self._run(lambda: self._prepare_batch(x, y))
@@ -325,7 +358,8 @@ class ExactGN(torch.optim.Optimizer):
         return acts, eps, xf, loss
 
     def close(self) -> None:
-        """Remove the hooks this optimizer put on the model."""
+        """Remove the hooks this optimizer put on the model.
+        """
         self._capture.close()
         self.model.record_activations = False
         self.model.last_activations = None

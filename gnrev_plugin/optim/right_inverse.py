@@ -200,7 +200,8 @@ def right_inverse(
     cache: dict | None = None,
     comm=None,
 ) -> RightInverseResult:
-    r"""Compute ``Δθ`` with ``J Δθ = target`` for the participating ``blocks`` (module docstring).
+    r"""Compute :math:`\Delta\theta` with :math:`J \Delta\theta = \text{target}` for the participating
+    ``blocks``.
 
     .. math::
 

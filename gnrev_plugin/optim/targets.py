@@ -37,7 +37,17 @@ CE_TARGETS = ("identity", "pinv", "damped")
 def soft_targets(y: torch.Tensor, num_classes: int, label_smoothing: float = 0.0,
                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Class indices ``(n,)`` or probabilities ``(n, C)`` → probabilities, with label smoothing
-    ``y ← (1 − s) y + s/C`` as in :func:`torch.nn.functional.cross_entropy`."""
+    ``y ← (1 − s) y + s/C`` as in :func:`torch.nn.functional.cross_entropy`.
+
+    Args:
+        y: Class indices ``(n,)`` or probabilities ``(n, C)``.
+        num_classes: :math:`C`.
+        label_smoothing: :math:`s`.
+        dtype: Result dtype.
+
+    Returns:
+        Probabilities :math:`Y`, ``(n, C)``.
+    """
     if y.dim() == 1 and not torch.is_floating_point(y):
         if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
             raise ValueError(f"class indices must lie in [0, {num_classes}), got range "
@@ -73,7 +83,19 @@ def newton_target(
     ce_damping: float = 1e-3,
     label_smoothing: float = 0.0,
 ) -> torch.Tensor:
-    """Return ``ε`` (shape of ``output``) for ``loss`` ∈ :data:`LOSSES`, see the module docstring."""
+    r"""Return :math:`\varepsilon` (shape of ``output``) for ``loss`` in :data:`LOSSES` (module docstring).
+
+    Args:
+        loss: ``"cross_entropy"`` or ``"mse"``.
+        output: Model output :math:`F`.
+        target: Targets.
+        ce_target: Cross-entropy Newton target.
+        ce_damping: Damping of the cross-entropy Newton step.
+        label_smoothing: :math:`s`.
+
+    Returns:
+        :math:`\varepsilon`, shaped like ``output`` (the step uses :math:`-\alpha\varepsilon`).
+    """
     _check_shapes(loss, output, target)
     if loss == "mse":
         return output - target.to(output.dtype)
@@ -100,7 +122,17 @@ def newton_target(
 def loss_gradient_direction(loss: str, output: torch.Tensor, target: torch.Tensor,
                             label_smoothing: float = 0.0) -> torch.Tensor:
     """Per-sample direction of ``∂ℓ/∂F`` up to a positive per-sample factor: ``F − Y`` (MSE) or
-    ``p − y`` (cross-entropy). Used to check a captured output gradient against the recorded loss."""
+    ``p − y`` (cross-entropy). Used to check a captured output gradient against the recorded loss.
+
+    Args:
+        loss: ``"cross_entropy"`` or ``"mse"``.
+        output: Model output :math:`F`.
+        target: Targets.
+        label_smoothing: :math:`s`.
+
+    Returns:
+        :math:`F - Y` or :math:`p - y`, shaped like ``output``.
+    """
     if loss == "mse":
         return output - target.to(output.dtype)
     y = soft_targets(target, output.shape[1], label_smoothing, output.dtype)
@@ -108,7 +140,16 @@ def loss_gradient_direction(loss: str, output: torch.Tensor, target: torch.Tenso
 
 
 def mean_loss(loss: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """The mean-reduced loss (``nn.MSELoss()`` or ``nn.CrossEntropyLoss()``) on a batch."""
+    """The mean-reduced loss (``nn.MSELoss()`` or ``nn.CrossEntropyLoss()``) on a batch.
+
+    Args:
+        loss: ``"cross_entropy"`` or ``"mse"``.
+        output: Model output :math:`F`.
+        target: Targets.
+
+    Returns:
+        The 0-dim mean loss.
+    """
     if loss == "mse":
         return F.mse_loss(output, target.to(output.dtype))
     return F.cross_entropy(output, target if not torch.is_floating_point(target)

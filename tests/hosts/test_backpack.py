@@ -36,10 +36,12 @@ from backpack.extensions import (
     SumGradSquared,
     Variance,
 )
+from backpack.extensions.module_extension import ModuleExtension
 from curvlinops import GGNLinearOperator, HessianLinearOperator
 from torch import nn
 from torch.func import functional_call, grad, hessian, jacrev, vmap
 
+from gnrev_plugin.compat import backpack as compat_backpack
 from gnrev_plugin.hosts import backpack as bp_host
 from gnrev_plugin.hosts.backpack import SUPPORTED_EXTENSIONS, all_extensions, register
 from gnrev_plugin.hosts.curvlinops import to_dense
@@ -464,12 +466,12 @@ def test_enable_and_disable_from_many_threads(monkeypatch):
     from backpack.extensions.backprop_extension import BackpropExtension
 
     call = BackpropExtension.__dict__["__call__"]
-    slow = bp_host._compat.install_module_extension_fallback
+    slow = compat_backpack.install_module_extension_fallback
 
     def slow_install(fallback):
         time.sleep(0.02)
         return slow(fallback)
-    monkeypatch.setattr(bp_host._compat, "install_module_extension_fallback", slow_install)
+    monkeypatch.setattr(compat_backpack, "install_module_extension_fallback", slow_install)
 
     def run(fn):
         barrier = threading.Barrier(6)
@@ -493,7 +495,7 @@ def test_an_instance_s_own_entry_wins_and_fail_modes_are_kept():
 
     model, X, y, lossf = problem(12, "relu", "ce")
 
-    class Recorder(bp_host.ModuleExtension):
+    class Recorder(ModuleExtension):
         calls = 0
 
         def __call__(self, ext, module, g_inp, g_out):

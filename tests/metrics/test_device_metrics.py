@@ -132,7 +132,7 @@ def _curvlinops_ops(device):
 
 
 def _backpack(device):
-    """BackPACK's second-order extensions on gnrev's coupling leaves (``hosts/backpack.py``).
+    """BackPACK's second-order extensions on gnrev's coupling leaves (``hosts/backpack/``).
     Their rules run in autograd hooks during ``backward()``, where torch function modes are not
     active: the trap sees the forward only, and the ``cuda`` test is what checks the rules."""
     pytest.importorskip("backpack", reason="backpack-for-pytorch is not installed")

@@ -70,10 +70,22 @@ class HessianDecomposition:
 
     @property
     def num_params(self) -> int:
+        """Number of parameters.
+
+        Returns:
+            :math:`P`.
+        """
         return self.hessian.shape[0]
 
     def dense(self, which: str) -> torch.Tensor:
-        """Dense ``"hessian"``, ``"ggn"``, ``"nme"`` (= H − G) or ``"nme_surrogate"`` (cached)."""
+        """Dense ``"hessian"``, ``"ggn"``, ``"nme"`` (= H − G) or ``"nme_surrogate"`` (cached).
+
+        Args:
+            which: ``"hessian"``, ``"ggn"``, ``"nme"`` or ``"nme_surrogate"``.
+
+        Returns:
+            The dense ``(P, P)`` matrix (:math:`H`, :math:`G`, :math:`H - G` or the surrogate NME).
+        """
         if which not in self._dense:
             if which == "nme":
                 self._dense[which] = self.dense("hessian") - self.dense("ggn")
@@ -82,7 +94,14 @@ class HessianDecomposition:
         return self._dense[which]
 
     def block_indices(self, name: str) -> list[int]:
-        """Flat parameter-vector indices of block ``name``."""
+        """Flat parameter-vector indices of block ``name``.
+
+        Args:
+            name: A key of :attr:`blocks`.
+
+        Returns:
+            The flat indices.
+        """
         return flat_indices(self.params, self.blocks[name])
 
     # ------------------------------------------------------------------ summary
@@ -109,6 +128,25 @@ class HessianDecomposition:
         :meth:`estimated_summary` (curvlinops estimators and Lanczos); the other options are
         those two methods'. Everything random is drawn from ``seed``, and the caller's RNG state
         is left untouched.
+
+        Args:
+            top_k: Number of top eigenvalues.
+            exact_max_dim: Largest :math:`P` handled with dense matrices.
+            trace_estimator: ``"hutchinson"``, ``"hutchpp"`` or ``"xtrace"`` (estimated mode).
+            num_matvecs: Products per trace estimate.
+            per_block: Also summarise each block.
+            block_num_matvecs: Products per block trace estimate.
+            spectral_density: Also compute Lanczos spectral densities.
+            density_ncv: Lanczos vectors for the densities.
+            eigsh_tol: ARPACK tolerance.
+            eigsh_maxiter: ARPACK iteration limit.
+            lambda_min: Also compute :math:`\lambda_{\min}(H)` (estimated mode).
+            frobenius: Also estimate Frobenius norms (estimated mode).
+            nme_operator: ``"difference"`` (:math:`H - G`) or ``"surrogate"``.
+            seed: Seed of everything random.
+
+        Returns:
+            The :class:`HessianSummary`.
         """
         _check_summary_options(trace_estimator, nme_operator)
         if self.num_params <= exact_max_dim:
@@ -129,7 +167,18 @@ class HessianDecomposition:
         ``NME = H − G``): ``tr(A)``, the spectrum by ``torch.linalg.eigvalsh(½(A + Aᵀ))`` (top-k,
         ``λ_min(H)``, ``λ_min(NME)``), ``‖A‖_F``, per block ``b`` the principal submatrix
         ``A_bb`` (``tr(A_bb)``, ``‖NME_bb‖_F``). ``seed`` draws the surrogate check's probes and
-        the optional Lanczos spectral densities (between the exact extreme eigenvalues)."""
+        the optional Lanczos spectral densities (between the exact extreme eigenvalues).
+
+        Args:
+            top_k: Number of top eigenvalues.
+            per_block: Also summarise each block.
+            spectral_density: Also compute Lanczos spectral densities.
+            density_ncv: Lanczos vectors for the densities.
+            seed: Seed of the probes and densities.
+
+        Returns:
+            The :class:`HessianSummary` with ``mode="exact"``.
+        """
         P = self.num_params
         gen = torch.Generator(device="cpu").manual_seed(seed)
         mats = {k: self.dense(k) for k in OPERATORS}
@@ -195,6 +244,11 @@ class HessianDecomposition:
         double-backward per product) instead of ``H − G`` (two passes); both are exact operators
         for the same matrix, cross-checked in ``surrogate_check``. Each estimator draws its
         probes from its own seed of the sequence started by ``seed`` (in a forked RNG state).
+
+        The arguments are :meth:`summary`'s (documented there).
+
+        Returns:
+            The :class:`HessianSummary` with ``mode="estimated"``.
         """
         _check_summary_options(trace_estimator, nme_operator)
         P = self.num_params

@@ -66,6 +66,13 @@ class SurrogateNMELinearOperator(CurvatureLinearOperator):
     Each product is one forward-over-reverse pass (``jvp`` of ``grad s``) per batch; batches are
     weighted like curvlinops' own operators (``N_B/N`` for mean reduction), so it equals
     ``HessianLinearOperator − GGNLinearOperator`` for the same arguments.
+
+    Args:
+        model_func: The network.
+        loss_func: Loss module with reduction ``"mean"`` or ``"sum"``.
+        params: Parameters :math:`\theta`.
+        data: Iterable of ``(X, y)`` batches.
+        **kwargs: curvlinops' ``CurvatureLinearOperator`` options.
     """
 
     SELF_ADJOINT: bool = True

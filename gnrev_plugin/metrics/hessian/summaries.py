@@ -20,8 +20,14 @@ OPERATORS = ("hessian", "ggn", "nme")
 
 @dataclass(frozen=True)
 class TraceEstimate:
-    """``tr(A)``: its ``value``, the ``estimator`` (``exact``, ``hutchinson``, ``hutchpp`` or
-    ``xtrace``) and the matrix-vector products it cost (an NME product through ``H − G`` costs 2)."""
+    r"""``tr(A)``: its ``value``, the ``estimator`` (``exact``, ``hutchinson``, ``hutchpp`` or
+    ``xtrace``) and the matrix-vector products it cost (an NME product through ``H − G`` costs 2).
+
+    Attributes:
+        value: The estimate of :math:`\operatorname{tr}(A)`.
+        estimator: How it was computed.
+        num_matvecs: Matrix-vector products spent.
+    """
 
     value: float
     estimator: str
@@ -31,7 +37,13 @@ class TraceEstimate:
 @dataclass(frozen=True)
 class EigsInfo:
     """How extreme eigenvalues were found: ``method`` (``eigvalsh`` on the dense matrix, or ARPACK
-    ``eigsh(LA)``/``eigsh(SA)``), its matrix-vector products and whether it converged."""
+    ``eigsh(LA)``/``eigsh(SA)``), its matrix-vector products and whether it converged.
+
+    Attributes:
+        method: ``"eigvalsh"``, ``"eigsh(LA)"`` or ``"eigsh(SA)"``.
+        num_matvecs: Matrix-vector products spent.
+        converged: Whether ARPACK converged.
+    """
 
     method: str
     num_matvecs: int
@@ -40,7 +52,13 @@ class EigsInfo:
 
 @dataclass(frozen=True)
 class Ratios:
-    """``‖NME‖_F/‖H‖_F``, ``tr(NME)/tr(H)`` and ``λ_min(H)/λ_max(H)`` (``nan`` when undefined)."""
+    r"""``‖NME‖_F/‖H‖_F``, ``tr(NME)/tr(H)`` and ``λ_min(H)/λ_max(H)`` (``nan`` when undefined).
+
+    Attributes:
+        nme_fro_over_hessian_fro: :math:`\lVert H - G \rVert_F / \lVert H \rVert_F`.
+        nme_trace_over_hessian_trace: :math:`\operatorname{tr}(H - G) / \operatorname{tr}(H)`.
+        lambda_min_over_lambda_max_hessian: :math:`\lambda_{\min}(H) / \lambda_{\max}(H)`.
+    """
 
     nme_fro_over_hessian_fro: float
     nme_trace_over_hessian_trace: float
@@ -49,8 +67,20 @@ class Ratios:
 
 @dataclass(frozen=True)
 class BlockSummary:
-    """One parameter block ``b`` (by default one module): ``tr(A_bb)`` for ``A`` ∈ {H, G, NME},
-    its share ``tr(A_bb)/tr(A)`` and ``‖NME_bb‖_F``, exact or by Hutchinson (``estimator``)."""
+    r"""One parameter block ``b`` (by default one module): ``tr(A_bb)`` for ``A`` ∈ {H, G, NME},
+    its share ``tr(A_bb)/tr(A)`` and ``‖NME_bb‖_F``, exact or by Hutchinson (``estimator``).
+
+    Attributes:
+        num_params: Parameters in the block.
+        estimator: ``"exact"`` or ``"hutchinson"``.
+        trace_hessian: :math:`\operatorname{tr}(H_{bb})`.
+        trace_ggn: :math:`\operatorname{tr}(G_{bb})`.
+        trace_nme: :math:`\operatorname{tr}(\mathrm{NME}_{bb})`.
+        share_trace_hessian: :math:`\operatorname{tr}(H_{bb}) / \operatorname{tr}(H)`.
+        share_trace_ggn: :math:`\operatorname{tr}(G_{bb}) / \operatorname{tr}(G)`.
+        share_trace_nme: :math:`\operatorname{tr}(\mathrm{NME}_{bb}) / \operatorname{tr}(\mathrm{NME})`.
+        nme_within_fro: :math:`\lVert \mathrm{NME}_{bb} \rVert_F`.
+    """
 
     num_params: int
     estimator: str
@@ -65,8 +95,14 @@ class BlockSummary:
 
 @dataclass(frozen=True)
 class NMESplit:
-    """``within = Σ_b ‖NME_bb‖_F²`` (the activation part, where ``φ''`` enters),
-    ``cross = ‖NME‖_F² − within`` (clipped at 0) and ``within_share = within / ‖NME‖_F²``."""
+    r"""``within = Σ_b ‖NME_bb‖_F²`` (the activation part, where ``φ''`` enters),
+    ``cross = ‖NME‖_F² − within`` (clipped at 0) and ``within_share = within / ‖NME‖_F²``.
+
+    Attributes:
+        within_fro2: :math:`\sum_b \lVert \mathrm{NME}_{bb} \rVert_F^2`.
+        cross_fro2: :math:`\lVert \mathrm{NME} \rVert_F^2 - \text{within}`.
+        within_share: within :math:`/ \lVert \mathrm{NME} \rVert_F^2`.
+    """
 
     within_fro2: float
     cross_fro2: float
@@ -75,8 +111,14 @@ class NMESplit:
 
 @dataclass(frozen=True)
 class SurrogateCheck:
-    """``max |NME_surrogate V − (H − G) V|`` over ``num_probes`` Gaussian probe columns ``V``, and
-    that maximum relative to ``max |(H − G) V|``."""
+    r"""``max |NME_surrogate V − (H − G) V|`` over ``num_probes`` Gaussian probe columns ``V``, and
+    that maximum relative to ``max |(H − G) V|``.
+
+    Attributes:
+        max_abs_diff: :math:`\max \lvert \mathrm{NME}_{\mathrm{surr}} V - (H - G) V \rvert`.
+        relative: That maximum over :math:`\max \lvert (H - G) V \rvert`.
+        num_probes: Number of probe columns of :math:`V`.
+    """
 
     max_abs_diff: float
     relative: float
@@ -120,7 +162,11 @@ class HessianSummary:
     spectral_density: dict[str, tuple[list[float], list[float]]] | None = None
 
     def to_dict(self) -> dict:
-        """The summary as nested plain dicts and lists (JSON-ready)."""
+        """The summary as nested plain dicts and lists (JSON-ready).
+
+        Returns:
+            ``dataclasses.asdict`` of the summary.
+        """
         return dataclasses.asdict(self)
 
 

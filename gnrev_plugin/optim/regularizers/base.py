@@ -129,7 +129,11 @@ class SharpnessOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ groups and options
     def add_param_group(self, param_group: dict) -> None:
-        """Add a group to the wrapper and the base (both see the same dict)."""
+        """Add a group to the wrapper and the base (both see the same dict).
+
+        Args:
+            param_group: A torch.optim param group.
+        """
         if not hasattr(self, "base_optimizer"):
             super().add_param_group(param_group)
             return
@@ -151,7 +155,11 @@ class SharpnessOptimizer(torch.optim.Optimizer):
 
     @property
     def loss_kind(self) -> str:
-        """The batch loss, ``"cross_entropy"`` or ``"mse"`` (the groups' ``loss``)."""
+        """The batch loss, ``"cross_entropy"`` or ``"mse"`` (the groups' ``loss``).
+
+        Returns:
+            The loss name.
+        """
         return self._option("loss")
 
     def _option(self, key: str) -> Any:
@@ -241,7 +249,15 @@ class SharpnessOptimizer(torch.optim.Optimizer):
                           ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``(L(θ), {name: d})``: the loss before the step and the direction the base would get.
         Nothing is changed except the method's random generator (and :attr:`last_step_info`,
-        :attr:`last_probes`)."""
+        :attr:`last_probes`).
+
+        Args:
+            x: Input batch.
+            y: The loss's targets.
+
+        Returns:
+            ``(L(θ), {name: d})``.
+        """
         self._check_batch(x, y)
         self._sync_linearisation()
         with torch.no_grad(), suspended(), self._maybe_linearised():
@@ -258,7 +274,15 @@ class SharpnessOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step_on_batch(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """One step on ``(x, y)`` (``y``: the loss's targets); returns ``L(θ)`` before the step."""
+        r"""One step on ``(x, y)`` (``y``: the loss's targets); returns ``L(θ)`` before the step.
+
+        Args:
+            x: Input batch.
+            y: The loss's targets.
+
+        Returns:
+            :math:`L(\theta)` before the step.
+        """
         loss, d = self.compute_direction(x, y)
         self._apply(d)
         self._capture.batch = None
@@ -272,9 +296,16 @@ class SharpnessOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
-        """Drop-in step on the batch of the last ``loss = crit(model(x), y); loss.backward()``
+        r"""Drop-in step on the batch of the last ``loss = crit(model(x), y); loss.backward()``
         (``closure``, if given, is called first, torch.optim-style, and its batch is used).
-        Returns the loss at ``θ`` before the step."""
+        Returns the loss at ``θ`` before the step.
+
+        Args:
+            closure: torch.optim-style closure, or ``None``.
+
+        Returns:
+            :math:`L(\theta)` before the step.
+        """
         if closure is not None:
             with torch.enable_grad():
                 closure()
@@ -286,13 +317,18 @@ class SharpnessOptimizer(torch.optim.Optimizer):
         return self.step_on_batch(batch.inputs, call.target)
 
     def close(self) -> None:
-        """Remove the hook this optimizer put on the model."""
+        """Remove the hook this optimizer put on the model.
+        """
         self._capture.close()
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """torch's state dict plus the base optimizer's (momentum buffers...) and the state of
-        the method's random generator."""
+        the method's random generator.
+
+        Returns:
+            The state dict (``"base_optimizer"`` and ``"generator_state"`` added).
+        """
         sd = super().state_dict()
         sd["base_optimizer"] = self.base_optimizer.state_dict()
         gen = getattr(self, "_gen", None)
@@ -301,6 +337,11 @@ class SharpnessOptimizer(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` (the base optimizer's and the generator's state too).
+
+        Args:
+            state_dict: What :meth:`state_dict` returned.
+        """
         sd = dict(state_dict)
         if "base_optimizer" not in sd:
             raise ValueError(f"not a {type(self).__name__} state dict (no 'base_optimizer')")

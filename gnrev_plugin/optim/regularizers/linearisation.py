@@ -30,7 +30,7 @@ Record = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 class ActivationLinearisation:
-    """Replace each elementwise activation by its tangent at reference pre-activations.
+    r"""Replace each elementwise activation by its tangent at reference pre-activations.
 
     :meth:`record` runs the model once on ``x`` (no autograd) and stores, for every activation
     call in order, ``(h₀, φ(h₀), φ'(h₀))`` (``φ'`` by ``torch.func.jvp`` of the module's
@@ -40,6 +40,10 @@ class ActivationLinearisation:
 
     Raises:
         ValueError: the model has no :data:`ELEMENTWISE_ACTIVATIONS` module, or one is in-place.
+
+    Args:
+        model: The model.
+        types: Module classes treated as elementwise activations :math:`\varphi`.
     """
 
     def __init__(self, model: nn.Module,
@@ -59,7 +63,14 @@ class ActivationLinearisation:
         self._next = 0
 
     def record(self, x: torch.Tensor) -> tuple[torch.Tensor, list[Record]]:
-        """One forward pass on ``x`` without autograd: ``(output, records)``."""
+        r"""One forward pass on ``x`` without autograd: ``(output, records)``.
+
+        Args:
+            x: Input batch.
+
+        Returns:
+            ``(output, records)`` with one :math:`(h_0, \varphi(h_0), \varphi'(h_0))` per activation call.
+        """
         records: list[Record] = []
 
         def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
@@ -79,7 +90,11 @@ class ActivationLinearisation:
     @contextmanager
     def installed(self) -> Iterator[ActivationLinearisation]:
         """Within this context the activations use the records set by :meth:`use` (and behave
-        normally while none are set)."""
+        normally while none are set).
+
+        Yields:
+            This object.
+        """
         handles = [m.register_forward_hook(self._replay) for m in self.modules]
         try:
             yield self
@@ -89,7 +104,11 @@ class ActivationLinearisation:
             self._records = None
 
     def use(self, records: list[Record] | None) -> None:
-        """Set the records the next forward pass replays (``None``: plain activations)."""
+        """Set the records the next forward pass replays (``None``: plain activations).
+
+        Args:
+            records: Records from :meth:`record` (or slices of them), or ``None``.
+        """
         self._records, self._next = records, 0
 
     def _replay(self, module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:

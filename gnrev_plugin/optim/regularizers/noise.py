@@ -18,7 +18,21 @@ __all__ = ["NoisyRegularizer", "WeightNoise"]
 
 
 class NoisyRegularizer(SharpnessOptimizer):
-    """Weight noise and the trace penalties: ``σ²`` per group, ``samples``, a seeded generator."""
+    r"""Weight noise and the trace penalties: ``σ²`` per group, ``samples``, a seeded generator.
+
+    Args:
+        params: Parameters or groups.
+        sigma2: :math:`\sigma^2 \ge 0`.
+        samples: Number :math:`k` of draws per step.
+        base: Base optimizer class.
+        base_kwargs: Its keyword arguments.
+        ablate_nme: Drop :math:`\varphi''` (the NME) from second derivatives.
+        seed: Seed of the optimizer's generator.
+        model: The model (default: found from ``params``).
+        loss: ``"cross_entropy"`` or ``"mse"``.
+        method_options: Further per-group options of the method.
+        **base_options: Options of the base optimizer.
+    """
 
     def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict], sigma2: float = 1e-4, *,
                  samples: int = 1, base: BaseFactory = torch.optim.SGD,
@@ -55,7 +69,8 @@ class NoisyRegularizer(SharpnessOptimizer):
 
 
 class WeightNoise(NoisyRegularizer):
-    r"""Training with Gaussian weight noise: ``d = (1/k) Σ_j ∇L(θ + ε_j)``, ``ε_j ∼ N(0, σ²I)``.
+    r"""Gaussian weight noise: :math:`d = \frac{1}{k}\sum_j \nabla L(\theta + \varepsilon_j)`,
+    :math:`\varepsilon_j \sim \mathcal{N}(0, \sigma^2 I)`.
 
     The objective is ``E_ε L(θ+ε) = L + (σ²/2) tr H + O(σ⁴)`` (Bishop's expansion, which keeps
     the NME). ``sigma2`` is the variance ``σ²`` (the noise's standard deviation is ``√σ²``).
@@ -74,7 +89,12 @@ class WeightNoise(NoisyRegularizer):
     """
 
     def sample_perturbation(self) -> Params:
-        """One draw ``ε ∼ N(0, Σ)``, ``Σ = diag(σ_p² I)``, from the optimizer's generator."""
+        r"""One draw :math:`\varepsilon \sim \mathcal{N}(0, \Sigma)`,
+        :math:`\Sigma = \operatorname{diag}(\sigma_p^2 I)`, from the optimizer's generator.
+
+        Returns:
+            Parameter name :math:`\to` :math:`\varepsilon_p`.
+        """
         return self._normal_like(self._theta(), self._std())
 
     def _direction(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, Params]:
@@ -97,6 +117,14 @@ class WeightNoise(NoisyRegularizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+        r"""Step on :math:`d = \frac{1}{k}\sum_j \nabla L(\theta + \varepsilon_j)`.
+
+        Args:
+            closure: SAM-style closure (any loss), or ``None`` for the drop-in step.
+
+        Returns:
+            The loss (at :math:`\theta + \varepsilon` with a closure, :math:`L(\theta)` without).
+        """
         if closure is None:
             return super().step()
         if self._option("ablate_nme"):

@@ -78,6 +78,14 @@ class SAM(_Ascent):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+        r"""Step on :math:`\nabla L(\theta + \rho \hat g)`.
+
+        Args:
+            closure: SAM-style closure, or ``None`` for the drop-in step.
+
+        Returns:
+            The loss at :math:`\theta` before the step.
+        """
         if closure is None:
             return super().step()
         if self._option("ablate_nme"):
@@ -112,7 +120,8 @@ class SAM(_Ascent):
 
 
 class PSAM(_Ascent):
-    r"""Penalty SAM, the gradient-norm penalty ``L + ρ‖∇L‖``: ``d = ∇L + ρ H ĝ``.
+    r"""Penalty SAM, the gradient-norm penalty :math:`L + \rho\lVert\nabla L\rVert`:
+    :math:`d = \nabla L + \rho H \hat g`.
 
     The first-order Taylor expansion of SAM's ``∇L(θ + ρĝ)``; ``H ĝ`` is one Hessian-vector
     product (``torch.func.jvp`` of ``torch.func.grad``), so the NME enters:

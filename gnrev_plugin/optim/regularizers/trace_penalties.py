@@ -23,7 +23,8 @@ PROBES = ("gaussian", "rademacher")
 
 
 class HessianTracePenalty(NoisyRegularizer):
-    r"""The Hessian-trace penalty ``L + (σ²/2) tr H`` with Hutchinson's estimator.
+    r"""The Hessian-trace penalty :math:`L + \frac{\sigma^2}{2} \operatorname{tr} H` with Hutchinson's
+    estimator.
 
     ``d = ∇_θ[L(θ) + ½ (1/k) Σ_i v_iᵀ H(θ) v_i]`` with ``v_i = σ z_i`` held fixed, ``z_i ∼ N(0, I)``
     (``probes="gaussian"``, the paper's) or Rademacher; ``E_z zᵀHz = tr H``, so
@@ -55,7 +56,14 @@ class HessianTracePenalty(NoisyRegularizer):
             raise ValueError(f"probes must be one of {PROBES}, got {group['probes']!r}")
 
     def sample_probes(self, k: int) -> Params:
-        """``k`` unit-variance probes ``z`` (leading dimension ``k``), from the generator."""
+        r"""``k`` unit-variance probes ``z`` (leading dimension ``k``), from the generator.
+
+        Args:
+            k: Number of probes.
+
+        Returns:
+            Parameter name :math:`\to` ``(k, *shape)`` probes :math:`z`.
+        """
         theta = self._theta()
         z = self._normal_like(theta, {n: 1.0 for n in theta}, k)
         if self._option("probes") == "rademacher":
@@ -72,8 +80,17 @@ class HessianTracePenalty(NoisyRegularizer):
         return vmap(one)(v)
 
     def hessian_trace_samples(self, x: torch.Tensor, y: torch.Tensor, num: int) -> torch.Tensor:
-        """``num`` independent Hutchinson terms ``z_iᵀ H z_i`` (``H_abl`` with ``ablate_nme``),
-        each unbiased for ``tr H``, with the probes this optimizer draws."""
+        r"""``num`` independent Hutchinson terms ``z_iᵀ H z_i`` (``H_abl`` with ``ablate_nme``),
+        each unbiased for ``tr H``, with the probes this optimizer draws.
+
+        Args:
+            x: Input batch.
+            y: Targets.
+            num: Number of terms.
+
+        Returns:
+            ``(num,)`` tensor of :math:`z_i^\top H z_i`.
+        """
         self._check_batch(x, y)
         check_int("num", num)
         self._sync_linearisation()
@@ -109,7 +126,7 @@ class HessianTracePenalty(NoisyRegularizer):
 
 
 class GNTracePenalty(NoisyRegularizer):
-    r"""The Gauss-Newton-trace penalty ``L + (σ²/2) tr G`` with sampled labels.
+    r"""The Gauss-Newton-trace penalty :math:`L + \frac{\sigma^2}{2} \operatorname{tr} G` with sampled labels.
 
     ``d = ∇_θ[L(θ) + ½ (1/k) Σ_j (1/B) Σ_n ‖Σ^{1/2} ∇_θ ℓ(z_n(θ), ŷ_{n,j})‖²]``, ``Σ = σ² I``, with the
     labels ``ŷ`` drawn at ``θ`` and held fixed: ``ŷ ∼ Cat(softmax z_n)`` for cross-entropy,
@@ -125,8 +142,16 @@ class GNTracePenalty(NoisyRegularizer):
     """
 
     def sample_labels(self, z: torch.Tensor, k: int) -> torch.Tensor:
-        """``k`` sampled targets per example from the model's predictive distribution at logits
-        ``z``: ``(k, B)`` class indices (cross-entropy) or ``(k, B, C)`` (MSE)."""
+        r"""``k`` sampled targets per example from the model's predictive distribution at logits
+        ``z``: ``(k, B)`` class indices (cross-entropy) or ``(k, B, C)`` (MSE).
+
+        Args:
+            z: Logits :math:`z`, ``(B, C)``.
+            k: Number of samples.
+
+        Returns:
+            Sampled targets :math:`\hat y`.
+        """
         z = z.detach()
         if self.loss_kind == "cross_entropy":
             probs = torch.softmax(z.double(), dim=1)
@@ -159,9 +184,18 @@ class GNTracePenalty(NoisyRegularizer):
         return vmap(one_set)(labels)
 
     def gn_trace_samples(self, x: torch.Tensor, y: torch.Tensor, num: int) -> torch.Tensor:
-        """``num`` independent estimates ``(1/B) Σ_n ‖∇_θ ℓ(z_n, ŷ_n)‖²`` (one label per example
+        r"""``num`` independent estimates ``(1/B) Σ_n ‖∇_θ ℓ(z_n, ŷ_n)‖²`` (one label per example
         each), drawn as the penalty draws them; each is unbiased for ``tr G``. ``y`` is only
-        checked (the labels are sampled)."""
+        checked (the labels are sampled).
+
+        Args:
+            x: Input batch.
+            y: Targets (checked only).
+            num: Number of estimates.
+
+        Returns:
+            ``(num,)`` tensor of estimates of :math:`\operatorname{tr} G`.
+        """
         self._check_batch(x, y)
         check_int("num", num)
         with torch.no_grad(), suspended():

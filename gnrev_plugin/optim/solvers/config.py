@@ -21,6 +21,12 @@ def default_residual_rtol(dtype: torch.dtype) -> float:
     float64: ``1e-10`` (the tests' whole-step tolerance is ``1e-8``); float32: ``1e-3`` (a Gram
     formed in float32 carries rounding ``≈ eps₃₂ κ(K)``: measured ``2e-4`` for a ReLU block on
     1000 MNIST images, ``κ ≈ 1e6``); lower precisions: ``1e-2``.
+
+    Args:
+        dtype: Working dtype.
+
+    Returns:
+        The relative residual bound.
     """
     return RESIDUAL_RTOL.get(dtype, 1e-2)
 
@@ -74,23 +80,45 @@ class SolverConfig:
 
     @property
     def truncates(self) -> bool:
+        """Whether singular values are truncated.
+
+        Returns:
+            ``True`` if ``rtol`` or ``atol`` is set.
+        """
         return bool(self.rtol or self.atol)
 
 
 
 def default_rank_rtol(n: int, dtype: torch.dtype) -> float:
-    """``max(n, 100) · eps(dtype)``: relative floor for Gram eigenvalues and Cholesky pivots.
+    r""":math:`\max(n, 100)\,\epsilon_{\mathrm{dtype}}`: relative floor for Gram eigenvalues and Cholesky
+    pivots.
 
     Eigenvalues of a Gram formed in floating point carry errors of order ``eps · μ_max`` (times a
     modest constant), so smaller ones are noise; an exactly singular Gram gives pivots of a few
     ``eps`` (observed up to ~7 eps in float64), hence the floor of 100 for small ``n``.
+
+    Args:
+        n: Gram size.
+        dtype: Dtype the Gram is formed in.
+
+    Returns:
+        :math:`\max(n, 100)\,\epsilon_{\mathrm{dtype}}`.
     """
     return max(n, 100) * torch.finfo(dtype).eps
 
 
 def keep_singular_values(sq: torch.Tensor, config: SolverConfig, rank_rtol: float) -> torch.Tensor:
-    """Mask of squared singular values ``μ = s²`` kept: ``μ > rank_rtol·μ_max``, ``s ≥ rtol·s_max``,
-    ``s ≥ atol``."""
+    r"""Mask of squared singular values ``μ = s²`` kept: ``μ > rank_rtol·μ_max``, ``s ≥ rtol·s_max``,
+    ``s ≥ atol``.
+
+    Args:
+        sq: Squared singular values :math:`\mu`.
+        config: Supplies ``rtol`` and ``atol``.
+        rank_rtol: Relative eigenvalue floor.
+
+    Returns:
+        Boolean mask, shaped like ``sq``.
+    """
     mu_max = sq.max().clamp_min(0)
     keep = sq > rank_rtol * mu_max
     if config.rtol:

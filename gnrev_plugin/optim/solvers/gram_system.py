@@ -74,7 +74,12 @@ class GramSystem:
             self.resolve(*self.pending.tolist())
 
     def resolve(self, ok: bool, finite: bool) -> None:
-        """Finish the factorisation from the synchronised flags (fallbacks when ``ok`` is False)."""
+        """Finish the factorisation from the synchronised flags (fallbacks when ``ok`` is False).
+
+        Args:
+            ok: The factorisation succeeded.
+            finite: The Gram is finite.
+        """
         self._check_finite(finite)
         config, n, L = self.config, self.n, self._L
         self._L = self.pending = None
@@ -143,7 +148,14 @@ class GramSystem:
 
     def solve(self, E: torch.Tensor) -> torch.Tensor:
         """``X = K⁻¹ E`` (``K⁺E`` when rank-deficient; truncated/damped as configured), in the
-        factor dtype."""
+        factor dtype.
+
+        Args:
+            E: Right-hand sides, ``(m, c)``.
+
+        Returns:
+            :math:`K^{-1} E` (or :math:`K^+ E`), ``(m, c)``.
+        """
         E64 = E.to(self.K.dtype)
         with single_threaded(self._small):
             if self._chol is not None:

@@ -8,11 +8,19 @@ __all__ = ["gram_with_ones", "primal_gram_with_ones"]
 
 
 def gram_with_ones(S: torch.Tensor, block_rows: int = 256) -> torch.Tensor:
-    """``K = S Sᵀ + 1 1ᵀ`` (the dual Gram of ``B = [S, 1]``), exactly symmetric.
+    r""":math:`K = S S^\top + \mathbf{1}\mathbf{1}^\top` (the dual Gram of :math:`B = [S, \mathbf{1}]`),
+    exactly symmetric.
 
     For ``n ≥ 2·block_rows`` only the lower block triangle is multiplied (row block ``i`` against
     rows ``0..i`` in one product) and mirrored: about ``(b+1)/(2b)`` of the FLOPs of ``S Sᵀ`` for
     ``b`` row blocks, in large, efficient matrix products.
+
+    Args:
+        S: Features :math:`S`, ``(n, M)``.
+        block_rows: Row block size.
+
+    Returns:
+        :math:`K = S S^\top + \mathbf{1}\mathbf{1}^\top`, ``(n, n)``.
     """
     K = _lower_block_products(S, block_rows)
     K = torch.tril(K) + torch.tril(K, -1).mT
@@ -42,11 +50,19 @@ def _dual_gram_lower(S: torch.Tensor, dtype: torch.dtype, block_rows: int = 256)
 
 def primal_gram_with_ones(S: torch.Tensor, dtype: torch.dtype | None = None,
                           block_cols: int = 128) -> torch.Tensor:
-    """``G = BᵀB = [[SᵀS, Sᵀ1], [1ᵀS, n]]`` (the primal Gram of ``B = [S, 1]``) in ``dtype``.
+    r"""``G = BᵀB = [[SᵀS, Sᵀ1], [1ᵀS, n]]`` (the primal Gram of ``B = [S, 1]``) in ``dtype``.
 
     Only the **lower** triangle of ``SᵀS`` is formed (column block ``i`` against columns
     ``0..i``, about ``(b+1)/(2b)`` of the FLOPs for ``b`` blocks) and guaranteed; the last row
     and column are complete. Cholesky reads nothing else (see :class:`GramSystem`).
+
+    Args:
+        S: Features :math:`S`, ``(n, M)``.
+        dtype: Dtype of the result (default ``S.dtype``).
+        block_cols: Column block size.
+
+    Returns:
+        :math:`G = B^\top B`, ``(M + 1, M + 1)``, lower triangle valid.
     """
     n, m = S.shape
     G = torch.empty(m + 1, m + 1, dtype=S.dtype, device=S.device)

@@ -20,7 +20,12 @@ __all__ = ["LinearFactor", "HalfLayerSolution", "HalfLayerSystem", "projection_f
 @dataclass
 class LinearFactor:
     """``S = core · basis`` for a linear half-layer: ``core = X L_C`` (``n×k``), ``basis = Q_C =
-    L_C⁻¹ C`` (``k×M``, orthonormal rows)."""
+    L_C⁻¹ C`` (``k×M``, orthonormal rows).
+
+    Attributes:
+        core: :math:`X L_C`, ``(n, k)``.
+        basis: :math:`Q_C = L_C^{-1} C`, ``(k, M)``.
+    """
 
     core: torch.Tensor
     basis: torch.Tensor
@@ -28,12 +33,21 @@ class LinearFactor:
 
 @dataclass
 class HalfLayerSolution:
-    """``ΔW`` (``k×M``), ``Δb`` (``k``) and the achieved output change ``A Δ`` (``n×k``).
+    r"""``ΔW`` (``k×M``), ``Δb`` (``k``) and the achieved output change ``A Δ`` (``n×k``).
 
     ``target`` is the right-hand side ``E`` it solved, ``residual`` the relative residual
     ``‖E − AΔ‖/‖E‖`` (a 0-dim tensor; the caller synchronises once for all systems), ``thin``
     the solve on the factor ``B`` that :meth:`HalfLayerSystem.refine` continues (``(Z, R, coef,
     bias)`` for ``E = Z R``) and ``refined`` whether refinement produced it.
+
+    Attributes:
+        weight: :math:`\Delta W`, ``(k, M)``.
+        bias: :math:`\Delta b`, ``(k,)``.
+        achieved: :math:`A \Delta`, ``(n, k)``.
+        target: :math:`E`.
+        residual: :math:`\lVert E - A\Delta \rVert / \lVert E \rVert`.
+        thin: ``(Z, R, coef, bias)`` of the thin solve.
+        refined: Whether refinement produced it.
     """
 
     weight: torch.Tensor
@@ -49,7 +63,16 @@ def projection_factor(C: torch.Tensor, dtype: torch.dtype,
                       cache: dict | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(L_C, Q_C)`` with ``C Cᵀ = L_C L_Cᵀ`` and ``Q_C = L_C⁻¹ C`` (orthonormal rows), in
     ``dtype``; ``None`` if ``C`` (``k×M``) is not of full row rank. Computed in float64 and cached
-    per projection tensor (``C`` is a fixed buffer)."""
+    per projection tensor (``C`` is a fixed buffer).
+
+    Args:
+        C: Projection :math:`C`, ``(k, M)``.
+        dtype: Result dtype.
+        cache: Per-step cache, or ``None``.
+
+    Returns:
+        ``(L_C, Q_C)``, or ``None``.
+    """
     key = (id(C), tensor_version(C), C.data_ptr(), dtype, C.device)
     if cache is not None and key in cache:
         return cache[key]
@@ -134,7 +157,12 @@ class HalfLayerSystem:
         return (c @ x[:-1] + x[-1]).square().sum().to(torch.float64)
 
     def resolve(self, ok: bool = True, finite: bool = True) -> None:
-        """Finish a deferred factorisation with its synchronised ``pending`` flags."""
+        """Finish a deferred factorisation with its synchronised ``pending`` flags.
+
+        Args:
+            ok: The factorisation succeeded.
+            finite: The Gram is finite.
+        """
         if self._gram is not None and self._gram.pending is not None:
             self._gram.resolve(ok, finite)
         self.pending = None
@@ -155,12 +183,19 @@ class HalfLayerSystem:
     # -- solving ------------------------------------------------------------------------------
     def solve(self, E: torch.Tensor | None = None, *,
               factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> HalfLayerSolution:
-        """Minimum-norm (or truncated / damped) solution of ``A Δ = E`` for ``E`` (``n×k``).
+        r"""Minimum-norm (or truncated / damped) solution of :math:`A \Delta = E` for :math:`E` (``n×k``).
 
         ``factors = (Z, R)`` gives the target as ``E = Z R`` with a thin ``Z`` (``n×c``, e.g. a
         target pulled back through the readout, ``c = C``): the solution is linear in ``E``, so
         the Gram solve, ``ΔW`` and the achieved change run on ``c`` columns and are expanded by
         ``R`` (``A⁺(Z R) = (A⁺Z) R``).
+
+        Args:
+            E: Target :math:`E`, ``(n, k)``; or ``None`` with ``factors``.
+            factors: ``(Z, R)`` with :math:`E = Z R`.
+
+        Returns:
+            The :class:`HalfLayerSolution`.
         """
         Z, R = (E, None) if factors is None else factors
         if self._svd is not None:
@@ -210,6 +245,12 @@ class HalfLayerSystem:
 
         ``r = Z − B v`` is formed in float64 from the solution as applied, then ``v ← v + Bᵀ K⁻¹ r``
         (dual) or ``v ← v + G⁻¹ Bᵀ r`` (primal); the new residual is measured again.
+
+        Args:
+            sol: A solution of :meth:`solve`.
+
+        Returns:
+            The refined solution.
         """
         if self._gram is None or sol.thin is None:
             return sol
@@ -232,6 +273,16 @@ class HalfLayerSystem:
 def factor_half_layer(features: torch.Tensor | None, config: SolverConfig,
                       linear: LinearFactor | None = None, *, defer: bool = False
                       ) -> HalfLayerSystem:
-    """Form and factor the system of one half-layer with features ``S = σ(Z C)``
-    (``defer``: leave the host synchronisation to the caller, see :meth:`HalfLayerSystem.resolve`)."""
+    r"""Form and factor the system of one half-layer with features ``S = σ(Z C)``
+    (``defer``: leave the host synchronisation to the caller, see :meth:`HalfLayerSystem.resolve`).
+
+    Args:
+        features: :math:`S = \sigma(Z C)`, ``(n, M)``, or ``None`` with ``linear``.
+        config: How the system is solved.
+        linear: The factor of a linear half-layer, or ``None``.
+        defer: Leave the host synchronisation to the caller.
+
+    Returns:
+        The :class:`HalfLayerSystem`.
+    """
     return HalfLayerSystem(features, config, linear, defer=defer)

@@ -28,6 +28,9 @@ class single_threaded:  # noqa: N801 - a context manager, like torch.no_grad
     another process holds the cores each synchronisation waits for a time slice, and a 128×128
     ``eigh`` was measured at 4.6 s instead of 9 ms. One thread has no such waits. Re-entrant; the
     previous thread count is restored on exit.
+
+    Args:
+        active: ``False`` to do nothing.
     """
 
     def __init__(self, active: bool = True) -> None:
