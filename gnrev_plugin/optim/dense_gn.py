@@ -62,7 +62,6 @@ from torch.func import functional_call, jacrev, vmap
 from ..nn.discovery import find_module_owning
 from . import distributed as gdist
 from .capture import OutputCapture, autocast_disabled, suspended
-from .cg import JacobianProducts, block_preconditioner, conjugate_gradient
 from .common import (
     apply_update,
     as_dtype,
@@ -71,8 +70,9 @@ from .common import (
     is_low_precision,
     validate_gn_options,
 )
+from .dense_gn_cg import BATCH_COUPLING, BatchStatisticsOnly, step_cg
 from .errors import RankDeficiencyError
-from .gram import LayerFactors, factored_diagonal, factored_gram, factored_sample_blocks
+from .gram import LayerFactors, factored_gram
 from .gram.capture import capture_factors, plan_layers
 from .protocols import BATCH_STEP, DISTRIBUTED, GAUSS_NEWTON
 from .solvers import GramSystem, SolverConfig
@@ -85,7 +85,8 @@ SOLVERS = ("cholesky", "eigh", "cg")
 CG_PRECONDITIONERS = ("block", "diagonal", "none")
 _COUPLED_NOTE = ("BatchNorm in training mode couples the samples: J is the batch Jacobian "
                  "(jacobian='rows')")
-_BATCH_COUPLING = (nn.modules.batchnorm._BatchNorm,)
+
+
 class DenseGN(torch.optim.Optimizer):
     """Exact Gauss-Newton ``Δθ = −α Jᵀ(JJᵀ + λI)⁻¹ε`` for any module (module docstring).
 
@@ -227,7 +228,7 @@ class DenseGN(torch.optim.Optimizer):
                                  "put the model in eval() mode or remove dropout")
 
     def _coupled(self) -> bool:
-        return any(isinstance(mod, _BATCH_COUPLING) and mod.training
+        return any(isinstance(mod, BATCH_COUPLING) and mod.training
                    for mod in self.model.modules())
 
     def _method(self) -> str:
@@ -275,7 +276,7 @@ class DenseGN(torch.optim.Optimizer):
         names = self.names if names is None else names
         p = {k: v for k, v in self._trained(dtype).items() if k in names}
         f = self._forward_functional(x, dtype)
-        with suspended(), _batch_statistics_only(self.model):
+        with suspended(), BatchStatisticsOnly(self.model):
             out = f(p, x)
             P = sum(q.numel() for q in p.values())
             if out.numel() * P > self.max_jacobian_entries:
@@ -422,88 +423,6 @@ class DenseGN(torch.optim.Optimizer):
         self._finish(report, gdist.unflatten(flat, deltas))
         return torch.as_tensor(total / n, dtype=loss.dtype, device=loss.device)
 
-
-    def _cg_preconditioner(self, x: torch.Tensor, dtype: torch.dtype | None):
-        """``(preconditioner for conjugate_gradient, its name)``: exact per-sample blocks or
-        diagonal of ``J Jᵀ`` when every trained parameter is in a structured layer and the
-        samples are independent, else ``(None, "none")``."""
-        group = self.param_groups[0]
-        kind = group["cg_preconditioner"]
-        layers, generic = plan_layers(self.model, self.names)
-        if kind == "none" or generic or self._coupled():
-            return None, "none"
-        f = self._forward_functional(x, dtype)
-        with suspended():
-            _, factors, _ = capture_factors(f, self._trained(dtype), x, layers)
-        budget, fdt = group["max_memory_mb"], group["factor_dtype"]
-        if kind == "diagonal":
-            diag = sum(factored_diagonal(fa, max_memory_mb=budget) for fa in factors)
-            return diag.to(fdt) + group["damping"], kind
-        blocks = sum(factored_sample_blocks(fa, max_memory_mb=budget) for fa in factors)
-        return block_preconditioner(blocks.to(fdt), group["damping"]), kind
-
     def _step_cg(self, x: torch.Tensor, y: torch.Tensor, label_smoothing: float) -> torch.Tensor:
-        """Matrix-free step (module docstring): CG on ``(J Jᵀ + λI) Λ = −α vec ε``."""
-        group = self.param_groups[0]
-        self._check_model()
-        dtype = self._compute_dtype()
-        if dtype is not None:
-            x = x.to(dtype) if x.is_floating_point() else x
-            y = y.to(dtype) if y.is_floating_point() else y
-        with suspended(), _batch_statistics_only(self.model):
-            ops = JacobianProducts(self._forward_functional(x, dtype), self._trained(dtype), x)
-            out = ops.output
-            if out.dim() != 2:
-                raise ValueError(f"DenseGN expects outputs of shape (n, C), got "
-                                 f"{tuple(out.shape)}")
-            loss = mean_loss(group["loss"], out, y)
-            check_finite("model output", out)
-            check_finite("loss", loss)
-            eps = newton_target(group["loss"], out, y, ce_target=group["ce_target"],
-                                ce_damping=group["ce_damping"], label_smoothing=label_smoothing)
-            fdt = group["factor_dtype"]
-            b = (-group["lr"] * eps).reshape(-1).to(fdt)
-            pre, pre_name = self._cg_preconditioner(x, dtype)
-            lam = group["damping"]
-            result = conjugate_gradient(lambda v: ops.gram_matvec(v) + lam * v, b,
-                                        preconditioner=pre, tol=group["cg_tol"],
-                                        max_iter=group["cg_max_iter"])
-            delta = ops.vjp(result.solution)
-            true_res = float((ops.jvp(delta).to(fdt) - b).norm() / b.norm().clamp_min(1e-300))
-        exact = group["damping"] == 0 and true_res <= group["cg_tol"]
-        report = {"exact": exact, "n_outputs": b.numel(), "jacobian": "matrix_free",
-                  "cg_iterations": result.iterations, "true_residual": true_res,
-                  "recursive_residual": result.recursive_residual,
-                  "preconditioner": pre_name, **self._note()}
-        if not exact and group["damping"] == 0 and group["rank_policy"] == "raise":
-            raise RankDeficiencyError(
-                f"CG reached a true residual ‖JΔθ + αε‖/‖αε‖ = {true_res:.2e} > cg_tol = "
-                f"{group['cg_tol']:g} after {result.iterations} iterations (rank-deficient J Jᵀ "
-                "or too few iterations); raise cg_max_iter or use rank_policy='warn'")
-        if not exact and group["rank_policy"] == "warn":
-            warnings.warn(f"DenseGN CG step is not exact Gauss-Newton (true residual "
-                          f"{true_res:.2e}, cg_tol {group['cg_tol']:g}, damping "
-                          f"{group['damping']})", RuntimeWarning, stacklevel=caller_stacklevel())
-        apply_update(self, zip(self.params, [delta[n] for n in self.names], strict=True))
-        self.last_step_exact = exact
-        self.last_step_info = report
-        return loss
-
-
-class _batch_statistics_only:  # noqa: N801
-    """BatchNorm layers in training mode use batch statistics without updating running ones
-    (so the Jacobian pass neither mutates buffers inside ``torch.func`` nor double-counts)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.mods = [m for m in model.modules() if isinstance(m, _BATCH_COUPLING) and m.training]
-
-    def __enter__(self) -> None:
-        self.saved = [(m.running_mean, m.running_var, m.track_running_stats) for m in self.mods]
-        for m in self.mods:
-            m.running_mean = m.running_var = None
-            m.track_running_stats = False
-
-    def __exit__(self, *exc) -> None:
-        for m, (mean, var, track) in zip(self.mods, self.saved, strict=True):
-            m.running_mean, m.running_var, m.track_running_stats = mean, var, track
-
+        """Matrix-free step: :func:`gnrev_plugin.optim.dense_gn_cg.step_cg`."""
+        return step_cg(self, x, y, label_smoothing)
