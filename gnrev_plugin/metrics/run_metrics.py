@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from gnrev_plugin.nn import RevMLP
+from gnrev_plugin.nn.validation import check_tensor
 
 from .conditioning import gn_condition_number
 from .hessian import decompose, dense_matrix, estimate_trace
@@ -54,6 +55,13 @@ def _cached(initial_model: nn.Module, key: str, inputs: torch.Tensor, compute):
     return slot[tag]
 
 
+def _check_probe(who: str, inputs: torch.Tensor, targets: torch.Tensor | None = None) -> None:
+    """The probe batch is non-empty and finite (a named ``ValueError``, never a silent NaN)."""
+    check_tensor(who, "inputs", inputs)
+    if targets is not None:
+        check_tensor(who, "targets", targets, n=inputs.shape[0])
+
+
 def _ntk(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     return empirical_ntk(model, inputs).detach().double()
 
@@ -61,6 +69,7 @@ def _ntk(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
 def ntk_similarity_to_init(model: nn.Module, *, inputs: torch.Tensor, initial_model: nn.Module,
                            **_) -> float:
     """``A(Θ₀, Θ_t)``, the Frobenius cosine of the probe batch's NTKs at init and now."""
+    _check_probe("ntk_similarity_to_init", inputs)
     K0 = _cached(initial_model, "ntk", inputs, lambda: _ntk(initial_model, inputs))
     return float(ntk_similarity(K0, _ntk(model, inputs)))
 
@@ -77,6 +86,7 @@ def _representations(model: nn.Module, inputs: torch.Tensor) -> dict[str, torch.
 def cka_to_init(model: nn.Module, *, inputs: torch.Tensor, initial_model: nn.Module,
                 **_) -> dict[str, float]:
     """Linear CKA to init per half-layer (RevMLP) or per leaf module (other models)."""
+    _check_probe("cka_to_init", inputs)
     reps0 = _cached(initial_model, "reps", inputs, lambda: _representations(initial_model, inputs))
     return cka_by_layer(reps0, _representations(model, inputs))
 
@@ -95,6 +105,7 @@ def gn_condition_number_on_batch(model: nn.Module, *, inputs: torch.Tensor,
                                  targets: torch.Tensor, loss_fn: nn.Module, **_
                                  ) -> dict[str, float]:
     """``κ(G)`` of the probe batch (Gram side) with the rank it was computed on."""
+    _check_probe("gn_condition_number_on_batch", inputs, targets)
     rep = gn_condition_number(model, loss_fn, (inputs, targets), side="gram")
     return {"kappa": float(rep.kappa), "rank": float(rep.rank)}
 
@@ -102,6 +113,7 @@ def gn_condition_number_on_batch(model: nn.Module, *, inputs: torch.Tensor,
 def nme_trace(model: nn.Module, *, inputs: torch.Tensor, targets: torch.Tensor,
               loss_fn: nn.Module, **_) -> float:
     """``tr(NME) = tr(H − G)`` of the probe batch (exact or Hutch++, see the module docstring)."""
+    _check_probe("nme_trace", inputs, targets)
     dec = decompose(model, loss_fn, (inputs, targets))
     if dec.num_params <= EXACT_TRACE_MAX_PARAMS:
         return float(torch.trace(dense_matrix(dec.nme)))

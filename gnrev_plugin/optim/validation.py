@@ -1,13 +1,9 @@
-"""One input-validation layer for every optimizer step and every metric: what is wrong with a
-batch, named before any work (so the parameters are left unchanged), with ExactGN's quality of
-message (:mod:`gnrev_plugin.optim.exact_gn_checks`).
-
-Checked: the type, dtype and shape of the inputs ``X``, an empty batch, one target per input, the
-targets' form for the loss (class indices of shape ``(n,)`` in ``[0, C)`` for cross-entropy,
-floating ``(n, C)`` for MSE, with ``C`` the model's output width), and non-finite values.
-``TypeError`` for a non-tensor, ``ValueError`` for everything else (a
-:class:`~gnrev_plugin.optim.errors.NonFiniteError` — a ``FloatingPointError`` — in optimizer steps,
-where it says that the parameters were not changed).
+"""The input validation of every optimizer step (DenseGN, the sharpness wrappers): the dtype,
+shape and finiteness of a batch, its targets against the model's output width, all checked before
+any work, so that the parameters are left unchanged. The checks themselves are
+:mod:`gnrev_plugin.nn.validation` (shared with the metrics); this module adds what is particular
+to a step: the parameters' dtype, the capture hooks suspended during the width probe, and
+:class:`~gnrev_plugin.optim.errors.NonFiniteError` for non-finite values.
 """
 
 from __future__ import annotations
@@ -17,100 +13,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..nn.validation import check_targets, check_tensor, loss_kind_of, output_width
 from .capture import suspended
 from .errors import NonFiniteError
 
-__all__ = ["check_tensor", "check_targets", "validate_batch", "loss_kind_of"]
+__all__ = ["validate_batch", "check_tensor", "check_targets", "loss_kind_of"]
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
-
-
-def check_tensor(who: str, name: str, t: Any, *, min_dim: int = 1, n: int | None = None,
-                 floating: bool = False, finite: bool = True) -> torch.Tensor:
-    """``t``, or a named ``TypeError``/``ValueError`` saying what is wrong with it.
-
-    Args:
-        who: the optimizer or metric, for the message.
-        name: what ``t`` is (``"inputs"``, ``"targets"``, ``"X"``...).
-        t: the value to check.
-        min_dim: the least number of dimensions (the first is the sample axis).
-        n: the number of samples ``t`` must have (``None``: at least one).
-        floating: ``t`` must be real floating point.
-        finite: every entry must be finite (floating tensors only).
-
-    Returns:
-        ``t`` unchanged.
-    """
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{who}: {name} must be a tensor, got {type(t).__name__}")
-    if t.dim() < min_dim:
-        raise ValueError(f"{who}: {name} must have at least {min_dim} dimension(s) (samples "
-                         f"first), got shape {tuple(t.shape)}")
-    if n is None and t.shape[0] == 0:
-        raise ValueError(f"{who}: empty batch: {name} has 0 samples (shape {tuple(t.shape)}); "
-                         "at least one is needed")
-    if n is not None and t.shape[0] != n:
-        raise ValueError(f"{who}: {n} inputs but {name} of shape {tuple(t.shape)}; need one "
-                         "target per input")
-    if floating and (not t.is_floating_point() or t.is_complex()):
-        raise ValueError(f"{who}: {name} must be real floating point, got {t.dtype}")
-    if finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
-        bad = int((~torch.isfinite(t)).sum())
-        raise ValueError(f"{who}: {name} contain {bad} non-finite value(s) (NaN or inf); the "
-                         "result would be undefined")
-    return t
-
-
-def check_targets(who: str, loss: str | None, y: Any, n: int, c: int | None, *,
-                  finite: bool = True) -> None:
-    """The targets' form for ``loss`` (``"cross_entropy"``, ``"mse"``, or ``None``: only one per
-    input and finite), with ``c`` the model's output width (``None``: unknown).
-
-    Args:
-        who: the optimizer or metric, for the message.
-        loss: the loss name.
-        y: the targets.
-        n: the number of inputs.
-        c: the number of outputs :math:`C`; class indices must lie in :math:`[0, C)`.
-        finite: floating targets must be finite.
-    """
-    check_tensor(who, "targets", y, n=n, finite=finite)
-    if loss == "mse":
-        if not y.is_floating_point() or (c is not None and tuple(y.shape) != (n, c)):
-            raise ValueError(f"{who}: MSE targets must be floating point of the output's shape "
-                             f"({n}, {c if c is not None else 'C'}), got {tuple(y.shape)} "
-                             f"{y.dtype}")
-    elif loss == "cross_entropy":
-        if y.is_floating_point() and (y.dim() == 2 and c in (None, y.shape[1])):
-            return                                   # probabilities
-        if y.is_floating_point() or y.dim() != 1 or y.dtype == torch.bool or y.is_complex():
-            raise ValueError(f"{who}: cross-entropy targets must be integer class indices of "
-                             f"shape ({n},) or probabilities of shape ({n}, {c or 'C'}); got "
-                             f"{tuple(y.shape)} {y.dtype}")
-        lo, hi = int(y.min()), int(y.max())
-        if lo < 0 or (c is not None and hi >= c):
-            raise ValueError(f"{who}: class indices must lie in [0, {c}) for a model with {c} "
-                             f"outputs, got range [{lo}, {hi}]")
-
-
-def _output_width(who: str, model: nn.Module, x: torch.Tensor) -> int:
-    """``C``: the model's output width on the first sample, with nothing changed (eval mode, no
-    grad, capture suspended, RNG forked); a ``ValueError`` when the model rejects the inputs."""
-    was_training = model.training
-    devices = [x.device] if x.device.type == "cuda" else []
-    try:
-        with torch.random.fork_rng(devices=devices), torch.no_grad(), suspended():
-            model.eval()
-            out = model(x[:1])
-    except RuntimeError as err:
-        raise ValueError(f"{who}: the model rejects inputs of shape {tuple(x.shape)} "
-                         f"{x.dtype}: {err}") from None
-    finally:
-        model.train(was_training)
-    if not isinstance(out, torch.Tensor) or out.dim() != 2:
-        raise ValueError(f"{who}: the model must return outputs of shape (n, C), got "
-                         f"{tuple(getattr(out, 'shape', ())) or type(out).__name__}")
-    return int(out.shape[1])
 
 
 def validate_batch(who: str, model: nn.Module, x: Any, y: Any, loss: str | None) -> None:
@@ -137,17 +46,13 @@ def validate_batch(who: str, model: nn.Module, x: Any, y: Any, loss: str | None)
                          f"model.to({x.dtype}))")
     probe = x.to(param.dtype) if param is not None and param.dtype in _LOW_PRECISION else x
     check_tensor(who, "targets", y, finite=False)
-    check_targets(who, loss, y, x.shape[0], _output_width(who, model, probe), finite=False)
+    check_targets(who, loss, y, x.shape[0], _width(who, model, probe), finite=False)
     for name, t in (("inputs", x), ("targets", y)):
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise NonFiniteError(f"{who}: non-finite {name} (NaN or inf); the parameters were not "
                                  "changed")
 
 
-def loss_kind_of(loss_fn: Any) -> str | None:
-    """``"cross_entropy"``/``"mse"`` for ``nn.CrossEntropyLoss``/``nn.MSELoss``, else ``None``."""
-    if isinstance(loss_fn, nn.CrossEntropyLoss):
-        return "cross_entropy"
-    if isinstance(loss_fn, nn.MSELoss):
-        return "mse"
-    return None
+def _width(who: str, model: nn.Module, x: torch.Tensor) -> int:
+    with suspended():          # the probe forward is not a batch for the loss capture
+        return output_width(who, model, x)
