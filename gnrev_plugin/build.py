@@ -91,6 +91,16 @@ class RunSpec:
             if not isinstance(value, Mapping):
                 raise ValueError(f"{name} must be a dict, got {type(value).__name__}")
             setattr(self, name, dict(value))
+        for name in ("model", "optimizer", "dataset", "device"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
+        if isinstance(self.metrics, (str, bytes)) or not isinstance(self.metrics, (list, tuple)) \
+                or not all(isinstance(m, str) and m for m in self.metrics):
+            raise ValueError(f"metrics must be a list of metric names, got {self.metrics!r}")
+        try:
+            torch.device(self.device)
+        except RuntimeError as err:
+            raise ValueError(f"device {self.device!r} is not a torch device: {err}") from None
         self.metrics = list(self.metrics)
         try:
             json.dumps(self.to_dict(), allow_nan=False)
@@ -103,6 +113,8 @@ class RunSpec:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> RunSpec:
+        if not isinstance(d, Mapping):
+            raise ValueError(f"a run spec must be a JSON object, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

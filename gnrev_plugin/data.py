@@ -197,7 +197,10 @@ def read_idx(path: str | Path, *, md5: tuple[int, str] | None = None) -> np.ndar
         warnings.warn(f"{path}: MD5 {got} of the decompressed data differs from the official "
                       f"file's {md5[1]}; using it anyway (other MNIST-format data?)", DataWarning,
                       stacklevel=2)
-    return np.frombuffer(raw, dtype=dtype, count=count, offset=offset).reshape(dims)
+    try:
+        return np.frombuffer(raw, dtype=dtype, count=count, offset=offset).reshape(dims)
+    except ValueError as err:       # e.g. (0, 2**31 - 1, 2**31 - 1): no data, impossible shape
+        raise DataError(f"{path} declares an impossible shape {dims}: {err}") from None
 
 
 def _idx_stem(path: Path) -> str:

@@ -69,8 +69,16 @@ def check_entry_fields(kind: str, name: str, *, defaults: dict, needs: Sequence[
     Raises:
         PluginError: a malformed field, naming the entry.
     """
-    defaults, needs, tags = dict(defaults or {}), tuple(needs), tuple(tags)
     where = f"{kind} {name!r}"
+    if defaults is not None and not isinstance(defaults, dict):
+        raise PluginError(f"{where}: defaults must be a dict, got {type(defaults).__name__}")
+    for field_name, value in (("needs", needs), ("tags", tags)):
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple, set, frozenset)):
+            raise PluginError(f"{where}: {field_name} must be a list or tuple of strings, got "
+                              f"{value!r}")
+    defaults, needs, tags = dict(defaults or {}), tuple(needs), tuple(tags)
+    if not isinstance(protocol, str):
+        raise PluginError(f"{where}: protocol must be a string, got {protocol!r}")
     try:
         json.dumps(defaults, allow_nan=False)
     except (TypeError, ValueError) as err:
@@ -86,7 +94,7 @@ def check_entry_fields(kind: str, name: str, *, defaults: dict, needs: Sequence[
                               f"got {protocol!r}")
     elif protocol:
         raise PluginError(f"{where}: only metrics declare a protocol")
-    if not isinstance(input_multiple, int) or input_multiple < 1 or (
+    if isinstance(input_multiple, bool) or not isinstance(input_multiple, int) or input_multiple < 1 or (
             input_multiple != 1 and kind != "model"):
         raise PluginError(f"{where}: input_multiple must be a positive int (models only)")
     if bad := [t for t in tags if not isinstance(t, str) or not t or any(c.isspace() for c in t)]:
