@@ -41,8 +41,8 @@ def check_tensor(who: str, name: str, t: Any, *, min_dim: int = 1, n: int | None
         raise ValueError(f"{who}: {name} must have at least {min_dim} dimension(s) (samples "
                          f"first), got shape {tuple(t.shape)}")
     if n is None and t.shape[0] == 0:
-        raise ValueError(f"{who}: empty batch: {name} has 0 samples (shape {tuple(t.shape)}); "
-                         "at least one is needed")
+        raise ValueError(f"{who}: empty batch: the {name} (shape {tuple(t.shape)}) hold no "
+                         "sample; at least one is needed")
     if n is not None and t.shape[0] != n:
         raise ValueError(f"{who}: {n} inputs but {name} of shape {tuple(t.shape)}; need one "
                          "target per input")
@@ -50,7 +50,7 @@ def check_tensor(who: str, name: str, t: Any, *, min_dim: int = 1, n: int | None
         raise ValueError(f"{who}: {name} must be real floating point, got {t.dtype}")
     if finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
         bad = int((~torch.isfinite(t)).sum())
-        raise ValueError(f"{who}: {name} contain {bad} non-finite value(s) (NaN or inf); the "
+        raise ValueError(f"{who}: the {name} hold {bad} non-finite value(s) (NaN or inf); the "
                          "result would be undefined")
     return t
 
