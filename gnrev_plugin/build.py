@@ -39,6 +39,7 @@ from torch import nn
 from .defaults import RUN_DEFAULTS
 from .optim.targets import LOSSES
 from .registry import PluginError, Registry, get_registry
+from .registry.contracts import check_model_output, check_optimizer_object
 
 __all__ = ["RunSpec", "Built", "LOSSES", "build", "build_model", "build_optimizer", "build_loss",
            "loss_targets", "build_run_metrics", "evaluate_run_metrics", "load_data",
@@ -90,6 +91,16 @@ class RunSpec:
             if not isinstance(value, Mapping):
                 raise ValueError(f"{name} must be a dict, got {type(value).__name__}")
             setattr(self, name, dict(value))
+        for name in ("model", "optimizer", "dataset", "device"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
+        if isinstance(self.metrics, (str, bytes)) or not isinstance(self.metrics, (list, tuple)) \
+                or not all(isinstance(m, str) and m for m in self.metrics):
+            raise ValueError(f"metrics must be a list of metric names, got {self.metrics!r}")
+        try:
+            torch.device(self.device)
+        except RuntimeError as err:
+            raise ValueError(f"device {self.device!r} is not a torch device: {err}") from None
         self.metrics = list(self.metrics)
         try:
             json.dumps(self.to_dict(), allow_nan=False)
@@ -102,6 +113,8 @@ class RunSpec:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> RunSpec:
+        if not isinstance(d, Mapping):
+            raise ValueError(f"a run spec must be a JSON object, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -169,10 +182,41 @@ def build_model(name: str, kwargs: Mapping | None = None, *, in_features: int, n
                                   num_classes=int(num_classes), **dict(kwargs or {}))
         except TypeError as err:
             raise ValueError(f"model {name!r} rejected its options {dict(kwargs or {})}: "
-                             f"{err}") from err
+                             f"{err}{_valid_keys(reg, 'model', name, dict(kwargs or {}))}"
+                             ) from err
+        except (ValueError, PluginError, KeyboardInterrupt, MemoryError):
+            raise
+        except Exception as err:
+            raise PluginError(f"model {name!r} failed to build with options "
+                              f"{dict(kwargs or {})}: {type(err).__name__}: {err}") from err
     if not isinstance(model, nn.Module):
         raise PluginError(f"model {name!r} returned {type(model).__name__}, not an nn.Module")
-    return model.to(resolve_device(device))
+    model = model.to(resolve_device(device))
+    _dry_forward(name, model, int(in_features), int(num_classes))
+    return model
+
+
+def _dry_forward(name: str, model: nn.Module, in_features: int, num_classes: int) -> None:
+    """Forward one zero sample (eval mode, no grad, RNG untouched) and check the output width,
+    so that a model of the wrong width fails before the run, naming the entry."""
+    param = next(model.parameters(), None)
+    x = torch.zeros(1, in_features, dtype=param.dtype if param is not None and
+                    param.is_floating_point() else torch.get_default_dtype(),
+                    device=param.device if param is not None else "cpu")
+    was_training = model.training
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            model.eval()
+            out = model(x)
+    except (KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as err:
+        raise PluginError(f"model {name!r} failed a dry forward of one sample of {in_features} "
+                          f"features: {type(err).__name__}: {err}") from err
+    finally:
+        model.train(was_training)
+    if problem := check_model_output(out, num_classes):
+        raise PluginError(f"model {name!r}: {problem}")
 
 
 def build_optimizer(name: str, model: nn.Module, kwargs: Mapping | None = None, *,
@@ -192,9 +236,38 @@ def build_optimizer(name: str, model: nn.Module, kwargs: Mapping | None = None, 
         raise ValueError(f"optimizer {name!r}: {clash} are set by the runner, not by options")
     params = [p for p in model.parameters() if p.requires_grad]
     try:
-        return reg.get_optimizer(name, params, **kwargs, **extra)
+        opt = reg.get_optimizer(name, params, **kwargs, **extra)
     except TypeError as err:
-        raise ValueError(f"optimizer {name!r} rejected its options {kwargs}: {err}") from err
+        raise ValueError(f"optimizer {name!r} rejected its options {kwargs}: {err}"
+                         f"{_valid_keys(reg, 'optimizer', name, kwargs)}") from err
+    except (ValueError, PluginError, KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as err:
+        raise PluginError(f"optimizer {name!r} (registered by "
+                          f"{reg.entry('optimizer', name).source.describe()}) failed to build: "
+                          f"{type(err).__name__}: {err}") from err
+    if problem := check_optimizer_object(opt):
+        raise PluginError(f"optimizer {name!r}: {problem}")
+    return opt
+
+
+def _valid_keys(reg: Registry, kind: str, name: str, kwargs: Mapping) -> str:
+    """``"; valid options: a, b, c"`` from the factory's signature when ``kwargs`` holds a key it
+    does not accept (empty when the signature takes ``**kwargs`` or cannot be read)."""
+    import inspect
+
+    try:
+        factory = reg.entry(kind, name).resolve()
+        sig = inspect.signature(factory.__init__ if isinstance(factory, type) else factory)
+    except (TypeError, ValueError, PluginError):
+        return ""
+    params = sig.parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return ""
+    valid = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+             and p.name not in ("self", "params", "model", "loss", "in_features", "num_classes")]
+    unknown = sorted(set(kwargs) - set(valid))
+    return f"; unknown {unknown}; valid options: {', '.join(valid)}" if unknown else ""
 
 
 def build_loss(kind: str) -> nn.Module:
@@ -267,7 +340,12 @@ def load_data(name: str, kwargs: Mapping | None = None, *, input_multiple: int =
         ds = reg.get_dataset(name, **dict(kwargs or {}))
     except TypeError as err:
         raise ValueError(f"dataset {name!r} rejected its options {dict(kwargs or {})}: "
-                         f"{err}") from err
+                         f"{err}{_valid_keys(reg, 'dataset', name, dict(kwargs or {}))}") from err
+    except (ValueError, PluginError, FileNotFoundError, KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as err:
+        raise PluginError(f"dataset {name!r} failed to load with options {dict(kwargs or {})}: "
+                          f"{type(err).__name__}: {err}") from err
     if not isinstance(ds, Dataset):
         raise PluginError(f"dataset {name!r} returned {type(ds).__name__}, not a "
                           "gnrev_plugin.data.Dataset")

@@ -24,6 +24,8 @@ import gzip
 import hashlib
 import os
 import re
+import warnings
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,13 +36,28 @@ __all__ = [
     "Dataset", "MNIST_MEAN", "MNIST_STD", "DATA_DIR_ENV", "default_data_dir", "find_idx_files",
     "read_idx", "load_idx_dataset", "load_mnist1d", "teacher_student", "load_dataset",
     "full_batch_subset", "one_hot", "pad_to_multiple", "pad_to_even", "epoch_permutation", "minibatches",
-    "DATASETS",
+    "DATASETS", "DataError", "DataWarning", "MNIST_MD5",
 ]
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 DATA_DIR_ENV = "GNREV_DATA_DIR"
 #: Names accepted by :func:`load_dataset`.
 DATASETS = ("mnist", "fashion-mnist", "mnist1d", "teacher-student")
+
+#: ``(size, MD5)`` of the *decompressed* official MNIST files (``../shared/data/mnist/README.md``),
+#: checked when a file of that name and size is read as ``mnist``; a mismatch is a
+#: :class:`DataWarning` (subsets and other MNIST-format sets have other sizes and are not checked).
+MNIST_MD5 = {"t10k-images-idx3-ubyte": (7840016, "2646ac647ad5339dbf082846283269ea"),
+             "t10k-labels-idx1-ubyte": (10008, "27ae3e4e09519cfbb04c329615203637")}
+
+
+class DataError(ValueError):
+    """A data file that cannot be used (corrupt, truncated, inconsistent); the message names it."""
+
+
+class DataWarning(UserWarning):
+    """A data file that is usable but not the one its name promises (checksum mismatch)."""
+
 
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
@@ -132,36 +149,79 @@ def find_idx_files(data_dir: str | Path) -> dict[str, tuple[Path, Path]]:
     return pairs
 
 
-def read_idx(path: str | Path) -> np.ndarray:
+def read_idx(path: str | Path, *, md5: tuple[int, str] | None = None) -> np.ndarray:
     """Read one IDX file (gzipped if the name ends in ``.gz``) into a numpy array.
 
     Format: two zero bytes, a dtype code (0x08 uint8, 0x09 int8, 0x0B int16, 0x0C int32,
     0x0D float32, 0x0E float64), the number of dimensions, then each dimension as a big-endian
-    int32, then the data in C order.
+    int32, then the data in C order: the file holds exactly
+    :math:`4 + 4 n_\\text{dim} + \\prod_k d_k \\cdot \\text{itemsize}` bytes.
+
+    Args:
+        path: the file.
+        md5: ``(size, MD5)`` expected of the decompressed bytes; a file of that size with
+            another MD5 gives a :class:`DataWarning` naming the file (other MNIST-format data is
+            legitimate).
+
+    Returns:
+        The array, of the header's shape and dtype.
+
+    Raises:
+        DataError: a corrupt or truncated gzip stream, a bad magic number, or a size that
+            disagrees with the header (each naming the file).
     """
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as fh:
-        raw = fh.read()
+    try:
+        with opener(path, "rb") as fh:
+            raw = fh.read()
+    except (EOFError, zlib.error, gzip.BadGzipFile) as err:
+        raise DataError(f"{path} is a truncated or corrupt gzip file ({type(err).__name__}: "
+                        f"{err}); copy or download it again (`gzip -t {path.name}` checks "
+                        "it)") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-        raise ValueError(f"{path} is not an IDX file (bad magic number {raw[:4]!r})")
+        raise DataError(f"{path} is not an IDX file (bad magic number {raw[:4]!r})")
     ndim = raw[3]
+    offset = 4 + 4 * ndim
+    if len(raw) < offset:
+        raise DataError(f"{path} is truncated: its header declares {ndim} dimensions but the "
+                        f"file has {len(raw)} bytes")
     dims = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
     dtype = np.dtype(_IDX_DTYPES[raw[2]])
-    offset = 4 + 4 * ndim
-    count = int(np.prod(dims)) if dims else 1
-    if len(raw) - offset < count * dtype.itemsize:
-        raise ValueError(f"{path} is truncated: header says {dims}, file has "
-                         f"{len(raw) - offset} data bytes")
-    return np.frombuffer(raw, dtype=dtype, count=count, offset=offset).reshape(dims)
+    count = int(np.prod(dims, dtype=object)) if dims else 1
+    if len(raw) - offset != count * dtype.itemsize:
+        what = "truncated" if len(raw) - offset < count * dtype.itemsize else "too long"
+        raise DataError(f"{path} is {what}: header says {dims} of {dtype.name} "
+                        f"({count * dtype.itemsize} data bytes), file has {len(raw) - offset}")
+    if md5 is not None and len(raw) == md5[0] and (got := hashlib.md5(raw).hexdigest()) != md5[1]:
+        warnings.warn(f"{path}: MD5 {got} of the decompressed data differs from the official "
+                      f"file's {md5[1]}; using it anyway (other MNIST-format data?)", DataWarning,
+                      stacklevel=2)
+    try:
+        return np.frombuffer(raw, dtype=dtype, count=count, offset=offset).reshape(dims)
+    except ValueError as err:       # e.g. (0, 2**31 - 1, 2**31 - 1): no data, impossible shape
+        raise DataError(f"{path} declares an impossible shape {dims}: {err}") from None
 
 
-def _read_pair(images: Path, labels: Path) -> tuple[np.ndarray, np.ndarray]:
-    x, y = read_idx(images), read_idx(labels)
+def _idx_stem(path: Path) -> str:
+    return path.name.removesuffix(".gz").replace(".idx", "-idx")
+
+
+def _read_pair(images: Path, labels: Path, num_classes: int, check_md5: bool = False
+               ) -> tuple[np.ndarray, np.ndarray]:
+    x, y = (read_idx(p, md5=MNIST_MD5.get(_idx_stem(p)) if check_md5 else None)
+            for p in (images, labels))
+    if x.ndim < 1 or y.ndim != 1 or y.dtype.kind not in "iu":
+        raise DataError(f"{labels.name} must hold a 1-D integer array of labels and {images.name} "
+                        f"at least 1-D images, got {y.dtype.name} {y.shape} and {x.shape}")
     if x.shape[0] != y.shape[0]:
-        raise ValueError(f"{images.name} has {x.shape[0]} images but {labels.name} has "
-                         f"{y.shape[0]} labels")
-    return x.reshape(x.shape[0], -1), y.reshape(-1).astype(np.int64)
+        raise DataError(f"{images.name} has {x.shape[0]} images but {labels.name} has "
+                        f"{y.shape[0]} labels")
+    if len(y) and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise DataError(f"{labels.name} has labels in [{int(y.min())}, {int(y.max())}], outside "
+                        f"[0, {num_classes}) for the declared {num_classes} classes (pass "
+                        "num_classes=K, e.g. --data-opt num_classes=K, for another dataset)")
+    return x.reshape(x.shape[0], -1), y.astype(np.int64)
 
 
 def _normalise(x: np.ndarray, x_train: np.ndarray, normalization: str) -> torch.Tensor:
@@ -183,6 +243,7 @@ def load_idx_dataset(
     train_size: int | None = None,
     test_size: int | None = None,
     name: str = "mnist",
+    num_classes: int = 10,
 ) -> Dataset:
     """Load an MNIST-format IDX directory (see the module docstring for the file layout).
 
@@ -192,13 +253,21 @@ def load_idx_dataset(
         train_size: keep the first ``train_size`` training images (default: all; with only the
             ``t10k`` pair of 10,000 images, 8,000).
         test_size: keep the first (last, for a split ``t10k`` file) ``test_size`` test images.
-        name: the dataset name recorded in the result.
+        name: the dataset name recorded in the result (``"mnist"`` also checks the official
+            files' :data:`MNIST_MD5`, warning on a mismatch).
+        num_classes: the declared number of classes; every label must lie in
+            ``[0, num_classes)`` (:class:`DataError` otherwise).
     """
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    for key, size in (("train_size", train_size), ("test_size", test_size)):
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+            raise ValueError(f"{key} must be a positive int, got {size!r}")
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
     pairs = find_idx_files(data_dir)
     if "train" in pairs and "t10k" in pairs:
-        x_tr, y_tr = _read_pair(*pairs["train"])
-        x_te, y_te = _read_pair(*pairs["t10k"])
+        x_tr, y_tr = _read_pair(*pairs["train"], num_classes, name == "mnist")
+        x_te, y_te = _read_pair(*pairs["t10k"], num_classes, name == "mnist")
         if train_size is not None:
             x_tr, y_tr = x_tr[:train_size], y_tr[:train_size]
         if test_size is not None:
@@ -206,7 +275,7 @@ def load_idx_dataset(
         split = "train/t10k files"
     else:
         (prefix, pair), = pairs.items()
-        x, y = _read_pair(*pair)
+        x, y = _read_pair(*pair, num_classes, name == "mnist")
         n = len(y)
         n_test = test_size if test_size is not None else (2000 if n == 10000 else n // 5)
         n_train = train_size if train_size is not None else n - n_test
@@ -216,7 +285,6 @@ def load_idx_dataset(
         x_tr, y_tr = x[:n_train], y[:n_train]
         x_te, y_te = x[n - n_test:], y[n - n_test:]
         split = f"{prefix} file split: first {n_train} train, last {n_test} test"
-    num_classes = int(max(y_tr.max(), y_te.max())) + 1
     return Dataset(name, _normalise(x_tr, x_tr, normalization), torch.from_numpy(y_tr.copy()),
                    _normalise(x_te, x_tr, normalization), torch.from_numpy(y_te.copy()),
                    num_classes, info=dict(source=idx_source(pairs), split=split,

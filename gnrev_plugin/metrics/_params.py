@@ -7,6 +7,8 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
+from ..nn.validation import check_targets, check_tensor, loss_kind_of, output_width
+
 __all__ = ["select_params", "param_names", "as_batches", "group_by_module", "flat_slices",
            "concat_data"]
 
@@ -32,16 +34,38 @@ def param_names(model: nn.Module, params: Sequence[torch.Tensor]) -> list[str]:
     return [by_id[id(p)] for p in params]
 
 
-def as_batches(data) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Accept ``(X, y)`` or an iterable of ``(X, y)`` batches; return a list of batches."""
+def as_batches(data, model: nn.Module | None = None, loss_fn: nn.Module | None = None,
+               who: str = "metric") -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Accept ``(X, y)`` or an iterable of ``(X, y)`` batches; return a list of batches.
+
+    Every batch is checked (:mod:`gnrev_plugin.nn.validation`): tensors, non-empty, one target
+    per input, finite; with ``model``, the targets also against ``loss_fn`` and the model's
+    output width (class indices in ``[0, C)``).
+
+    Args:
+        data: ``(X, y)`` or an iterable of ``(X, y)``.
+        model: the model the metric evaluates (for the output width), or ``None``.
+        loss_fn: the loss (``nn.CrossEntropyLoss``/``nn.MSELoss`` fix the targets' form).
+        who: the metric, for the messages.
+
+    Returns:
+        The list of ``(X, y)`` batches.
+
+    Raises:
+        TypeError, ValueError: a malformed batch, named.
+    """
     if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], torch.Tensor):
-        return [data]
-    batches = list(data)
+        batches = [data]
+    else:
+        batches = list(data)
     if not batches:
-        raise ValueError("data is empty")
+        raise ValueError(f"{who}: data is empty")
     for b in batches:
         if not (isinstance(b, (tuple, list)) and len(b) == 2):
-            raise ValueError("data must be an iterable of (X, y) pairs")
+            raise ValueError(f"{who}: data must be an iterable of (X, y) pairs")
+        X = check_tensor(who, "inputs", b[0])
+        c = output_width(who, model, X) if model is not None else None
+        check_targets(who, loss_kind_of(loss_fn), b[1], X.shape[0], c)
     return [(b[0], b[1]) for b in batches]
 
 

@@ -185,7 +185,7 @@ def gn_gram_matrix(model: nn.Module, loss_fn: nn.Module, data,
     Raises:
         ValueError: If ``loss_fn``'s reduction is neither ``"mean"`` nor ``"sum"``.
     """
-    batches = as_batches(data)
+    batches = as_batches(data, model, loss_fn, "gn_gram_matrix")
     red = getattr(loss_fn, "reduction", None)
     if red not in ("mean", "sum"):
         raise ValueError("loss_fn must have reduction 'mean' or 'sum'")
@@ -216,7 +216,7 @@ def gn_condition_number(model: nn.Module, loss_fn: nn.Module, data, rtol: float 
     Returns:
         :class:`ConditionReport` (``kappa``, ``rank``, ``rtol``, sensitivity to the rank cut).
     """
-    batches = as_batches(data)
+    batches = as_batches(data, model, loss_fn, "gn_condition_number")
     P = sum(p.numel() for p in select_params(model, params))
     with torch.no_grad():
         nC = sum(model(X)[0].numel() * X.shape[0] for X, _ in batches)

@@ -35,6 +35,7 @@ from torch import nn
 from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
 from ..nn.revmlp import RevMLP
+from ..nn.validation import check_tensor
 from ._params import param_names, select_params
 
 __all__ = [
@@ -400,6 +401,7 @@ def random_probe_similarity(model_a: nn.Module, model_b: nn.Module, X: torch.Ten
     """
     if mode not in ("kernel", "jacobian"):
         raise ValueError("mode must be 'kernel' or 'jacobian'")
+    check_tensor("random_probe_similarity", "X", X)   # an empty batch is no similarity of 0
     output_fn = output_fn or (lambda m, x: m(x))
     with torch.no_grad():
         shape = output_fn(model_a, X).shape

@@ -26,13 +26,16 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..nn.validation import check_tensor
+
 __all__ = ["hsic", "cka", "linear_cka", "rbf_cka", "linear_kernel", "rbf_kernel",
            "capture_representations", "revmlp_representations", "cka_by_layer"]
 
 
-def _as_matrix(X: torch.Tensor) -> torch.Tensor:
-    if X.dim() < 2:
+def _as_matrix(X: torch.Tensor, who: str = "representation", name: str = "X") -> torch.Tensor:
+    if isinstance(X, torch.Tensor) and X.dim() < 2:
         raise ValueError(f"representations must be (n, ...) with n samples, got {tuple(X.shape)}")
+    check_tensor(who, name, X, min_dim=2)       # non-empty and finite (NaN is not "constant")
     return X.reshape(X.shape[0], -1).double()
 
 
@@ -126,6 +129,8 @@ def cka(K: torch.Tensor, L: torch.Tensor, unbiased: bool = False) -> float:
     Raises:
         ValueError: If a representation is constant across samples.
     """
+    check_tensor("cka", "K", K, min_dim=2)
+    check_tensor("cka", "L", L, min_dim=2)
     kl, kk, ll = hsic(K, L, unbiased), hsic(K, K, unbiased), hsic(L, L, unbiased)
     den = (kk * ll).sqrt()
     if not den > 0:
@@ -151,7 +156,7 @@ def linear_cka(X: torch.Tensor, Y: torch.Tensor, unbiased: bool = False) -> floa
     Raises:
         ValueError: For different sample counts or a constant representation.
     """
-    X, Y = _as_matrix(X), _as_matrix(Y)
+    X, Y = _as_matrix(X, "linear_cka", "X"), _as_matrix(Y, "linear_cka", "Y")
     if X.shape[0] != Y.shape[0]:
         raise ValueError(f"X and Y must have the same number of samples, got {X.shape[0]} "
                          f"and {Y.shape[0]}")

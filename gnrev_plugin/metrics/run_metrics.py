@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from gnrev_plugin.nn import RevMLP
+from gnrev_plugin.nn.validation import check_tensor
 
 from .conditioning import gn_condition_number
 from .hessian import decompose, dense_matrix, estimate_trace
@@ -54,6 +55,13 @@ def _cached(initial_model: nn.Module, key: str, inputs: torch.Tensor, compute):
     return slot[tag]
 
 
+def _check_probe(who: str, inputs: torch.Tensor, targets: torch.Tensor | None = None) -> None:
+    """The probe batch is non-empty and finite (a named ``ValueError``, never a silent NaN)."""
+    check_tensor(who, "inputs", inputs)
+    if targets is not None:
+        check_tensor(who, "targets", targets, n=inputs.shape[0])
+
+
 def _ntk(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     return empirical_ntk(model, inputs).detach().double()
 
@@ -70,6 +78,7 @@ def ntk_similarity_to_init(model: nn.Module, *, inputs: torch.Tensor, initial_mo
     Returns:
         :math:`A(\Theta_0, \Theta_t)`.
     """
+    _check_probe("ntk_similarity_to_init", inputs)
     K0 = _cached(initial_model, "ntk", inputs, lambda: _ntk(initial_model, inputs))
     return float(ntk_similarity(K0, _ntk(model, inputs)))
 
@@ -95,6 +104,7 @@ def cka_to_init(model: nn.Module, *, inputs: torch.Tensor, initial_model: nn.Mod
     Returns:
         Representation name :math:`\to` linear :math:`\mathrm{CKA}`.
     """
+    _check_probe("cka_to_init", inputs)
     reps0 = _cached(initial_model, "reps", inputs, lambda: _representations(initial_model, inputs))
     return cka_by_layer(reps0, _representations(model, inputs))
 
@@ -139,6 +149,7 @@ def gn_condition_number_on_batch(model: nn.Module, *, inputs: torch.Tensor,
     Returns:
         ``{"kappa":`` :math:`\kappa(G)`, ``"rank":`` :math:`r` ``}``.
     """
+    _check_probe("gn_condition_number_on_batch", inputs, targets)
     rep = gn_condition_number(model, loss_fn, (inputs, targets), side="gram")
     return {"kappa": float(rep.kappa), "rank": float(rep.rank)}
 
@@ -157,6 +168,7 @@ def nme_trace(model: nn.Module, *, inputs: torch.Tensor, targets: torch.Tensor,
     Returns:
         :math:`\operatorname{tr}(H - G)` (``nan`` if the estimate is not finite).
     """
+    _check_probe("nme_trace", inputs, targets)
     dec = decompose(model, loss_fn, (inputs, targets))
     if dec.num_params <= EXACT_TRACE_MAX_PARAMS:
         return float(torch.trace(dense_matrix(dec.nme)))

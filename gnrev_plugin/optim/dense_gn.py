@@ -77,6 +77,7 @@ from .gram.capture import capture_factors, plan_layers
 from .protocols import BATCH_STEP, DISTRIBUTED, GAUSS_NEWTON
 from .solvers import GramSystem, SolverConfig
 from .targets import mean_loss, newton_target
+from .validation import validate_batch
 
 __all__ = ["DenseGN", "find_module_owning", "JACOBIAN_METHODS"]
 
@@ -328,6 +329,7 @@ class DenseGN(torch.optim.Optimizer):
     def _local(self, x: torch.Tensor, y: torch.Tensor, label_smoothing: float):
         """The rank-local part of a step: ``(method, F, Gram parts, λ ↦ Jᵀλ, loss, ε)``."""
         group = self.param_groups[0]
+        validate_batch(type(self).__name__, self.model, x, y, group["loss"])
         self._check_model()
         method = self._method()
         dtype = self._compute_dtype()

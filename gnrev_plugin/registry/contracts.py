@@ -14,8 +14,9 @@ from typing import Any
 
 from .errors import PluginError
 
-__all__ = ["KINDS", "OPTIMIZER_NEEDS", "METRIC_PROTOCOLS", "TAGS", "check_factory_contract",
-           "check_entry_fields"]
+__all__ = ["KINDS", "OPTIMIZER_NEEDS", "METRIC_PROTOCOLS", "TAGS", "OPTIMIZER_ATTRIBUTES",
+           "check_factory_contract", "check_entry_fields", "check_optimizer_object",
+           "check_model_output"]
 
 #: Entry kinds, in the order ``gnrev list`` shows them, with their registration hook.
 KINDS: dict[str, str] = {
@@ -41,6 +42,8 @@ TAGS: dict[str, str] = {
     "distributed": "steps on a batch shared by several processes (process_group=)",
     "sharpness": "a sharpness regulariser wrapping a base optimizer",
 }
+#: What a runner uses of the object an optimizer factory returns (``torch.optim.Optimizer``-like).
+OPTIMIZER_ATTRIBUTES = ("step", "zero_grad", "param_groups", "state_dict")
 _RUN_METRIC_KEYWORDS = ("inputs", "targets", "loss_fn", "initial_model")
 
 
@@ -66,8 +69,16 @@ def check_entry_fields(kind: str, name: str, *, defaults: dict, needs: Sequence[
     Raises:
         PluginError: a malformed field, naming the entry.
     """
-    defaults, needs, tags = dict(defaults or {}), tuple(needs), tuple(tags)
     where = f"{kind} {name!r}"
+    if defaults is not None and not isinstance(defaults, dict):
+        raise PluginError(f"{where}: defaults must be a dict, got {type(defaults).__name__}")
+    for field_name, value in (("needs", needs), ("tags", tags)):
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple, set, frozenset)):
+            raise PluginError(f"{where}: {field_name} must be a list or tuple of strings, got "
+                              f"{value!r}")
+    defaults, needs, tags = dict(defaults or {}), tuple(needs), tuple(tags)
+    if not isinstance(protocol, str):
+        raise PluginError(f"{where}: protocol must be a string, got {protocol!r}")
     try:
         json.dumps(defaults, allow_nan=False)
     except (TypeError, ValueError) as err:
@@ -83,7 +94,7 @@ def check_entry_fields(kind: str, name: str, *, defaults: dict, needs: Sequence[
                               f"got {protocol!r}")
     elif protocol:
         raise PluginError(f"{where}: only metrics declare a protocol")
-    if not isinstance(input_multiple, int) or input_multiple < 1 or (
+    if isinstance(input_multiple, bool) or not isinstance(input_multiple, int) or input_multiple < 1 or (
             input_multiple != 1 and kind != "model"):
         raise PluginError(f"{where}: input_multiple must be a positive int (models only)")
     if bad := [t for t in tags if not isinstance(t, str) or not t or any(c.isspace() for c in t)]:
@@ -145,4 +156,41 @@ def check_factory_contract(kind: str, factory: Any, protocol: str = "", bound: t
             if missing:
                 return (f"a run metric must accept the keywords {list(_RUN_METRIC_KEYWORDS)} "
                         f"(or **kwargs); it does not accept {missing}")
+    return None
+
+
+def check_optimizer_object(obj: Any) -> str | None:
+    """Why ``obj`` (what an optimizer factory returned) cannot be stepped by a runner.
+
+    Args:
+        obj: the factory's result.
+
+    Returns:
+        A one-line reason (``None`` returned, or the :data:`OPTIMIZER_ATTRIBUTES` it lacks), or
+        ``None`` when it is ``torch.optim.Optimizer``-like.
+    """
+    if obj is None:
+        return "the factory returned None, not an optimizer"
+    missing = [a for a in OPTIMIZER_ATTRIBUTES if not hasattr(obj, a)]
+    if missing or not callable(obj.step) or not callable(obj.zero_grad):
+        return (f"the factory returned {type(obj).__name__}, which is not torch.optim.Optimizer-"
+                f"like: it lacks {missing or ['callable step/zero_grad']}")
+    return None
+
+
+def check_model_output(out: Any, num_classes: int) -> str | None:
+    """Why ``out``, a model's output on one sample, does not fit ``num_classes`` classes.
+
+    Args:
+        out: the model's output on a batch of one sample.
+        num_classes: the dataset's number of classes :math:`C`.
+
+    Returns:
+        A one-line reason, or ``None`` when ``out`` is a tensor of shape :math:`(1, C)`.
+    """
+    shape = tuple(getattr(out, "shape", ()))
+    if not hasattr(out, "shape") or shape != (1, num_classes):
+        what = f"shape {shape}" if hasattr(out, "shape") else type(out).__name__
+        return (f"on one sample it returned {what}; the run needs logits of shape "
+                f"(1, {num_classes}) (num_classes={num_classes})")
     return None

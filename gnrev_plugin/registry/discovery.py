@@ -6,10 +6,12 @@ gnrev-plugin itself registers its built-ins through that same group
 alike, except that the package's own plugin is processed first and therefore owns the
 ``gnrev.*`` names.
 
-Robustness contract: a plugin that fails to import, implements an unknown hook, raises inside a
-hook, or registers a name that another distribution already registered is **reported and
-skipped** (all of its entries are rolled back); the host keeps working. The report is
-:attr:`Registry.problems` (``gnrev list`` prints it) and a :class:`PluginWarning` per problem;
+Robustness contract: a plugin that fails to import (any exception, ``SystemExit`` included: a
+plugin calling ``sys.exit()`` at import must not take the host down), implements an unknown
+hook, raises inside a hook, or registers a name that another distribution already registered is
+**reported and skipped** (all of its entries are rolled back); the host keeps working (only
+:class:`KeyboardInterrupt` propagates). The report is :attr:`Registry.problems` (``gnrev list``
+prints it) and a :class:`PluginWarning` per problem;
 ``discover(strict=True)`` raises instead.
 """
 
@@ -30,6 +32,13 @@ from .registry import _MANUAL, PluginProblem, PluginSource, Registry
 __all__ = ["discover", "get_registry"]
 
 _BUILTIN_MODULE = "gnrev_plugin.registry.builtin"
+
+
+def _reraise_interrupt(err: BaseException) -> None:
+    """Let a user's Ctrl-C through; every other exception of a plugin (``SystemExit``,
+    ``GeneratorExit``, ...) is the plugin's problem, reported and skipped."""
+    if isinstance(err, KeyboardInterrupt):
+        raise err
 
 
 def _source_of(ep: md.EntryPoint) -> PluginSource:
@@ -102,14 +111,16 @@ def discover(
     for source, load in candidates:
         try:
             plugin = load()
-        except Exception as err:
+        except BaseException as err:
+            _reraise_interrupt(err)
             report(source, "import", err)
             continue
         try:
             hash(plugin)  # pluggy keeps plugins in sets: a module, class or hashable object
             pm.register(plugin, name=source.plugin)
             pm.check_pending()  # unknown hook names (typos) of the plugin just registered
-        except Exception as err:
+        except BaseException as err:
+            _reraise_interrupt(err)
             if pm.is_registered(plugin):
                 pm.unregister(plugin)
             report(source, "validate", err)
@@ -119,7 +130,8 @@ def discover(
         try:
             for hook in KINDS.values():
                 pm.subset_hook_caller(hook, remove_plugins=others)(registry=reg)
-        except Exception as err:
+        except BaseException as err:
+            _reraise_interrupt(err)
             reg._remove_from(source)
             pm.unregister(plugin)
             report(source, "conflict" if isinstance(err, DuplicateNameError) else "register", err)

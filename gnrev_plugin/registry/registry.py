@@ -142,7 +142,9 @@ class Entry:
             return self.factory
         try:
             obj = self.factory.resolve()
-        except Exception as err:
+        except KeyboardInterrupt:
+            raise
+        except BaseException as err:  # SystemExit at a plugin's import included
             raise PluginError(
                 f"{self.kind} {self.name!r} registered by {self.source.describe()} could not be "
                 f"loaded from {self.factory.target}: {type(err).__name__}: {err}") from err

@@ -373,7 +373,7 @@ def decompose(
     _reduction_factor(loss_fn)
     params = select_params(model, params)
     names = param_names(model, params)
-    batches = as_batches(data)
+    batches = as_batches(data, model, loss_fn, "decompose")
     kw = dict(progressbar=progressbar, check_deterministic=check_deterministic)
     H = HessianLinearOperator(model, loss_fn, params, batches, **kw)
     G = GGNLinearOperator(model, loss_fn, params, batches, **kw)

@@ -17,6 +17,7 @@ from ..capture import OutputCapture, suspended
 from ..errors import LossCaptureError, NonFiniteError
 from ..protocols import BATCH_STEP
 from ..targets import LOSSES
+from ..validation import validate_batch
 from .base_optimizer import BaseFactory, base_name, build_base
 from .linearisation import ActivationLinearisation, Record
 
@@ -259,6 +260,7 @@ class SharpnessOptimizer(torch.optim.Optimizer):
             ``(L(θ), {name: d})``.
         """
         self._check_batch(x, y)
+        validate_batch(type(self).__name__, self.model, x, y, self.loss_kind)
         self._sync_linearisation()
         with torch.no_grad(), suspended(), self._maybe_linearised():
             loss, d = self._direction(x, y)
