@@ -83,3 +83,17 @@ def oracle_ce_target(F_, y, kind: str, lam: float = 1e-3, smoothing: float = 0.0
         else:
             raise AssertionError(kind)
     return torch.stack(rows)
+
+
+def tanh_mlp_problem(n: int, loss: str, d: int, h: int, C: int, seed: int = 0):
+    """A float64 ``d → h → C`` tanh MLP with N(0, 1) weights, ``n`` inputs and targets (class
+    indices for cross-entropy, Gaussian outputs for MSE), all from one seeded generator."""
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(nn.Linear(d, h), nn.Tanh(), nn.Linear(h, C)).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    y = (torch.randint(0, C, (n,), generator=g) if loss == "cross_entropy"
+         else torch.randn(n, C, generator=g, dtype=torch.float64))
+    return model, x, y

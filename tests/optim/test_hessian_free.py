@@ -13,6 +13,7 @@ import math
 
 import pytest
 import torch
+from oracles import tanh_mlp_problem
 from torch import nn
 from torch.func import functional_call, hessian, jacrev
 
@@ -21,15 +22,7 @@ from gnrev_plugin.optim.hessian_free import truncated_cg
 
 
 def _problem(n: int, loss: str = "cross_entropy", d: int = 3, h: int = 4, C: int = 3, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    model = nn.Sequential(nn.Linear(d, h), nn.Tanh(), nn.Linear(h, C)).double()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
-    x = torch.randn(n, d, generator=g, dtype=torch.float64)
-    y = (torch.randint(0, C, (n,), generator=g) if loss == "cross_entropy"
-         else torch.randn(n, C, generator=g, dtype=torch.float64))
-    return model, x, y
+    return tanh_mlp_problem(n, loss, d, h, C, seed)
 
 
 def _mean_loss(loss, F, y):

@@ -13,6 +13,7 @@ import copy
 
 import pytest
 import torch
+from oracles import tanh_mlp_problem
 from torch import nn
 from torch.func import hessian, jacrev
 
@@ -22,15 +23,7 @@ LR, DAMPING = 0.7, 1e-2
 
 
 def _problem(loss: str, n: int = 6, d: int = 4, h: int = 5, C: int = 3, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    model = nn.Sequential(nn.Linear(d, h), nn.Tanh(), nn.Linear(h, C)).double()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
-    x = torch.randn(n, d, generator=g, dtype=torch.float64)
-    y = (torch.randint(0, C, (n,), generator=g) if loss == "cross_entropy"
-         else torch.randn(n, C, generator=g, dtype=torch.float64))
-    return model, x, y
+    return tanh_mlp_problem(n, loss, d, h, C, seed)
 
 
 def _mean_loss(loss: str, F: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
