@@ -54,6 +54,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"gnrev {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except FloatingPointError as err:  # a diverged run (the engine's check, NonFiniteError)
+        print(f"gnrev {args.command}: error: the run diverged: {err}; the log and the last "
+              "finite checkpoint are kept; try a smaller --opt lr (or damping for GN)",
+              file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":  # pragma: no cover

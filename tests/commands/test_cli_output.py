@@ -67,3 +67,16 @@ def test_list_into_a_pipe_keeps_whole_lines(monkeypatch, capsys):
     out = capsys.readouterr().out
     line = next(ln for ln in out.splitlines() if "gnrev.revmlp" in ln.split())
     assert "gnrev_plugin.nn:RevMLP" in line and "gnrev-plugin" in line
+
+
+def test_a_diverged_run_is_one_error_line_not_a_traceback(tmp_path, capsys):
+    """``--opt lr=1e30`` makes the first SGD step non-finite: the CLI says so in one line, exit
+    3, and keeps the run directory (before: a ``FloatingPointError`` traceback)."""
+    out = tmp_path / "run"
+    code = main(["train", "--optimizer", "sgd", "--opt", "lr=1e30", "--data", "teacher-student",
+                 "--epochs", "1", "--no-progress", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 3
+    assert err[-1].startswith("gnrev train: error: the run diverged:") and "smaller" in err[-1]
+    assert not any(line.startswith("Traceback") for line in err)
+    assert (out / "log.jsonl").exists()
