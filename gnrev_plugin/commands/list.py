@@ -6,6 +6,7 @@ import argparse
 import os
 import shutil
 import sys
+import textwrap
 import warnings
 
 from tabulate import tabulate
@@ -103,14 +104,21 @@ def run(args: argparse.Namespace) -> int:
                 failed += 1
                 row.append(f"unavailable: {err.__cause__!r}"[:80])
         rows.append(row)
+    width = None
     if sys.stdout.isatty() or "COLUMNS" in os.environ:   # a terminal: fit its width
-        print(fit_table(rows, headers, args.tablefmt, shutil.get_terminal_size().columns))
+        width = shutil.get_terminal_size().columns
+        print(fit_table(rows, headers, args.tablefmt, width))
     else:                                                 # a pipe or file: whole lines
         print(tabulate(rows, headers=headers, tablefmt=args.tablefmt))
+
+    def say(text: str, indent: str = "") -> None:
+        print("\n".join(textwrap.wrap(text, width, initial_indent=indent,
+                                       subsequent_indent=indent + "  ")) if width else indent + text)
     plugins = ", ".join(f"{s.plugin} ({s.distribution} {s.version})" for s in reg.sources)
-    print(f"\n{len(rows)} entries from {len(reg.sources)} plugin(s): {plugins or 'none'}")
+    print()
+    say(f"{len(rows)} entries from {len(reg.sources)} plugin(s): {plugins or 'none'}")
     if reg.problems:
         print(f"\n{len(reg.problems)} plugin(s) reported and skipped:")
         for p in reg.problems:
-            print(f"  {p}")
+            say(str(p), "  ")
     return 1 if args.strict and (reg.problems or failed) else 0
