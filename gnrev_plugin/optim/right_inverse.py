@@ -254,22 +254,32 @@ def right_inverse(
                        cache)
     updates, full, residuals, demoted = _solve_with_demotion(ctx, P, rank_policy, n)
     exact = bool(full) and all(systems[i].f.exact and systems[i].g.exact for i in full)
-    reports = [BlockReport(i, n, systems[i].f.rank, systems[i].g.rank, systems[i].full_rank,
-                           "exact share" if i in full else "least squares",
-                           solve_kind(systems[i].f), solve_kind(systems[i].g), *residuals[i],
-                           accurate=i not in demoted,
-                           refined=updates[i].f.refined or updates[i].g.refined)
+    reports = [_report(i, n, systems[i], updates[i], i in full, residuals[i], i not in demoted)
                for i in P]
     result = RightInverseResult(updates, exact, reports,
                                 residual_rtol=systems[P[0]].f.residual_rtol)
     if verify:
-        got = param_jvp(model, acts, result.updates)
-        if comm is None:
-            miss, norm = float((got - target).norm()), float(target.norm())
-        else:
-            miss, norm = (v ** 0.5 for v in comm.sum_squares(got - target, target))
-        result.relative_residual = miss / max(norm, 1e-300)
+        result.relative_residual = _relative_residual(model, acts, result.updates, target, comm)
     return result
+
+
+def _report(i: int, n: int, system, update, full: bool, residuals, accurate: bool) -> BlockReport:
+    """Block ``i``'s :class:`BlockReport` from its systems and its update."""
+    return BlockReport(i, n, system.f.rank, system.g.rank, system.full_rank,
+                       "exact share" if full else "least squares",
+                       solve_kind(system.f), solve_kind(system.g), *residuals,
+                       accurate=accurate, refined=update.f.refined or update.g.refined)
+
+
+def _relative_residual(model: RevMLP, acts, updates, target: torch.Tensor, comm) -> float:
+    r""":math:`\lVert J\Delta\theta - T\rVert / \lVert T\rVert`, recomputed by a parameter JVP
+    (summed over the ranks' rows under ``comm``)."""
+    got = param_jvp(model, acts, updates)
+    if comm is None:
+        miss, norm = float((got - target).norm()), float(target.norm())
+    else:
+        miss, norm = (v ** 0.5 for v in comm.sum_squares(got - target, target))
+    return miss / max(norm, 1e-300)
 
 
 def _factor_blocks(model: RevMLP, acts: list, P: list[int], config: SolverConfig,

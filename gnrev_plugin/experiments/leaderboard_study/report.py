@@ -108,6 +108,19 @@ def _cost_table(out: Path) -> str:
                                    "state (MiB)", "peak Δ (MiB)"], tablefmt="github")
 
 
+def _board_rows(scores: dict, cfg: dict, final: dict) -> list[list[str]]:
+    """The leaderboard's rows, best first; a contestant with no finished final run solves no
+    problem (``B = 0``)."""
+    for name in TARGETS:
+        for c in cfg.get("contestants", []):
+            scores[name].setdefault(c, 0.0)
+    board = sorted(scores["val_acc"], key=lambda c: (-scores["val_acc"][c], -scores["train_loss"][c], c))
+    finished = {c for runs in final.values() for c in runs}
+    return [[c, _fmt(scores["val_acc"][c]), _fmt(scores["train_loss"][c]),
+             "" if c in finished else "no final run (every tuning trial diverged or failed)"]
+            for c in board]
+
+
 def build_leaderboard_study_report(out: Path, cfg: dict) -> Path:
     """Rebuild ``OUT/report.md`` and ``OUT/figures/*.png`` from the logs.
 
@@ -128,14 +141,7 @@ def build_leaderboard_study_report(out: Path, cfg: dict) -> Path:
     scores = {name: profile_score({p: {c: v[f"{name}_time_s"] for c, v in row.items()}
                                    for p, row in scored.items()}, tau_max) for name in TARGETS}
     figs = [_plot_profiles(out, scored, tau_max), *_plot_curves(out, final)]
-    for name in TARGETS:     # a contestant with no finished final run solves no problem: B = 0
-        for c in cfg.get("contestants", []):
-            scores[name].setdefault(c, 0.0)
-    board = sorted(scores["val_acc"], key=lambda c: (-scores["val_acc"][c], -scores["train_loss"][c], c))
-    finished = {c for runs in final.values() for c in runs}
-    board_rows = [[c, _fmt(scores["val_acc"][c]), _fmt(scores["train_loss"][c]),
-                   "" if c in finished else "no final run (every tuning trial diverged or failed)"]
-                  for c in board]
+    board_rows = _board_rows(scores, cfg, final)
     sel = [[r["problem"], r["contestant"], r["trial"], r["options"]] for r in read_selection(out)]
     diverged = diverged_runs(out)
     missing = [[c, why] for c, why in cfg.get("missing_contestants", {}).items()]
