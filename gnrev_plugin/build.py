@@ -203,7 +203,7 @@ def _dry_forward(name: str, model: nn.Module, in_features: int, num_classes: int
     x = torch.zeros(1, in_features, dtype=param.dtype if param is not None and
                     param.is_floating_point() else torch.get_default_dtype(),
                     device=param.device if param is not None else "cpu")
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]
     try:
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             model.eval()
@@ -214,7 +214,8 @@ def _dry_forward(name: str, model: nn.Module, in_features: int, num_classes: int
         raise PluginError(f"model {name!r} failed a dry forward of one sample of {in_features} "
                           f"features: {type(err).__name__}: {err}") from err
     finally:
-        model.train(was_training)
+        for m, training in modes:       # each module's own mode (a mixed model stays mixed)
+            m.training = training
     if problem := check_model_output(out, num_classes):
         raise PluginError(f"model {name!r}: {problem}")
 

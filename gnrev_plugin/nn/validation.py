@@ -104,7 +104,7 @@ def output_width(who: str, model: nn.Module, x: torch.Tensor) -> int:
     Raises:
         ValueError: the model rejects the inputs, or its output is not ``(n, C)``.
     """
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]   # per module: a mixed model stays mixed
     devices = [x.device] if x.device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=devices), torch.no_grad():
@@ -114,7 +114,8 @@ def output_width(who: str, model: nn.Module, x: torch.Tensor) -> int:
         raise ValueError(f"{who}: the model rejects inputs of shape {tuple(x.shape)} "
                          f"{x.dtype}: {err}") from None
     finally:
-        model.train(was_training)
+        for m, training in modes:
+            m.training = training
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         raise ValueError(f"{who}: the model must return outputs of shape (n, C), got "
                          f"{tuple(getattr(out, 'shape', ())) or type(out).__name__}")

@@ -94,9 +94,11 @@ def test_batchnorm_training_mode_takes_the_batch_jacobian_and_says_so():
     assert opt.last_step_info["jacobian"] == "rows"
     assert "couples the samples" in opt.last_step_info["note"]
     with pytest.raises(ValueError, match="couples the samples.*solver='cg'"):
-        DenseGN(net.parameters(), model=net, max_jacobian_entries=100).step_on_batch(x, y)
+        DenseGN(net.parameters(), model=net, max_jacobian_entries=100,
+                loss="cross_entropy").step_on_batch(x, y)
     with pytest.raises(ValueError, match="independent samples"):
-        DenseGN(net.parameters(), model=net, jacobian="structured").step_on_batch(x, y)
+        DenseGN(net.parameters(), model=net, jacobian="structured",
+                loss="cross_entropy").step_on_batch(x, y)
 
 
 def test_layer_called_twice_is_refused():
