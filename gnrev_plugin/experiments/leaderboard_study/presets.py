@@ -66,7 +66,8 @@ PROBLEMS: dict[str, dict] = {
 }
 MISSING_PROBLEMS = {
     "deepobs_mnist_logreg": "gnrev.mlp requires ≥ 1 hidden layer (no registry logistic regression)",
-    "deepobs_mnist_2c2d": "no registry model for DeepOBS's 2c2d conv net (DenseGN on conv: helper convcg)",
+    "deepobs_mnist_2c2d": ("no registry model for DeepOBS's 2c2d conv net (DenseGN runs it "
+                           "through DeepOBS's runner: docs/runners/deepobs.md)"),
 }
 
 
