@@ -20,7 +20,9 @@ import pytest
 #: Caches of third-party tools (matplotlib's font list, ...) that may appear under the session's
 #: HOME; anything else written there is a test writing outside its temporary directory.
 ALLOWED = (".cache/matplotlib", ".config/matplotlib", ".cache/fontconfig", ".cache/torch",
-           ".triton")
+           ".triton",
+           ".keras",      # Keras writes keras.json on import (TensorFlow, in AlgoPerf's runner)
+           ".rustup")     # rustup's proxies write settings.toml on first use (a build tool)
 
 
 def home_writes(home: Path, allowed: tuple[str, ...] = ALLOWED) -> list[str]:
