@@ -11,8 +11,8 @@ system kind: dual and primal Grams of ReLU blocks, the linear block's small side
 dual``/``linear primal``), rank loss (duplicated rows on different ranks: pivoted QR on the
 owner), the ``eigh`` and ``damped`` solvers, forced refinement and demotion
 (``residual_rtol=1e-30``), two consecutive steps, MSE through the drop-in step, and ``svd``
-(the root path). DenseGN's Gram is row-split as well (each rank its rows ``J_r Jᵀ``): its
-three Jacobian methods are checked the same way.
+(the root path). DenseGN (its Gram gathered and factored on rank 0) is checked the same way
+for its Jacobian methods.
 """
 
 from __future__ import annotations
@@ -89,8 +89,8 @@ CASES = {
 
 
 def _dense_step(jacobian: str, rank=None, world=None) -> dict:
-    """DenseGN on an MLP: the row blocks ``J_r Jᵀ`` of the Gram formed per rank (N·C = 26
-    outputs ≤ P = 93 parameters: an exact step)."""
+    """DenseGN on an MLP, each rank stepping on its shard (N·C = 26 outputs ≤ P = 93
+    parameters: an exact step)."""
     torch.manual_seed(5)
     model = nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 2)).double()
     x, y = _data(11, N, 6, 2)
